@@ -1,0 +1,120 @@
+//! Builds and checks `ublk_params` from a target's description.
+
+use crate::error::{Error, Result};
+use crate::sys::uapi::{self, ParamBasic, ParamDiscard, Params};
+use crate::target::TargetInfo;
+
+/// Checks a target's geometry and turns it into SET_PARAMS input.
+pub fn build_params(info: &TargetInfo, max_io_buf_bytes: u32) -> Result<Params> {
+    let lbs = info.logical_block_size;
+    let pbs = info.physical_block_size.max(lbs);
+    let page = u32::try_from(crate::sys::page_size()).unwrap_or(4096);
+    if !lbs.is_power_of_two() || !(512..=page).contains(&lbs) {
+        return Err(Error::Config(format!("logical block size {lbs} must be a power of two from 512 to {page}")));
+    }
+    if !pbs.is_power_of_two() {
+        return Err(Error::Config(format!("physical block size {pbs} is not a power of two")));
+    }
+    if info.dev_size == 0 {
+        return Err(Error::Config("device size is zero".into()));
+    }
+    if !info.dev_size.is_multiple_of(u64::from(lbs)) {
+        return Err(Error::Config(format!(
+            "device size {} bytes is not a multiple of the {lbs}-byte logical block size",
+            info.dev_size
+        )));
+    }
+    if max_io_buf_bytes < lbs || !max_io_buf_bytes.is_multiple_of(page) {
+        return Err(Error::Config(format!(
+            "max IO size {max_io_buf_bytes} must be a multiple of the {page}-byte page"
+        )));
+    }
+    let mut attrs = 0;
+    if info.read_only {
+        attrs |= uapi::ATTR_READ_ONLY;
+    }
+    if info.rotational {
+        attrs |= uapi::ATTR_ROTATIONAL;
+    }
+    if info.volatile_cache {
+        attrs |= uapi::ATTR_VOLATILE_CACHE | uapi::ATTR_FUA;
+    }
+    let shift = |v: u32| u8::try_from(v.trailing_zeros()).unwrap_or(9);
+    let mut p = Params {
+        len: Params::WIRE_LEN,
+        types: uapi::PARAM_TYPE_BASIC,
+        basic: ParamBasic {
+            attrs,
+            logical_bs_shift: shift(lbs),
+            physical_bs_shift: shift(pbs),
+            io_opt_shift: shift(pbs),
+            io_min_shift: shift(lbs),
+            max_sectors: max_io_buf_bytes >> 9,
+            chunk_sectors: 0,
+            dev_sectors: info.dev_size >> 9,
+            virt_boundary_mask: 0,
+        },
+        ..Default::default()
+    };
+    if let Some(d) = &info.discard {
+        p.types |= uapi::PARAM_TYPE_DISCARD;
+        p.discard = ParamDiscard {
+            discard_alignment: 0,
+            discard_granularity: d.granularity.max(lbs),
+            max_discard_sectors: d.max_discard_sectors,
+            max_write_zeroes_sectors: d.max_write_zeroes_sectors,
+            max_discard_segments: 1,
+            reserved0: 0,
+        };
+    }
+    Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::target::DiscardInfo;
+
+    fn info(size: u64, lbs: u32) -> TargetInfo {
+        TargetInfo {
+            dev_size: size,
+            logical_block_size: lbs,
+            physical_block_size: 4096,
+            read_only: false,
+            rotational: false,
+            volatile_cache: true,
+            discard: Some(DiscardInfo {
+                granularity: 4096,
+                max_discard_sectors: 1 << 20,
+                max_write_zeroes_sectors: 1 << 20,
+            }),
+        }
+    }
+
+    #[test]
+    fn builds_basic_and_discard() {
+        let p = build_params(&info(1 << 30, 512), 512 << 10).unwrap();
+        assert_eq!(p.types, uapi::PARAM_TYPE_BASIC | uapi::PARAM_TYPE_DISCARD);
+        assert_eq!(p.basic.dev_sectors, 1 << 21);
+        assert_eq!((p.basic.logical_bs_shift, p.basic.physical_bs_shift), (9, 12));
+        assert_eq!(p.basic.max_sectors, 1024);
+        assert_eq!(p.basic.attrs, uapi::ATTR_VOLATILE_CACHE | uapi::ATTR_FUA);
+        assert_eq!(p.discard.max_discard_segments, 1);
+        assert_eq!(p.len, Params::WIRE_LEN);
+    }
+
+    #[test]
+    fn rejects_odd_geometry() {
+        let e = build_params(&info(1000, 512), 1 << 19).unwrap_err().to_string();
+        assert!(e.contains("not a multiple of the 512-byte"), "{e}");
+        build_params(&info(0, 512), 1 << 19).unwrap_err();
+        build_params(&info(1 << 20, 1000), 1 << 19).unwrap_err();
+        build_params(&info(1 << 20, 256), 1 << 19).unwrap_err();
+        build_params(&info(1 << 20, 512), 1000).unwrap_err();
+        let mut no_discard = info(1 << 20, 4096);
+        no_discard.discard = None;
+        no_discard.volatile_cache = false;
+        let p = build_params(&no_discard, 1 << 19).unwrap();
+        assert_eq!((p.types, p.basic.attrs), (uapi::PARAM_TYPE_BASIC, 0));
+    }
+}

@@ -1,0 +1,388 @@
+//! The data plane: one reactor per hardware queue, on its own pinned thread.
+//!
+//! Each pass of the loop submits everything the previous pass queued (commits and
+//! target IO) with a single `io_uring_enter`, waits for at least one completion,
+//! then handles every CQE that is ready.
+
+pub mod ring;
+pub mod stats;
+pub mod tag;
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::mpsc::Sender;
+use std::thread::JoinHandle;
+
+use crate::error::{Error, Result};
+use crate::sys::mmap::{IoDescTable, PageKind, Region};
+use crate::sys::uapi::{self, IoDesc};
+use crate::target::{Disposition, IoCtx, IoRequest, Op, QueueSetup, QueueTarget, Target};
+use ring::{RingMode, SqWriter};
+use stats::QueueStats;
+use tag::Kind;
+
+/// What one queue thread needs to know.
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    pub q_id: u16,
+    pub depth: u16,
+    /// Bytes per tag buffer (`max_io_buf_bytes`).
+    pub buf_size: u32,
+    /// CPUs to bind the thread to (None: leave unbound).
+    pub cpus: Option<Vec<usize>>,
+    /// Try hugepage-backed buffers.
+    pub huge_pages: bool,
+    pub dev_size: u64,
+}
+
+/// How a queue came up, for the startup report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QueueReport {
+    pub q_id: u16,
+    pub tid: i32,
+    pub cpus: Option<Vec<usize>>,
+    pub ring: RingMode,
+    pub pages: PageKind,
+    pub fixed_buffers: bool,
+    pub io_flusher: bool,
+}
+
+/// Messages from queue threads to the control thread.
+#[derive(Debug)]
+pub enum QueueEvent {
+    /// Every tag is fetched: START_DEV may go ahead.
+    Ready(QueueReport),
+    /// The thread ended; Err if it failed (before or after Ready).
+    Exited { q_id: u16, result: Result<(), String> },
+}
+
+/// The control thread's handle on a running queue thread.
+#[derive(Debug)]
+pub struct QueueHandle {
+    pub q_id: u16,
+    pub join: JoinHandle<()>,
+    pub wake: OwnedFd,
+    pub stats: Arc<QueueStats>,
+}
+
+impl QueueHandle {
+    /// Asks the thread to finish (once nothing is in flight) and exit.
+    pub fn wake(&self) {
+        use std::os::fd::AsFd;
+        if let Err(e) = crate::sys::eventfd_signal(self.wake.as_fd()) {
+            tracing::warn!(q_id = self.q_id, "cannot wake queue thread: {e}");
+        }
+    }
+}
+
+/// Starts queue thread `cfg.q_id`. The thread sends `Ready` once its tags are fetched
+/// and `Exited` when it ends, whatever the reason (a panic included).
+pub fn spawn(
+    cfg: QueueConfig,
+    target: Arc<dyn Target>,
+    cdev: Arc<OwnedFd>,
+    events: Sender<QueueEvent>,
+) -> Result<QueueHandle> {
+    let q_id = cfg.q_id;
+    let wake = crate::sys::eventfd().map_err(|e| Error::io("creating eventfd", e))?;
+    let wake_thread = wake.try_clone().map_err(|e| Error::io("dup eventfd", e))?;
+    let stats = Arc::new(QueueStats::default());
+    let stats_thread = Arc::clone(&stats);
+    let join = std::thread::Builder::new()
+        .name(format!("ubd-q{q_id}"))
+        .spawn(move || {
+            let mut guard = ExitGuard { q_id, events: events.clone(), sent: false };
+            let result = run(cfg, &*target, &cdev, wake_thread, &stats_thread, &events).map_err(|e| e.to_string());
+            guard.sent = true;
+            let _ = events.send(QueueEvent::Exited { q_id, result });
+        })
+        .map_err(|e| Error::io(format!("spawning queue thread {q_id}"), e))?;
+    Ok(QueueHandle { q_id, join, wake, stats })
+}
+
+/// Reports a panic as an exit, so the control thread never waits on a dead queue.
+struct ExitGuard {
+    q_id: u16,
+    events: Sender<QueueEvent>,
+    sent: bool,
+}
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        if !self.sent {
+            let _ =
+                self.events.send(QueueEvent::Exited { q_id: self.q_id, result: Err("queue thread panicked".into()) });
+        }
+    }
+}
+
+fn run(
+    cfg: QueueConfig,
+    target: &dyn Target,
+    cdev: &OwnedFd,
+    wake: OwnedFd,
+    stats: &QueueStats,
+    events: &Sender<QueueEvent>,
+) -> Result<()> {
+    let q_id = cfg.q_id;
+    let qerr = |msg: String| Error::Queue { q_id, msg };
+    // Bind first, so that the ring and the buffers are allocated on this CPU's node.
+    if let Some(cpus) = &cfg.cpus {
+        crate::sys::set_thread_affinity(cpus).map_err(|e| qerr(format!("binding to CPUs {cpus:?}: {e}")))?;
+    }
+    // This thread serves writeback; memory reclaim must not wait on it.
+    let io_flusher = match crate::sys::set_io_flusher() {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(q_id, "PR_SET_IO_FLUSHER failed: {e}");
+            false
+        }
+    };
+    let descs = IoDescTable::map(std::os::fd::AsFd::as_fd(cdev), q_id, cfg.depth)
+        .map_err(|e| qerr(format!("mapping io descriptors: {e}")))?;
+    let total = usize::from(cfg.depth) * cfg.buf_size as usize;
+    let bufs =
+        Region::new(total, cfg.huge_pages).map_err(|e| qerr(format!("allocating {total} bytes of buffers: {e}")))?;
+    let mut setup = QueueSetup::default();
+    let qt = target.open_queue(q_id, &mut setup).map_err(|e| qerr(format!("opening {} target: {e}", target.name())))?;
+    let sq = SqWriter::new(q_id, cfg.depth, cfg.buf_size, bufs, wake, cdev.as_raw_fd(), &setup.fds)
+        .map_err(|e| qerr(format!("setting up io_uring: {e}")))?;
+    let report = QueueReport {
+        q_id,
+        tid: crate::sys::gettid(),
+        cpus: cfg.cpus.clone(),
+        ring: sq.mode,
+        pages: sq.page_kind(),
+        fixed_buffers: sq.fixed_buffers(),
+        io_flusher,
+    };
+    let mut q = Queue {
+        sq,
+        target: qt,
+        descs,
+        slots: vec![Slot::Idle; usize::from(cfg.depth)],
+        q_id,
+        depth: cfg.depth,
+        buf_size: cfg.buf_size,
+        dev_size: cfg.dev_size,
+        cmds_inflight: 0,
+        in_target: 0,
+        stopping: false,
+        stats,
+    };
+    q.arm().map_err(|errno| qerr(format!("submitting FETCH_REQ: {}", std::io::Error::from_raw_os_error(-errno))))?;
+    let _ = events.send(QueueEvent::Ready(report));
+    q.serve().map_err(|e| qerr(format!("io_uring_enter: {e}")))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// Not yet fetched.
+    Idle,
+    /// FETCH or COMMIT_AND_FETCH is with the kernel.
+    Fetching,
+    /// A request is being served by the target.
+    InTarget(IoRequest),
+    /// The kernel aborted the tag (device going away): not re-issued.
+    Dead,
+}
+
+// Field order: `sq` (the ring) is dropped before the target and the descriptor map.
+struct Queue<'a> {
+    sq: SqWriter,
+    target: Box<dyn QueueTarget>,
+    descs: IoDescTable,
+    slots: Vec<Slot>,
+    q_id: u16,
+    depth: u16,
+    buf_size: u32,
+    dev_size: u64,
+    cmds_inflight: u32,
+    in_target: u32,
+    stopping: bool,
+    stats: &'a QueueStats,
+}
+
+impl Queue<'_> {
+    /// FETCH_REQ for every tag plus the wake-up read, submitted at once.
+    fn arm(&mut self) -> Result<(), i32> {
+        for tag in 0..self.depth {
+            self.sq.push_ublk(tag, None)?;
+            self.slots[usize::from(tag)] = Slot::Fetching;
+            self.cmds_inflight += 1;
+        }
+        self.sq.push_wake()?;
+        self.sq.submit(0).map_err(|e| -e.raw_os_error().unwrap_or(libc::EIO))?;
+        Ok(())
+    }
+
+    fn done(&self) -> bool {
+        if self.sq.target_inflight > 0 || self.in_target > 0 {
+            return false;
+        }
+        self.cmds_inflight == 0 || self.stopping
+    }
+
+    fn serve(&mut self) -> std::io::Result<()> {
+        let mut cqes = Vec::with_capacity(usize::from(self.depth) * 2 + 1);
+        while !self.done() {
+            self.sq.submit(1)?;
+            cqes.clear();
+            self.sq.reap(&mut cqes);
+            let batch = u64::try_from(cqes.len()).unwrap_or(u64::MAX);
+            self.stats.record_pass(batch);
+            for &(ud, res) in &cqes {
+                self.handle(ud, res);
+            }
+        }
+        self.stats.set_submits(self.sq.submits, self.sq.submitted);
+        tracing::debug!(q_id = self.q_id, cmds = self.cmds_inflight, stopping = self.stopping, "queue loop done");
+        Ok(())
+    }
+
+    fn handle(&mut self, user_data: u64, res: i32) {
+        let Some((kind, tag, cookie)) = tag::decode(user_data) else {
+            tracing::error!(q_id = self.q_id, user_data, "CQE with unknown user_data");
+            return;
+        };
+        match kind {
+            Kind::Wake => {
+                tracing::debug!(q_id = self.q_id, "wake-up: stopping");
+                self.stopping = true;
+            }
+            Kind::Ublk => self.on_ublk(tag, res),
+            Kind::Target => self.on_target(tag, cookie, res),
+        }
+    }
+
+    fn on_ublk(&mut self, tag: u16, res: i32) {
+        self.cmds_inflight -= 1;
+        let idx = usize::from(tag);
+        match res {
+            uapi::IO_RES_OK => {
+                let desc = self.descs.get(tag);
+                match decode_request(tag, &desc, self.buf_size, self.dev_size) {
+                    Ok(req) => {
+                        self.slots[idx] = Slot::InTarget(req);
+                        self.in_target += 1;
+                        let mut io = IoCtx { sq: &mut self.sq, tag };
+                        if let Disposition::Done(r) = self.target.submit(&req, &mut io) {
+                            self.commit(tag, r);
+                        }
+                    }
+                    Err(errno) => {
+                        self.stats.count_bad_request();
+                        tracing::warn!(q_id = self.q_id, tag, ?desc, "rejecting malformed request");
+                        self.slots[idx] = Slot::InTarget(IoRequest { tag, op: Op::Flush, flags: 0, offset: 0, len: 0 });
+                        self.in_target += 1;
+                        self.commit(tag, errno);
+                    }
+                }
+            }
+            uapi::IO_RES_ABORT => self.slots[idx] = Slot::Dead,
+            other => {
+                tracing::error!(
+                    q_id = self.q_id,
+                    tag,
+                    "ublk io command failed: {}",
+                    std::io::Error::from_raw_os_error(-other)
+                );
+                self.slots[idx] = Slot::Dead;
+            }
+        }
+    }
+
+    fn on_target(&mut self, tag: u16, cookie: u16, res: i32) {
+        self.sq.target_inflight -= 1;
+        let Some(Slot::InTarget(req)) = self.slots.get(usize::from(tag)).copied() else {
+            tracing::error!(q_id = self.q_id, tag, "target completion for a tag not in the target");
+            return;
+        };
+        let mut io = IoCtx { sq: &mut self.sq, tag };
+        if let Disposition::Done(r) = self.target.complete(&req, cookie, res, &mut io) {
+            self.commit(tag, r);
+        }
+    }
+
+    /// Completes the request on `tag` with `res` and fetches the next one.
+    fn commit(&mut self, tag: u16, res: i32) {
+        let idx = usize::from(tag);
+        if let Slot::InTarget(req) = self.slots[idx] {
+            self.in_target -= 1;
+            self.stats.record(req.op, res);
+        }
+        match self.sq.push_ublk(tag, Some(res)) {
+            Ok(()) => {
+                self.cmds_inflight += 1;
+                self.slots[idx] = Slot::Fetching;
+            }
+            Err(errno) => {
+                tracing::error!(q_id = self.q_id, tag, "cannot queue COMMIT_AND_FETCH: errno {}", -errno);
+                self.slots[idx] = Slot::Dead;
+            }
+        }
+    }
+}
+
+/// Turns a kernel descriptor into a checked request, or the `-errno` to fail it with.
+pub fn decode_request(tag: u16, desc: &IoDesc, buf_size: u32, dev_size: u64) -> Result<IoRequest, i32> {
+    let op = match desc.op() {
+        uapi::IO_OP_READ => Op::Read,
+        uapi::IO_OP_WRITE => Op::Write,
+        uapi::IO_OP_FLUSH => Op::Flush,
+        uapi::IO_OP_DISCARD => Op::Discard,
+        uapi::IO_OP_WRITE_ZEROES => Op::WriteZeroes,
+        _ => return Err(-libc::EOPNOTSUPP),
+    };
+    let offset = desc.start_sector.checked_mul(512).ok_or(-libc::EIO)?;
+    let len = u64::from(desc.nr_sectors) * 512;
+    if op != Op::Flush {
+        let end = offset.checked_add(len).ok_or(-libc::EIO)?;
+        if len == 0 || end > dev_size {
+            return Err(-libc::EIO);
+        }
+    }
+    if matches!(op, Op::Read | Op::Write) && len > u64::from(buf_size) {
+        return Err(-libc::EIO);
+    }
+    Ok(IoRequest { tag, op, flags: desc.flags(), offset, len })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desc(op: u8, flags: u32, start: u64, nr: u32) -> IoDesc {
+        IoDesc { op_flags: u32::from(op) | flags, nr_sectors: nr, start_sector: start, addr: 0 }
+    }
+
+    #[test]
+    fn decodes_good_requests() {
+        let r = decode_request(3, &desc(uapi::IO_OP_WRITE, uapi::IO_F_FUA, 8, 16), 1 << 19, 1 << 20).unwrap();
+        assert_eq!(r, IoRequest { tag: 3, op: Op::Write, flags: uapi::IO_F_FUA, offset: 4096, len: 8192 });
+        assert!(r.fua());
+        let f = decode_request(0, &desc(uapi::IO_OP_FLUSH, 0, 0, 0), 4096, 4096).unwrap();
+        assert_eq!((f.op, f.len), (Op::Flush, 0));
+        // A discard larger than the buffer is fine: it carries no data.
+        let d = decode_request(0, &desc(uapi::IO_OP_DISCARD, 0, 0, 2048), 4096, 1 << 20).unwrap();
+        assert_eq!(d.len, 1 << 20);
+        // The last sector of the device.
+        decode_request(0, &desc(uapi::IO_OP_READ, 0, 2047, 1), 4096, 1 << 20).unwrap();
+    }
+
+    #[test]
+    fn rejects_bad_requests() {
+        let dev = 1u64 << 20;
+        // Past the end, zero length, bigger than the buffer, unknown op, overflow.
+        assert_eq!(decode_request(0, &desc(uapi::IO_OP_READ, 0, 2048, 1), 4096, dev), Err(-libc::EIO));
+        assert_eq!(decode_request(0, &desc(uapi::IO_OP_READ, 0, 0, 0), 4096, dev), Err(-libc::EIO));
+        assert_eq!(decode_request(0, &desc(uapi::IO_OP_WRITE, 0, 0, 9), 4096, dev), Err(-libc::EIO));
+        assert_eq!(decode_request(0, &desc(uapi::IO_OP_WRITE_SAME, 0, 0, 1), 4096, dev), Err(-libc::EOPNOTSUPP));
+        assert_eq!(decode_request(0, &desc(77, 0, 0, 1), 4096, dev), Err(-libc::EOPNOTSUPP));
+        assert_eq!(decode_request(0, &desc(uapi::IO_OP_READ, 0, u64::MAX / 256, 1), 4096, u64::MAX), Err(-libc::EIO));
+        assert_eq!(
+            decode_request(0, &desc(uapi::IO_OP_DISCARD, 0, u64::MAX / 512, 8), 4096, u64::MAX),
+            Err(-libc::EIO)
+        );
+    }
+}

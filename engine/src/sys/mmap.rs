@@ -1,0 +1,216 @@
+//! Memory mappings: the kernel-written descriptor table and the IO buffer regions.
+
+use std::fmt;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::ptr::NonNull;
+
+use super::uapi::{IoDesc, io_desc_queue_offset};
+
+/// One queue's `ublksrv_io_desc` array, mapped read-only from `/dev/ublkcN`.
+///
+/// The kernel writes these entries; we never form a reference to them and copy each
+/// one out with a volatile read.
+pub struct IoDescTable {
+    ptr: NonNull<IoDesc>,
+    depth: u16,
+    map_len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory; reads are volatile copies and the
+// table is only read, so moving it to another thread is sound.
+unsafe impl Send for IoDescTable {}
+
+impl IoDescTable {
+    pub fn map(cdev: BorrowedFd<'_>, q_id: u16, depth: u16) -> io::Result<Self> {
+        let ps = super::page_size();
+        let map_len = (usize::from(depth) * size_of::<IoDesc>()).next_multiple_of(ps);
+        let off = libc::off_t::try_from(io_desc_queue_offset(q_id, ps))
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "queue offset overflow"))?;
+        // SAFETY: a fresh shared read-only mapping of the char device; no existing
+        // memory is affected and the result is checked below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                cdev.as_raw_fd(),
+                off,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(p.cast::<IoDesc>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(Self { ptr, depth, map_len })
+    }
+
+    /// Copies out the descriptor of `tag`.
+    pub fn get(&self, tag: u16) -> IoDesc {
+        assert!(tag < self.depth, "tag {tag} >= depth {}", self.depth);
+        // SAFETY: tag < depth, and the mapping holds `depth` descriptors.
+        let p = unsafe { self.ptr.add(usize::from(tag)) };
+        // SAFETY: `p` is an aligned descriptor inside the live mapping; the read is
+        // volatile because the kernel writes this memory.
+        unsafe { p.read_volatile() }
+    }
+}
+
+impl Drop for IoDescTable {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the region mapped in `map`; nothing borrows it.
+        // A failure here cannot be acted upon, so it is ignored.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.map_len) };
+    }
+}
+
+impl fmt::Debug for IoDescTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IoDescTable").field("depth", &self.depth).finish()
+    }
+}
+
+/// What kind of pages back a [`Region`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PageKind {
+    /// Reserved 2 MiB hugetlb pages (`MAP_HUGETLB`).
+    Hugetlb,
+    /// Ordinary mapping aligned to 2 MiB with `MADV_HUGEPAGE` (transparent huge pages).
+    Thp,
+    /// Plain 4 KiB pages.
+    Small,
+}
+
+impl fmt::Display for PageKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PageKind::Hugetlb => "hugetlb",
+            PageKind::Thp => "thp",
+            PageKind::Small => "4k",
+        })
+    }
+}
+
+const HUGE: usize = 2 << 20;
+
+/// An anonymous, page-aligned, zero-filled memory region owned by the engine.
+pub struct Region {
+    ptr: NonNull<u8>,
+    len: usize,
+    kind: PageKind,
+}
+
+// SAFETY: the region is exclusively owned memory; access goes through &/&mut self.
+unsafe impl Send for Region {}
+
+impl Region {
+    /// Maps `len` bytes, trying hugetlb, then THP, then small pages. `allow_huge`
+    /// false goes straight to small pages.
+    pub fn new(len: usize, allow_huge: bool) -> io::Result<Self> {
+        if len == 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "zero-length region"));
+        }
+        if allow_huge {
+            let huge_len = len.next_multiple_of(HUGE);
+            if let Ok(ptr) = Self::mmap_anon(huge_len, libc::MAP_HUGETLB) {
+                return Ok(Self { ptr, len: huge_len, kind: PageKind::Hugetlb });
+            }
+            if let Ok(ptr) = Self::mmap_anon(huge_len, 0) {
+                let aligned = (ptr.as_ptr() as usize).is_multiple_of(HUGE);
+                // SAFETY: advice on a mapping we own, over exactly its length.
+                let r = unsafe { libc::madvise(ptr.as_ptr().cast(), huge_len, libc::MADV_HUGEPAGE) };
+                let kind = if r == 0 && aligned { PageKind::Thp } else { PageKind::Small };
+                return Ok(Self { ptr, len: huge_len, kind });
+            }
+        }
+        let ptr = Self::mmap_anon(len, 0)?;
+        Ok(Self { ptr, len, kind: PageKind::Small })
+    }
+
+    fn mmap_anon(len: usize, extra: libc::c_int) -> io::Result<NonNull<u8>> {
+        // SAFETY: a fresh private anonymous mapping; no existing memory is affected
+        // and the result is checked below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE | extra,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn kind(&self) -> PageKind {
+        self.kind
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: the mapping is `len` readable bytes owned by self, zero-filled at
+        // creation; the shared borrow of self prevents concurrent &mut access.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and the exclusive borrow of self makes this unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping created in `new`; users of the memory
+        // (ring registrations, in-flight IO) are torn down before the region by
+        // field order in the queue. Errors cannot be acted upon here.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+impl fmt::Debug for Region {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Region").field("len", &self.len).field("kind", &self.kind).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn region_small_is_zeroed_and_writable() {
+        let mut r = Region::new(3 * 4096 + 1, false).unwrap();
+        assert_eq!(r.kind(), PageKind::Small);
+        assert!(r.len() > 3 * 4096);
+        assert!(r.as_slice().iter().all(|&b| b == 0));
+        r.as_mut_slice()[5] = 7;
+        assert_eq!(r.as_slice()[5], 7);
+        assert!((r.as_ptr() as usize).is_multiple_of(4096));
+    }
+
+    #[test]
+    fn region_huge_falls_back_and_reports() {
+        let mut r = Region::new(1 << 20, true).unwrap();
+        // Whatever we got, the length covers a whole 2 MiB unit and is usable.
+        assert_eq!(r.len(), 2 << 20);
+        let last = r.len() - 1;
+        r.as_mut_slice()[last] = 1;
+        assert!(matches!(r.kind(), PageKind::Hugetlb | PageKind::Thp | PageKind::Small));
+        Region::new(0, true).unwrap_err();
+    }
+}

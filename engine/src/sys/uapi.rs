@@ -1,0 +1,340 @@
+//! Hand-written mirror of the ublk UAPI (`include/uapi/linux/ublk_cmd.h`).
+//!
+//! Only the parts the engine uses are mirrored. Every struct is pinned with
+//! compile-time size and offset assertions so a layout mistake fails the build.
+
+use std::mem::{offset_of, size_of};
+
+/// `_IOC` direction bits.
+const IOC_WRITE: u32 = 1;
+const IOC_READ: u32 = 2;
+
+/// Encodes an ioctl number the way `_IOC(dir, type, nr, size)` does on x86/arm.
+pub const fn ioc(dir: u32, ty: u8, nr: u8, size: usize) -> u32 {
+    // `size` is at most 64 bytes for every ublk command: it fits the 14-bit field.
+    (dir << 30) | ((size as u32 & 0x3fff) << 16) | ((ty as u32) << 8) | nr as u32
+}
+
+const fn ctrl_ior(nr: u8) -> u32 {
+    ioc(IOC_READ, b'u', nr, size_of::<CtrlCmd>())
+}
+const fn ctrl_iowr(nr: u8) -> u32 {
+    ioc(IOC_READ | IOC_WRITE, b'u', nr, size_of::<CtrlCmd>())
+}
+const fn io_iowr(nr: u8) -> u32 {
+    ioc(IOC_READ | IOC_WRITE, b'u', nr, size_of::<IoCmd>())
+}
+
+// Control commands (ioctl-encoded; accepted by every kernel since 6.4).
+pub const CMD_GET_QUEUE_AFFINITY: u32 = ctrl_ior(0x01);
+pub const CMD_GET_DEV_INFO: u32 = ctrl_ior(0x02);
+pub const CMD_ADD_DEV: u32 = ctrl_iowr(0x04);
+pub const CMD_DEL_DEV: u32 = ctrl_iowr(0x05);
+pub const CMD_START_DEV: u32 = ctrl_iowr(0x06);
+pub const CMD_STOP_DEV: u32 = ctrl_iowr(0x07);
+pub const CMD_SET_PARAMS: u32 = ctrl_iowr(0x08);
+pub const CMD_GET_PARAMS: u32 = ctrl_ior(0x09);
+pub const CMD_START_USER_RECOVERY: u32 = ctrl_iowr(0x10);
+pub const CMD_END_USER_RECOVERY: u32 = ctrl_iowr(0x11);
+pub const CMD_GET_FEATURES: u32 = ctrl_ior(0x13);
+
+// Per-IO commands on /dev/ublkcN.
+pub const IO_FETCH_REQ: u32 = io_iowr(0x20);
+pub const IO_COMMIT_AND_FETCH_REQ: u32 = io_iowr(0x21);
+pub const IO_NEED_GET_DATA: u32 = io_iowr(0x22);
+pub const IO_REGISTER_IO_BUF: u32 = io_iowr(0x23);
+pub const IO_UNREGISTER_IO_BUF: u32 = io_iowr(0x24);
+
+/// FETCH/COMMIT completion results.
+pub const IO_RES_OK: i32 = 0;
+pub const IO_RES_NEED_GET_DATA: i32 = 1;
+pub const IO_RES_ABORT: i32 = -libc::ENODEV;
+
+pub const MAX_QUEUE_DEPTH: u16 = 4096;
+pub const MAX_NR_QUEUES: u16 = 4096;
+/// Largest per-request buffer the kernel accepts (`UBLK_IO_BUF_BITS` = 25).
+pub const MAX_IO_BUF_BYTES: u32 = 1 << 25;
+
+/// Per-queue stride of the descriptor area in the char device's mmap space.
+pub const fn io_desc_queue_offset(q_id: u16, page_size: usize) -> usize {
+    let per_queue = MAX_QUEUE_DEPTH as usize * size_of::<IoDesc>();
+    q_id as usize * per_queue.next_multiple_of(page_size)
+}
+
+// Device states.
+pub const DEV_DEAD: u16 = 0;
+pub const DEV_LIVE: u16 = 1;
+pub const DEV_QUIESCED: u16 = 2;
+pub const DEV_FAIL_IO: u16 = 3;
+
+// IO ops (low 8 bits of `op_flags`).
+pub const IO_OP_READ: u8 = 0;
+pub const IO_OP_WRITE: u8 = 1;
+pub const IO_OP_FLUSH: u8 = 2;
+pub const IO_OP_DISCARD: u8 = 3;
+pub const IO_OP_WRITE_SAME: u8 = 4;
+pub const IO_OP_WRITE_ZEROES: u8 = 5;
+
+// IO flags (the bits above the op).
+pub const IO_F_FAILFAST_DEV: u32 = 1 << 8;
+pub const IO_F_FAILFAST_TRANSPORT: u32 = 1 << 9;
+pub const IO_F_FAILFAST_DRIVER: u32 = 1 << 10;
+pub const IO_F_META: u32 = 1 << 11;
+pub const IO_F_FUA: u32 = 1 << 13;
+pub const IO_F_NOUNMAP: u32 = 1 << 15;
+
+// Block device attributes in `ParamBasic::attrs`.
+pub const ATTR_READ_ONLY: u32 = 1 << 0;
+pub const ATTR_ROTATIONAL: u32 = 1 << 1;
+pub const ATTR_VOLATILE_CACHE: u32 = 1 << 2;
+pub const ATTR_FUA: u32 = 1 << 3;
+
+// Parameter types in `Params::types`.
+pub const PARAM_TYPE_BASIC: u32 = 1 << 0;
+pub const PARAM_TYPE_DISCARD: u32 = 1 << 1;
+pub const PARAM_TYPE_DEVT: u32 = 1 << 2;
+
+/// `struct ublksrv_ctrl_cmd`: sits in the command area of a 128-byte SQE.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CtrlCmd {
+    pub dev_id: u32,
+    pub queue_id: u16,
+    pub len: u16,
+    pub addr: u64,
+    pub data: [u64; 1],
+    pub dev_path_len: u16,
+    pub pad: u16,
+    pub reserved: u32,
+}
+
+/// `struct ublksrv_ctrl_dev_info`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DevInfo {
+    pub nr_hw_queues: u16,
+    pub queue_depth: u16,
+    pub state: u16,
+    pub pad0: u16,
+    pub max_io_buf_bytes: u32,
+    pub dev_id: u32,
+    pub ublksrv_pid: i32,
+    pub pad1: u32,
+    pub flags: u64,
+    pub ublksrv_flags: u64,
+    pub owner_uid: u32,
+    pub owner_gid: u32,
+    pub reserved1: u64,
+    pub reserved2: u64,
+}
+
+/// `struct ublksrv_io_desc`: written by the kernel, one per tag, in the mmapped area.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct IoDesc {
+    pub op_flags: u32,
+    pub nr_sectors: u32,
+    pub start_sector: u64,
+    pub addr: u64,
+}
+
+impl IoDesc {
+    pub fn op(&self) -> u8 {
+        (self.op_flags & 0xff) as u8
+    }
+    pub fn flags(&self) -> u32 {
+        self.op_flags & !0xff
+    }
+}
+
+/// `struct ublksrv_io_cmd`: the 16-byte command of FETCH/COMMIT.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct IoCmd {
+    pub q_id: u16,
+    pub tag: u16,
+    pub result: i32,
+    pub addr: u64,
+}
+
+impl IoCmd {
+    pub fn to_bytes(self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[0..2].copy_from_slice(&self.q_id.to_ne_bytes());
+        b[2..4].copy_from_slice(&self.tag.to_ne_bytes());
+        b[4..8].copy_from_slice(&self.result.to_ne_bytes());
+        b[8..16].copy_from_slice(&self.addr.to_ne_bytes());
+        b
+    }
+}
+
+impl CtrlCmd {
+    /// The 80-byte command area of an SQE128 with this command at its start.
+    pub fn to_cmd80(self) -> [u8; 80] {
+        let mut b = [0u8; 80];
+        b[0..4].copy_from_slice(&self.dev_id.to_ne_bytes());
+        b[4..6].copy_from_slice(&self.queue_id.to_ne_bytes());
+        b[6..8].copy_from_slice(&self.len.to_ne_bytes());
+        b[8..16].copy_from_slice(&self.addr.to_ne_bytes());
+        b[16..24].copy_from_slice(&self.data[0].to_ne_bytes());
+        b[24..26].copy_from_slice(&self.dev_path_len.to_ne_bytes());
+        b
+    }
+}
+
+/// `struct ublk_param_basic`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ParamBasic {
+    pub attrs: u32,
+    pub logical_bs_shift: u8,
+    pub physical_bs_shift: u8,
+    pub io_opt_shift: u8,
+    pub io_min_shift: u8,
+    pub max_sectors: u32,
+    pub chunk_sectors: u32,
+    pub dev_sectors: u64,
+    pub virt_boundary_mask: u64,
+}
+
+/// `struct ublk_param_discard`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ParamDiscard {
+    pub discard_alignment: u32,
+    pub discard_granularity: u32,
+    pub max_discard_sectors: u32,
+    pub max_write_zeroes_sectors: u32,
+    pub max_discard_segments: u16,
+    pub reserved0: u16,
+}
+
+/// `struct ublk_param_devt` (read-only, filled by GET_PARAMS once started).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ParamDevt {
+    pub char_major: u32,
+    pub char_minor: u32,
+    pub disk_major: u32,
+    pub disk_minor: u32,
+}
+
+/// `struct ublk_param_zoned` (not used, but sits between devt and later types).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ParamZoned {
+    pub max_open_zones: u32,
+    pub max_active_zones: u32,
+    pub max_zone_append_sectors: u32,
+    pub reserved: [u8; 20],
+}
+
+/// The prefix of `struct ublk_params` that every kernel since 6.6 knows.
+///
+/// The kernel clamps `len` to what it knows, and newer kernels accept a shorter
+/// `len` than their own struct, so sending this prefix works on old and new kernels.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Params {
+    pub len: u32,
+    pub types: u32,
+    pub basic: ParamBasic,
+    pub discard: ParamDiscard,
+    pub devt: ParamDevt,
+    pub zoned: ParamZoned,
+}
+
+impl Params {
+    /// Bytes of the struct the kernel should read: up to the end of `zoned`.
+    pub const WIRE_LEN: u32 = (offset_of!(Params, zoned) + size_of::<ParamZoned>()) as u32;
+}
+
+// Layout pins: these mirror the C header exactly.
+const _: () = {
+    assert!(size_of::<CtrlCmd>() == 32);
+    assert!(offset_of!(CtrlCmd, addr) == 8);
+    assert!(offset_of!(CtrlCmd, data) == 16);
+    assert!(offset_of!(CtrlCmd, dev_path_len) == 24);
+    assert!(size_of::<DevInfo>() == 64);
+    assert!(offset_of!(DevInfo, max_io_buf_bytes) == 8);
+    assert!(offset_of!(DevInfo, dev_id) == 12);
+    assert!(offset_of!(DevInfo, ublksrv_pid) == 16);
+    assert!(offset_of!(DevInfo, flags) == 24);
+    assert!(offset_of!(DevInfo, owner_uid) == 40);
+    assert!(size_of::<IoDesc>() == 24);
+    assert!(offset_of!(IoDesc, start_sector) == 8);
+    assert!(offset_of!(IoDesc, addr) == 16);
+    assert!(size_of::<IoCmd>() == 16);
+    assert!(offset_of!(IoCmd, result) == 4);
+    assert!(offset_of!(IoCmd, addr) == 8);
+    assert!(size_of::<ParamBasic>() == 32);
+    assert!(offset_of!(ParamBasic, max_sectors) == 8);
+    assert!(offset_of!(ParamBasic, dev_sectors) == 16);
+    assert!(size_of::<ParamDiscard>() == 20);
+    assert!(size_of::<ParamDevt>() == 16);
+    assert!(size_of::<ParamZoned>() == 32);
+    assert!(offset_of!(Params, basic) == 8);
+    assert!(offset_of!(Params, discard) == 40);
+    assert!(offset_of!(Params, devt) == 60);
+    assert!(offset_of!(Params, zoned) == 76);
+    assert!(Params::WIRE_LEN == 108);
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctl_encodings_match_the_header() {
+        // Values as the C preprocessor computes them for x86_64.
+        assert_eq!(IO_FETCH_REQ, 0xc010_7520);
+        assert_eq!(IO_COMMIT_AND_FETCH_REQ, 0xc010_7521);
+        assert_eq!(IO_NEED_GET_DATA, 0xc010_7522);
+        assert_eq!(IO_REGISTER_IO_BUF, 0xc010_7523);
+        assert_eq!(IO_UNREGISTER_IO_BUF, 0xc010_7524);
+        assert_eq!(CMD_GET_QUEUE_AFFINITY, 0x8020_7501);
+        assert_eq!(CMD_GET_DEV_INFO, 0x8020_7502);
+        assert_eq!(CMD_ADD_DEV, 0xc020_7504);
+        assert_eq!(CMD_DEL_DEV, 0xc020_7505);
+        assert_eq!(CMD_START_DEV, 0xc020_7506);
+        assert_eq!(CMD_STOP_DEV, 0xc020_7507);
+        assert_eq!(CMD_SET_PARAMS, 0xc020_7508);
+        assert_eq!(CMD_GET_PARAMS, 0x8020_7509);
+        assert_eq!(CMD_GET_FEATURES, 0x8020_7513);
+    }
+
+    #[test]
+    fn desc_area_offsets() {
+        // 4096 tags * 24 bytes = 96 KiB, already a multiple of 4 KiB.
+        assert_eq!(io_desc_queue_offset(0, 4096), 0);
+        assert_eq!(io_desc_queue_offset(1, 4096), 98_304);
+        assert_eq!(io_desc_queue_offset(3, 65_536), 3 * 131_072);
+    }
+
+    #[test]
+    fn cmd_bytes_are_native_layout() {
+        let c = IoCmd { q_id: 0x0102, tag: 0x0304, result: -5, addr: 0x1122_3344_5566_7788 };
+        let b = c.to_bytes();
+        assert_eq!(u16::from_ne_bytes([b[0], b[1]]), 0x0102);
+        assert_eq!(u16::from_ne_bytes([b[2], b[3]]), 0x0304);
+        assert_eq!(i32::from_ne_bytes(b[4..8].try_into().unwrap()), -5);
+        assert_eq!(u64::from_ne_bytes(b[8..16].try_into().unwrap()), 0x1122_3344_5566_7788);
+
+        let cc =
+            CtrlCmd { dev_id: 7, queue_id: u16::MAX, len: 64, addr: 0xdead_beef, data: [42], ..Default::default() };
+        let b = cc.to_cmd80();
+        assert_eq!(u32::from_ne_bytes(b[0..4].try_into().unwrap()), 7);
+        assert_eq!(u16::from_ne_bytes([b[4], b[5]]), u16::MAX);
+        assert_eq!(u16::from_ne_bytes([b[6], b[7]]), 64);
+        assert_eq!(u64::from_ne_bytes(b[8..16].try_into().unwrap()), 0xdead_beef);
+        assert_eq!(u64::from_ne_bytes(b[16..24].try_into().unwrap()), 42);
+        assert!(b[26..].iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn desc_op_and_flags() {
+        let d = IoDesc { op_flags: u32::from(IO_OP_WRITE) | IO_F_FUA, nr_sectors: 8, start_sector: 0, addr: 0 };
+        assert_eq!(d.op(), IO_OP_WRITE);
+        assert_eq!(d.flags(), IO_F_FUA);
+    }
+}

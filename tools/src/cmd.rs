@@ -1,0 +1,280 @@
+//! The subcommands.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use ubd_engine::ctrl::Control;
+use ubd_engine::daemon::{self, DeviceOptions, StartedDevice};
+use ubd_engine::sys::{self, features::feature_names, uapi};
+use ubd_engine::target::Target;
+
+use crate::DevArgs;
+use crate::size::{human, parse_size};
+use crate::state::{self, DeviceState};
+
+fn device_options(a: &DevArgs) -> Result<DeviceOptions> {
+    let cpus = a.cpus.as_deref().map(ubd_engine::cpus::parse_cpulist).transpose()?;
+    let queues = a.queues.unwrap_or_else(|| cpus.as_ref().map_or(1, |c| u16::try_from(c.len()).unwrap_or(u16::MAX)));
+    let max_io = parse_size(&a.max_io_size).map_err(anyhow::Error::msg).context("--max-io-size")?;
+    let max_io = u32::try_from(max_io).context("--max-io-size is too large")?;
+    let opts = DeviceOptions {
+        queues,
+        depth: a.depth,
+        max_io_buf_bytes: max_io,
+        dev_id: a.id,
+        cpus,
+        huge_pages: !a.no_hugepages,
+    };
+    opts.validate()?;
+    Ok(opts)
+}
+
+/// Refuses early, before touching the backing, when ublk cannot work here.
+fn preflight() -> Result<()> {
+    if !Path::new(ubd_engine::ctrl::CONTROL_PATH).exists() {
+        return Err(ubd_engine::Error::NoUblk { path: ubd_engine::ctrl::CONTROL_PATH.into() }.into());
+    }
+    if sys::geteuid() != 0 {
+        bail!("ubd-engine must run as root to create ublk devices (euid is {})", sys::geteuid());
+    }
+    Ok(())
+}
+
+pub fn serve_loop(a: &DevArgs, path: &Path, direct: ubd_targets::DirectIo, block_size: Option<u32>) -> Result<()> {
+    let opts = device_options(a)?;
+    preflight()?;
+    let t = ubd_targets::LoopTarget::open(path, &ubd_targets::LoopOptions { direct, logical_block_size: block_size })?;
+    serve(Arc::new(t), &opts)
+}
+
+pub fn serve_null(a: &DevArgs, size: &str, block_size: u32) -> Result<()> {
+    let opts = device_options(a)?;
+    let size = parse_size(size).map_err(anyhow::Error::msg).context("--size")?;
+    if !block_size.is_power_of_two() || block_size < 512 {
+        bail!("--block-size {block_size} must be a power of two of at least 512");
+    }
+    if !size.is_multiple_of(u64::from(block_size)) {
+        bail!("--size {size} bytes is not a multiple of the {block_size}-byte block size");
+    }
+    preflight()?;
+    serve(Arc::new(ubd_targets::NullTarget::new(size, block_size)), &opts)
+}
+
+fn serve(target: Arc<dyn Target>, opts: &DeviceOptions) -> Result<()> {
+    let describe = target.describe();
+    let info = target.info().clone();
+    let name = target.name();
+    let mut dev_id = None;
+    let result = daemon::serve(target, opts, |dev: &StartedDevice| {
+        dev_id = Some(dev.dev_id);
+        report_started(name, &describe, &info, dev, opts);
+        let st = DeviceState {
+            dev_id: dev.dev_id,
+            pid: dev.pid,
+            target: name.into(),
+            target_info: describe.clone(),
+            block_path: dev.block_path.clone(),
+            queues: opts.queues,
+            depth: dev.queue_depth,
+            cpus: dev.queues.iter().map(|q| q.cpus.clone()).collect(),
+        };
+        if let Err(e) = state::write(&st) {
+            tracing::warn!("cannot write state file {}: {e}", state::path(dev.dev_id).display());
+        }
+        // The device path is the one line on stdout, for scripts.
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{}", dev.block_path.display());
+        let _ = out.flush();
+    });
+    if let Some(id) = dev_id {
+        state::remove(id);
+    }
+    let summary = result?;
+    let mut total = ubd_engine::queue::stats::StatsSnapshot::default();
+    for s in &summary.stats {
+        total.add(s);
+    }
+    tracing::info!(
+        "device {} stopped and deleted ({}): reads {} ({}), writes {} ({}), flushes {}, discards {}, write-zeroes {}, errors {}, {:.1} CQEs per pass",
+        summary.dev_id,
+        summary.reason,
+        total.reads,
+        human(total.bytes_read),
+        total.writes,
+        human(total.bytes_written),
+        total.flushes,
+        total.discards,
+        total.write_zeroes,
+        total.errors,
+        if total.passes == 0 { 0.0 } else { total.cqes as f64 / total.passes as f64 },
+    );
+    Ok(())
+}
+
+fn report_started(
+    name: &str,
+    describe: &serde_json::Value,
+    info: &ubd_engine::target::TargetInfo,
+    dev: &StartedDevice,
+    opts: &DeviceOptions,
+) {
+    let q0 = dev.queues.first();
+    let cpus: Vec<String> = dev
+        .queues
+        .iter()
+        .map(|q| q.cpus.as_deref().map_or_else(|| "any".into(), ubd_engine::cpus::format_cpulist))
+        .collect();
+    tracing::info!(
+        "{} serving {name} {} ({}, {}-byte blocks): {} queues x depth {}, max IO {}, queue CPUs [{}], ring {:?}, buffers {}{}",
+        dev.block_path.display(),
+        describe.get("path").and_then(|p| p.as_str()).unwrap_or(""),
+        human(info.dev_size),
+        info.logical_block_size,
+        opts.queues,
+        dev.queue_depth,
+        human(u64::from(dev.max_io_buf_bytes)),
+        cpus.join(" "),
+        q0.map(|q| q.ring),
+        q0.map_or_else(String::new, |q| q.pages.to_string()),
+        if q0.is_some_and(|q| q.fixed_buffers) { " (registered)" } else { "" },
+    );
+    if let Some(direct) = describe.get("direct_io").and_then(serde_json::Value::as_bool) {
+        tracing::info!("backing IO: {}", if direct { "O_DIRECT" } else { "buffered (page cache)" });
+    }
+    tracing::debug!("kernel ublk features: {}", feature_names(dev.kernel_features).join(" "));
+}
+
+pub fn features(json: bool) -> Result<()> {
+    let mut ctrl = Control::open()?;
+    let mask = ctrl.features()?;
+    let names = feature_names(mask);
+    if json {
+        println!("{}", serde_json::json!({ "mask": format!("{mask:#x}"), "value": mask, "features": names }));
+    } else {
+        println!("ublk features {mask:#x}:");
+        for n in names {
+            println!("  {n}");
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, serde::Serialize)]
+struct ListEntry {
+    dev_id: u32,
+    state: &'static str,
+    queues: u16,
+    depth: u16,
+    max_io_buf_bytes: u32,
+    pid: i32,
+    daemon_alive: bool,
+    flags: Vec<String>,
+    target: Option<String>,
+    target_info: Option<serde_json::Value>,
+}
+
+fn state_name(s: u16) -> &'static str {
+    match s {
+        uapi::DEV_DEAD => "dead",
+        uapi::DEV_LIVE => "live",
+        uapi::DEV_QUIESCED => "quiesced",
+        uapi::DEV_FAIL_IO => "fail-io",
+        _ => "unknown",
+    }
+}
+
+pub fn list(json: bool) -> Result<()> {
+    let mut ctrl = Control::open()?;
+    let mut entries = Vec::new();
+    for id in Control::list_ids() {
+        let info = match ctrl.dev_info(id) {
+            Ok(i) => i,
+            Err(ubd_engine::Error::NoDevice { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let st = state::read(id);
+        entries.push(ListEntry {
+            dev_id: id,
+            state: state_name(info.state),
+            queues: info.nr_hw_queues,
+            depth: info.queue_depth,
+            max_io_buf_bytes: info.max_io_buf_bytes,
+            pid: info.ublksrv_pid,
+            daemon_alive: sys::pid_alive(info.ublksrv_pid),
+            flags: feature_names(info.flags),
+            target: st.as_ref().map(|s| s.target.clone()),
+            target_info: st.map(|s| s.target_info),
+        });
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+        return Ok(());
+    }
+    if entries.is_empty() {
+        println!("no ublk devices");
+        return Ok(());
+    }
+    println!("{:<4} {:<8} {:>6} {:>6} {:>8} {:<6} TARGET", "ID", "STATE", "QUEUES", "DEPTH", "PID", "DAEMON");
+    for e in entries {
+        let target = match (&e.target, &e.target_info) {
+            (Some(t), Some(i)) => format!("{t} {}", i.get("path").and_then(|p| p.as_str()).unwrap_or("")),
+            _ => "-".into(),
+        };
+        let alive = if e.daemon_alive { "alive" } else { "dead" };
+        println!(
+            "{:<4} {:<8} {:>6} {:>6} {:>8} {:<6} {}",
+            e.dev_id,
+            e.state,
+            e.queues,
+            e.depth,
+            e.pid,
+            alive,
+            target.trim()
+        );
+    }
+    Ok(())
+}
+
+pub fn del(id: Option<u32>, all: bool) -> Result<()> {
+    let mut ctrl = Control::open()?;
+    let ids = if all { Control::list_ids() } else { id.into_iter().collect() };
+    for id in ids {
+        del_one(&mut ctrl, id)?;
+        println!("deleted device {id}");
+    }
+    Ok(())
+}
+
+fn del_one(ctrl: &mut Control, id: u32) -> Result<()> {
+    let info = ctrl.dev_info(id)?;
+    let pid = info.ublksrv_pid;
+    if pid != sys::getpid() && sys::pid_alive(pid) && info.state != uapi::DEV_DEAD {
+        // A live daemon serves it: ask it to stop, so that it cleans up after itself.
+        sys::send_signal(pid, libc::SIGTERM).with_context(|| format!("signalling daemon {pid} of device {id}"))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match ctrl.dev_info(id) {
+                Err(ubd_engine::Error::NoDevice { .. }) => return Ok(()),
+                Err(e) => return Err(e.into()),
+                Ok(_) if Instant::now() > deadline => {
+                    bail!("device {id}: daemon {pid} did not remove it within 30 s")
+                }
+                Ok(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+    if let Err(e) = ctrl.stop_dev(id)
+        && e.raw_os_error() != Some(libc::ENODEV)
+    {
+        return Err(e.into());
+    }
+    match ctrl.del_dev(id) {
+        Err(e) if e.raw_os_error() != Some(libc::ENODEV) => return Err(e.into()),
+        _ => {}
+    }
+    state::remove(id);
+    Ok(())
+}

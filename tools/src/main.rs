@@ -1,0 +1,137 @@
+//! `ubd-engine`: serve a ublk block device from userspace, and manage ublk devices.
+#![forbid(unsafe_code)]
+
+mod cmd;
+mod size;
+mod state;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "ubd-engine", version, about = "Thread-per-core userspace block device engine (Linux ublk)")]
+struct Cli {
+    #[command(flatten)]
+    dev: DevArgs,
+    /// More logging (-v debug, -vv trace); UBD_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How to shape a served device.
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// CPUs for the queue threads, e.g. 0-7, 0,2,4 or 0-3,8-11; queue i runs on the i-th CPU.
+    #[arg(long, global = true, value_name = "LIST")]
+    cpus: Option<String>,
+    /// Number of hardware queues (one thread each). Default: the number of --cpus, else 1.
+    #[arg(long, global = true, value_name = "N")]
+    queues: Option<u16>,
+    /// Queue depth (requests in flight per queue), 1 to 4096.
+    #[arg(long, global = true, value_name = "N", default_value_t = 128)]
+    depth: u16,
+    /// Device id (N in /dev/ublkbN). Default: the kernel picks one.
+    #[arg(long, global = true, value_name = "N")]
+    id: Option<u32>,
+    /// Largest request size (and per-tag buffer size), e.g. 512K.
+    #[arg(long, global = true, value_name = "SIZE", default_value = "512K")]
+    max_io_size: String,
+    /// Do not try hugepage-backed IO buffers.
+    #[arg(long, global = true)]
+    no_hugepages: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve a file or block device (like the kernel loop driver).
+    Loop {
+        /// Backing file or block device.
+        path: PathBuf,
+        /// O_DIRECT on the backing: auto uses it when the backing allows.
+        #[arg(long, value_enum, default_value_t = Direct::Auto)]
+        direct: Direct,
+        /// Logical block size in bytes (default: the backing's, or 512 for files).
+        #[arg(long, value_name = "BYTES")]
+        block_size: Option<u32>,
+    },
+    /// Serve a device that completes every request at once without storing data.
+    Null {
+        /// Device size, e.g. 1G (K/M/G/T suffixes).
+        #[arg(long, value_name = "SIZE")]
+        size: String,
+        /// Logical block size in bytes.
+        #[arg(long, value_name = "BYTES", default_value_t = 512)]
+        block_size: u32,
+    },
+    /// List ublk devices.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop and delete ublk devices (their serving process is asked to exit first).
+    Del {
+        /// Device id.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<u32>,
+        /// Delete every ublk device.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show the ublk features of the running kernel.
+    Features {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Direct {
+    Auto,
+    On,
+    Off,
+}
+
+fn init_logging(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_env("UBD_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Loop { path, direct, block_size } => {
+            let direct = match direct {
+                Direct::Auto => ubd_targets::DirectIo::Auto,
+                Direct::On => ubd_targets::DirectIo::On,
+                Direct::Off => ubd_targets::DirectIo::Off,
+            };
+            cmd::serve_loop(&cli.dev, &path, direct, block_size)
+        }
+        Command::Null { size, block_size } => cmd::serve_null(&cli.dev, &size, block_size),
+        Command::List { json } => cmd::list(json),
+        Command::Del { id, all } => cmd::del(id, all),
+        Command::Features { json } => cmd::features(json),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
