@@ -61,9 +61,12 @@ pub fn format_cpulist(cpus: &[usize]) -> String {
 
 /// Checks that every CPU in `cpus` is one this process may run on.
 pub fn check_available(cpus: &[usize], allowed: &[usize]) -> Result<()> {
-    if let Some(bad) = cpus.iter().find(|c| !allowed.contains(c)) {
+    let bad: Vec<usize> = cpus.iter().copied().filter(|c| !allowed.contains(c)).collect();
+    if !bad.is_empty() {
+        let (noun, verb) = if bad.len() == 1 { ("CPU", "is") } else { ("CPUs", "are") };
         return Err(Error::Config(format!(
-            "CPU {bad} is not available (this process may use CPUs {})",
+            "{noun} {} {verb} not available (this process may use CPUs {})",
+            format_cpulist(&bad),
             format_cpulist(allowed)
         )));
     }
@@ -97,6 +100,8 @@ mod tests {
         check_available(&[0, 1], &[0, 1, 2]).unwrap();
         let e = check_available(&[0, 9], &[0, 1, 2, 3]).unwrap_err().to_string();
         assert_eq!(e, "invalid configuration: CPU 9 is not available (this process may use CPUs 0-3)");
+        let e = check_available(&[0, 4, 5, 6, 9], &[0, 1, 2, 3]).unwrap_err().to_string();
+        assert_eq!(e, "invalid configuration: CPUs 4-6,9 are not available (this process may use CPUs 0-3)");
     }
 
     #[test]

@@ -147,7 +147,7 @@ pub fn serve(
             .read(true)
             .write(true)
             .open(&char_path)
-            .map_err(|e| Error::Open { path: char_path.clone(), source: e })?
+            .map_err(|e| Error::Open { path: char_path.clone(), cause: e })?
             .into(),
     );
     live.cdev = Some(Arc::clone(&cdev));

@@ -7,27 +7,30 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
+// Causes are part of each message (and not also a `source()`), so that a message
+// printed with its chain does not repeat them.
 pub enum Error {
     #[error(
-        "ublk is not available: {path} does not exist (the ublk_drv kernel module is not loaded; \
-         try `modprobe ublk_drv`, or run inside the test VM: tests/vm/run.sh -- ubd-engine ...)"
+        "ublk is not available: {} does not exist (the ublk_drv kernel module is not loaded: try \
+         `modprobe ublk_drv`; on a kernel without ublk, tests/vm/try.sh runs ubd-engine in a VM)",
+        path.display()
     )]
     NoUblk { path: PathBuf },
 
     #[error("permission denied opening {path}: ubd-engine must run as root")]
     NotRoot { path: PathBuf },
 
-    #[error("cannot open {}: {source}", path.display())]
-    Open { path: PathBuf, source: io::Error },
+    #[error("cannot open {}: {cause}", path.display())]
+    Open { path: PathBuf, cause: io::Error },
 
-    #[error("ublk control command {cmd} for device {dev} failed: {source}")]
-    Ctrl { cmd: &'static str, dev: String, source: io::Error },
+    #[error("ublk control command {cmd} for device {dev} failed: {cause}")]
+    Ctrl { cmd: &'static str, dev: String, cause: io::Error },
 
     #[error("device {dev_id} does not exist")]
     NoDevice { dev_id: u32 },
 
-    #[error("{what}: {source}")]
-    Io { what: String, source: io::Error },
+    #[error("{what}: {cause}")]
+    Io { what: String, cause: io::Error },
 
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -38,13 +41,13 @@ pub enum Error {
 
 impl Error {
     pub fn io(what: impl Into<String>, source: io::Error) -> Self {
-        Error::Io { what: what.into(), source }
+        Error::Io { what: what.into(), cause: source }
     }
 
     /// The errno behind this error, if it came from the kernel.
     pub fn raw_os_error(&self) -> Option<i32> {
         match self {
-            Error::Open { source, .. } | Error::Ctrl { source, .. } | Error::Io { source, .. } => source.raw_os_error(),
+            Error::Open { cause, .. } | Error::Ctrl { cause, .. } | Error::Io { cause, .. } => cause.raw_os_error(),
             Error::NoDevice { .. } => Some(libc::ENODEV),
             _ => None,
         }

@@ -60,7 +60,7 @@ const COOKIE_FALLOCATE: u16 = 2;
 
 impl LoopTarget {
     pub fn open(path: &Path, opts: &LoopOptions) -> ubd_engine::Result<Self> {
-        let open_err = |source: io::Error| Error::Open { path: path.into(), source };
+        let open_err = |source: io::Error| Error::Open { path: path.into(), cause: source };
         let meta = std::fs::metadata(path).map_err(open_err)?;
         let backing = if meta.file_type().is_block_device() {
             Backing::BlockDevice

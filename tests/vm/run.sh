@@ -19,7 +19,8 @@
 #   - /tmp, /etc, /home, /var, ...: overlays whose writes go to a guest tmpfs
 #     and are lost at exit (/tmp shows the host's /tmp as the lower layer).
 #     /tmp is kept that way on purpose: fast, private to each VM, no clutter
-#     on the host; use it for scratch/backing files.
+#     on the host; use it for scratch/backing files (O_DIRECT works there,
+#     and on /dev/shm).
 #   - the --shared dir and each --rwdir: the host's dirs, read-write (9p); use
 #     them for results that must survive the VM.
 #   - /var/cache, /var/tmp, /var/log are empty tmpfs in the guest.
@@ -64,17 +65,23 @@ while (($#)); do
 done
 (($#)) || usage
 
-# Install on first use (a fast no-op otherwise, but skip even that).
-if [[ ! -s $KERNELS_TXT || ! -x $VNG ]]; then
-    "$HERE/setup.sh" >&2
-fi
+# kernel_path: vmlinuz for $kernel (a label or version from kernels.txt, or
+# an installed /lib/modules/VER), empty if unknown.
+kernel_path() {
+    local p=""
+    [[ ! -s $KERNELS_TXT ]] ||
+        p=$(awk -v k="$kernel" '$1 == k || $2 == k { print $3; exit }' "$KERNELS_TXT")
+    [[ -n $p ]] || p=/lib/modules/$kernel/vmlinuz
+    [[ -e $p ]] && echo "$p"
+}
 
-# Kernel: a label or a version from kernels.txt, else an installed version.
-vmlinuz=$(awk -v k="$kernel" '$1 == k || $2 == k { print $3; exit }' "$KERNELS_TXT")
-if [[ -z $vmlinuz && -e /lib/modules/$kernel/vmlinuz ]]; then
-    vmlinuz=/lib/modules/$kernel/vmlinuz
+# Install on first use (setup.sh is a fast no-op otherwise, but skip even that).
+vmlinuz=$(kernel_path || true)
+if [[ -z $vmlinuz || ! -x $VNG ]]; then
+    "$HERE/setup.sh" >&2
+    vmlinuz=$(kernel_path || true)
 fi
-[[ -n $vmlinuz && -e $vmlinuz ]] || die "unknown kernel '$kernel'; known: $(awk '{printf "%s=%s ", $1, $2}' "$KERNELS_TXT")"
+[[ -n $vmlinuz ]] || die "unknown kernel '$kernel'; known: $(awk '{printf "%s=%s ", $1, $2}' "$KERNELS_TXT")"
 
 # Per-run dir in the shared dir: the guest script and its exit status.
 mkdir -p "$shared"
@@ -85,7 +92,7 @@ trap 'rm -rf "$run_dir"' EXIT
 # Guest script: environment, cwd, the command, its status to a file.
 {
     echo '#!/bin/bash'
-    printf 'export PATH=%q\n' "$PATH"
+    printf 'export PATH=%q\n' "$PATH:/usr/local/sbin:/usr/sbin:/sbin"
     printf 'export UBD_VM_SHARED=%q\n' "$shared"
     for name in $(compgen -e); do
         case $name in
@@ -117,7 +124,7 @@ vng_args=(-v -r "$vmlinuz" --disable-kvm --force-9p --cpus "$cpus" --memory "$me
 for d in "${rwdirs[@]}"; do
     vng_args+=(--rwdir="$(cd "$d" && pwd -P)")
 done
-vng_args+=(--exec "bash $run_dir/guest.sh")
+vng_args+=(--exec "bash $(printf %q "$run_dir/guest.sh")")
 
 # vng finds its helpers (virtme-run) on PATH; the guest got PATH above.
 export PATH=$UBD_CACHE/venv/bin:$PATH
@@ -126,16 +133,30 @@ export PATH=$UBD_CACHE/venv/bin:$PATH
 filter=('s/\r$//')
 ((quiet == 0)) || filter+=('/^\[ *[0-9]\+\.[0-9]\+\] /d' '/^\(Probing EDD\|Memory KASLR\|Poking KASLR\)/d')
 start=$SECONDS
-set +e
-timeout -k 30 "$timeout" vng "${vng_args[@]}" </dev/null 2>&1 |
-    sed -u "$(printf '%s\n' "${filter[@]}")"
-vng_rc=${PIPESTATUS[0]}
-set -e
+exec 3> >(sed -u "$(printf '%s\n' "${filter[@]}")")
+sed_pid=$!
+# timeout puts vng, virtme-run and qemu in a process group of their own; if
+# run.sh itself is interrupted or killed (Ctrl-C, an outer `timeout`), kill
+# that group so no VM is left behind.
+timeout -k 30 "$timeout" vng "${vng_args[@]}" </dev/null >&3 2>&1 &
+vm_pid=$!
+interrupted=0
+trap 'interrupted=1; kill -TERM -- "-$vm_pid" 2>/dev/null || true' INT TERM HUP
+trap 'kill -KILL -- "-$vm_pid" 2>/dev/null || true; rm -rf "$run_dir"' EXIT
+vng_rc=0
+wait "$vm_pid" || vng_rc=$?
+if ((interrupted)); then
+    wait "$vm_pid" 2>/dev/null || true
+    echo "run.sh: interrupted, VM killed" >&2
+    exit 130
+fi
+exec 3>&-
+wait "$sed_pid" 2>/dev/null || true
 
 if [[ -s $run_dir/status ]]; then
     exit "$(cat "$run_dir/status")"
 fi
-if ((vng_rc == 124)); then
+if ((vng_rc == 124 || vng_rc == 137)); then
     echo "run.sh: VM timed out after ${timeout}s" >&2
     exit 124
 fi

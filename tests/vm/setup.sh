@@ -2,8 +2,9 @@
 # Installs what tests/vm/run.sh needs to boot a ublk-capable kernel in QEMU:
 #   - Debian packages (qemu, kmod, fio, busybox, ...),
 #   - virtme-ng (vng) in a venv at $UBD_CACHE/venv,
-#   - two Debian kernels, extracted under $UBD_CACHE/kernels/<ver>, with their
-#     modules at /lib/modules/<ver> (a symlink) and depmod run:
+#   - two Debian kernels, their .debs kept in $UBD_CACHE/debs and unpacked to
+#     /lib/modules/<ver> (real files, vmlinuz included; a symlink into
+#     /var/cache would not do: vng hides /var/cache in the guest), depmod run:
 #       lts    = newest bookworm 6.12 kernel (it comes via bookworm-security,
 #                older builds via bookworm-backports)
 #       newest = newest plain -amd64 kernel in sid
@@ -52,8 +53,8 @@ flock 9
 # --- apt helpers ----------------------------------------------------------------
 
 # aptp NAME apt-get|apt-cache ARGS...: apt with private lists/cache NAME.
-# Check-Valid-Until=false: the mirror seen here serves a dated snapshot whose
-# sid Release is past its Valid-Until (signatures are still checked).
+# Check-Valid-Until=false: sid's Release file was seen here past its
+# Valid-Until (the machine's clock vs. the mirror); signatures still count.
 aptp() {
     local d=$UBD_CACHE/apt/$1 tool=$2
     shift 2
@@ -140,9 +141,8 @@ fetch() {
 }
 
 # install_kernel VER PKG...: unpack the PKGs' .debs and move the modules tree
-# (with the image as vmlinuz) to /lib/modules/VER as real files, then depmod.
-# Prints the vmlinuz path. A symlink into $UBD_CACHE would not do: vng hides
-# /var/cache behind a tmpfs in the guest.
+# (with the image as vmlinuz) to /lib/modules/VER, then depmod.
+# Prints the vmlinuz path.
 install_kernel() {
     local ver=$1 dest=/lib/modules/$1 stage=$UBD_CACHE/stage p deb mods="" d f
     shift

@@ -40,7 +40,7 @@ impl Control {
             if e.kind() == io::ErrorKind::PermissionDenied {
                 Error::NotRoot { path: path.into() }
             } else {
-                Error::Open { path: path.into(), source: e }
+                Error::Open { path: path.into(), cause: e }
             }
         })?;
         let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
@@ -70,13 +70,13 @@ impl Control {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 Err(e) => {
-                    return Err(Error::Ctrl { cmd: name, dev, source: e });
+                    return Err(Error::Ctrl { cmd: name, dev, cause: e });
                 }
             }
             if let Some(cqe) = self.ring.completion().next() {
                 let res = cqe.result();
                 if res < 0 {
-                    return Err(Error::Ctrl { cmd: name, dev, source: io::Error::from_raw_os_error(-res) });
+                    return Err(Error::Ctrl { cmd: name, dev, cause: io::Error::from_raw_os_error(-res) });
                 }
                 return Ok(res);
             }

@@ -168,6 +168,7 @@ fn run(
         cmds_inflight: 0,
         in_target: 0,
         stopping: false,
+        errors_seen: 0,
         stats,
     };
     q.arm().map_err(|errno| qerr(format!("submitting FETCH_REQ: {}", std::io::Error::from_raw_os_error(-errno))))?;
@@ -200,6 +201,7 @@ struct Queue<'a> {
     cmds_inflight: u32,
     in_target: u32,
     stopping: bool,
+    errors_seen: u64,
     stats: &'a QueueStats,
 }
 
@@ -304,12 +306,31 @@ impl Queue<'_> {
         }
     }
 
+    /// Logs a failed request: the first few, then one in every thousand.
+    fn log_error(&mut self, req: &IoRequest, res: i32) {
+        self.errors_seen += 1;
+        let n = self.errors_seen;
+        if n <= 10 || n.is_multiple_of(1000) {
+            let err = std::io::Error::from_raw_os_error(-res);
+            tracing::warn!(
+                q_id = self.q_id,
+                "{:?} at byte {} length {} failed: {err} (error {n} on this queue)",
+                req.op,
+                req.offset,
+                req.len
+            );
+        }
+    }
+
     /// Completes the request on `tag` with `res` and fetches the next one.
     fn commit(&mut self, tag: u16, res: i32) {
         let idx = usize::from(tag);
         if let Slot::InTarget(req) = self.slots[idx] {
             self.in_target -= 1;
             self.stats.record(req.op, res);
+            if res < 0 {
+                self.log_error(&req, res);
+            }
         }
         match self.sq.push_ublk(tag, Some(res)) {
             Ok(()) => {
@@ -334,9 +355,13 @@ pub fn decode_request(tag: u16, desc: &IoDesc, buf_size: u32, dev_size: u64) -> 
         uapi::IO_OP_WRITE_ZEROES => Op::WriteZeroes,
         _ => return Err(-libc::EOPNOTSUPP),
     };
+    if op == Op::Flush {
+        // A flush has no range: the kernel sends start_sector = -1 and no sectors.
+        return Ok(IoRequest { tag, op, flags: desc.flags(), offset: 0, len: 0 });
+    }
     let offset = desc.start_sector.checked_mul(512).ok_or(-libc::EIO)?;
     let len = u64::from(desc.nr_sectors) * 512;
-    if op != Op::Flush {
+    {
         let end = offset.checked_add(len).ok_or(-libc::EIO)?;
         if len == 0 || end > dev_size {
             return Err(-libc::EIO);
@@ -363,6 +388,9 @@ mod tests {
         assert!(r.fua());
         let f = decode_request(0, &desc(uapi::IO_OP_FLUSH, 0, 0, 0), 4096, 4096).unwrap();
         assert_eq!((f.op, f.len), (Op::Flush, 0));
+        // What the kernel really sends for an empty flush (seen on 6.12).
+        let f = decode_request(0, &desc(uapi::IO_OP_FLUSH, 0, u64::MAX, 0), 4096, 4096).unwrap();
+        assert_eq!((f.op, f.offset, f.len), (Op::Flush, 0, 0));
         // A discard larger than the buffer is fine: it carries no data.
         let d = decode_request(0, &desc(uapi::IO_OP_DISCARD, 0, 0, 2048), 4096, 1 << 20).unwrap();
         assert_eq!(d.len, 1 << 20);

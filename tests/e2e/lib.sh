@@ -1,0 +1,104 @@
+# Helpers for the end-to-end suite (sourced by suite.sh; runs as root inside the VM).
+
+UBD=${UBD_BIN:?UBD_BIN must name the ubd-engine binary}
+WORK=${UBD_E2E_WORK:-/tmp/ubd-e2e}
+START_TIMEOUT=${UBD_START_TIMEOUT:-90}
+PASSED=0 FAILED=0 SKIPPED=0 FAILED_NAMES=()
+
+log() { printf '    %s\n' "$*"; }
+fail() { echo "    FAIL: $*" >&2; return 1; }
+
+# The ublk block devices that exist now.
+ublk_devs() { ls /dev/ublkb* 2>/dev/null || true; }
+
+# start_dev OUTVAR ARGS...: starts `ubd-engine ARGS` in the background and waits
+# for it to print its device path. Sets DEV, PID, LOG.
+start_dev() {
+    local out
+    out=$(mktemp "$WORK/out.XXXXXX")
+    LOG=$(mktemp "$WORK/log.XXXXXX")
+    "$UBD" "$@" >"$out" 2>"$LOG" &
+    PID=$!
+    local deadline=$((SECONDS + START_TIMEOUT))
+    DEV=
+    while ((SECONDS < deadline)); do
+        DEV=$(head -n1 "$out")
+        [[ -n $DEV ]] && break
+        if ! kill -0 "$PID" 2>/dev/null; then
+            cat "$LOG" >&2
+            fail "ubd-engine $* exited before starting"
+            return 1
+        fi
+        sleep 0.1
+    done
+    [[ -b $DEV ]] || { cat "$LOG" >&2; fail "no block device after ${START_TIMEOUT}s (got '$DEV')"; return 1; }
+    log "started $DEV (pid $PID): ubd-engine $*"
+}
+
+# stop_dev [SIGNAL]: signals the daemon, waits for it, checks exit 0 and no device left.
+stop_dev() {
+    local sig=${1:-TERM} rc=0
+    kill -"$sig" "$PID"
+    wait "$PID" || rc=$?
+    if ((rc != 0)); then
+        cat "$LOG" >&2
+        fail "daemon exited with $rc after SIG$sig"
+        return 1
+    fi
+    [[ ! -e $DEV ]] || fail "$DEV still exists after the daemon exited"
+}
+
+# Runs fio with crc32c verification; extra args are passed on.
+fio_verify() {
+    fio --name=verify --filename="$DEV" --ioengine=io_uring --direct=1 \
+        --verify=crc32c --verify_fatal=1 --do_verify=1 --randrepeat=0 \
+        --group_reporting --output-format=terse --terse-version=3 "$@" >"$WORK/fio.out" 2>&1 ||
+        { cat "$WORK/fio.out" >&2; fail "fio $*"; return 1; }
+}
+
+# expect_error PATTERN ARGS...: ubd-engine ARGS must fail with exit 1 and print one
+# line on stderr that matches PATTERN, and must leave no device.
+expect_error() {
+    local pattern=$1 rc=0
+    shift
+    local before
+    before=$(ublk_devs)
+    "$UBD" "$@" >"$WORK/err.out" 2>"$WORK/err.txt" || rc=$?
+    ((rc == 1)) || { cat "$WORK/err.txt" >&2; fail "ubd-engine $* exited $rc, want 1"; return 1; }
+    [[ $(wc -l <"$WORK/err.txt") == 1 ]] || { cat "$WORK/err.txt" >&2; fail "want one line of error for: $*"; return 1; }
+    grep -qE -- "$pattern" "$WORK/err.txt" || { cat "$WORK/err.txt" >&2; fail "error for '$*' does not match /$pattern/"; return 1; }
+    [[ $(ublk_devs) == "$before" ]] || fail "ubd-engine $* left a device behind"
+    log "ok: $* -> $(cat "$WORK/err.txt")"
+}
+
+# run_case NAME FUNCTION: runs one case in a subshell with errexit; afterwards no
+# ublk device may remain (any left is deleted and the case fails).
+run_case() {
+    local name=$1 fn=$2 rc=0
+    echo "--- case $name"
+    # Not `( ... ) || rc=$?`: errexit is ignored inside a subshell on the left of ||.
+    (set -eE -o pipefail; trap 'echo "    line $LINENO: $BASH_COMMAND failed" >&2' ERR; "$fn")
+    rc=$?
+    local left
+    left=$(ublk_devs)
+    if [[ -n $left ]]; then
+        echo "    FAIL: devices left behind: $left" >&2
+        umount -l "$WORK/mnt" 2>/dev/null
+        # Ask the daemons to clean up; kill what is still there after that.
+        timeout 60 "$UBD" del --all >/dev/null 2>&1 || true
+        pkill -KILL -f "$UBD" 2>/dev/null || true
+        timeout 60 "$UBD" del --all >/dev/null 2>&1 || true
+        rc=1
+    fi
+    if ((rc == 0)); then
+        echo "PASS $name"
+        PASSED=$((PASSED + 1))
+    elif ((rc == 77)); then
+        echo "SKIP $name"
+        SKIPPED=$((SKIPPED + 1))
+    else
+        echo "FAIL $name"
+        FAILED=$((FAILED + 1))
+        FAILED_NAMES+=("$name")
+    fi
+}

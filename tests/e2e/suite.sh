@@ -1,0 +1,230 @@
+#!/usr/bin/env bash
+# End-to-end suite for ubd-engine. Runs as root inside a VM with ublk_drv (see
+# tests/vm/run.sh); UBD_BIN names the binary. Prints "N passed, N failed" and exits
+# non-zero on any failure. UBD_E2E_ONLY=regex runs a subset of cases.
+set -uo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=lib.sh
+source "$HERE/lib.sh"
+
+echo "=== ubd-engine e2e on $(uname -r), $(nproc) CPUs"
+rm -rf "$WORK" && mkdir -p "$WORK"
+modprobe ublk_drv || { echo "ublk_drv not available"; exit 1; }
+# Two RAM disks: ram0 is a raw backing device, ram1 holds an ext4 for backing files.
+modprobe brd rd_nr=2 rd_size=262144 || exit 1
+mkfs.ext4 -q -F /dev/ram1 && mkdir -p "$WORK/fs" && mount /dev/ram1 "$WORK/fs" || exit 1
+FS=$WORK/fs
+
+case_features() {
+    "$UBD" features --json >"$WORK/f.json"
+    grep -q '"CMD_IOCTL_ENCODE"' "$WORK/f.json"
+    log "$(cat "$WORK/f.json")"
+}
+
+case_null() {
+    start_dev --cpus 0,1 --depth 64 null --size 256M
+    [[ $(blockdev --getsize64 "$DEV") == 268435456 ]]
+    [[ $(cat /sys/block/"${DEV#/dev/}"/mq/*/nr_tags 2>/dev/null | head -n1) == 64 ]] || log "(nr_tags not visible)"
+    ls -d /sys/block/"${DEV#/dev/}"/mq/* | wc -l | grep -qx 2
+    fio --name=null --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randrw --bs=4k \
+        --iodepth=32 --numjobs=2 --size=64M --io_size=16M --group_reporting >"$WORK/fio.out"
+    grep -q "err= 0" "$WORK/fio.out"
+    stop_dev
+    grep -q "errors 0" "$LOG"
+}
+
+# Data written through the device, read back through it and from the backing.
+check_roundtrip() {
+    local backing=$1
+    dd if=/dev/urandom of="$WORK/pat" bs=1M count=8 status=none
+    # At 3 MiB + 4 KiB: unaligned to the 512 KiB max IO, so requests are split.
+    dd if="$WORK/pat" of="$DEV" bs=64k seek=3149824 oflag=direct,seek_bytes status=none
+    cmp <(dd if="$DEV" bs=1M iflag=direct,skip_bytes,count_bytes skip=3149824 count=8M status=none) "$WORK/pat"
+    stop_dev
+    cmp <(dd if="$backing" bs=1M iflag=skip_bytes,count_bytes skip=3149824 count=8M status=none) "$WORK/pat"
+    log "8 MiB round trip through $DEV matches the backing"
+}
+
+fio_matrix() {
+    # Random writes then verify: several block sizes, qd1 and qd32, 2 jobs on 2 queues.
+    fio_verify --rw=randwrite --bs=4k --iodepth=1 --size=8M
+    fio_verify --rw=randwrite --bsrange=512-128k --iodepth=32 --numjobs=2 --offset_increment=48M --size=32M
+    fio_verify --rw=randwrite --bs=16k --iodepth=32 --numjobs=2 --offset_increment=48M --size=32M
+    fio_verify --rw=write --bs=512k --iodepth=8 --size=64M
+    log "fio verify=crc32c passed (4k qd1, 512-128k qd32 x2, 16k qd32 x2, 512k seq)"
+}
+
+case_loop_file() {
+    truncate -s 128M "$FS/backing.img"
+    start_dev --cpus 0,1 --depth 64 loop "$FS/backing.img"
+    grep -q "backing IO: O_DIRECT" "$LOG"
+    fio_matrix
+    check_roundtrip "$FS/backing.img"
+}
+
+case_loop_file_buffered() {
+    truncate -s 64M "$FS/buffered.img"
+    start_dev --queues 2 --depth 32 loop --direct off "$FS/buffered.img"
+    grep -q "backing IO: buffered" "$LOG"
+    fio_verify --rw=randwrite --bsrange=512-64k --iodepth=16 --numjobs=2 --offset_increment=24M --size=16M
+    check_roundtrip "$FS/buffered.img"
+}
+
+case_loop_bdev() {
+    start_dev --cpus 0,1 --depth 64 loop /dev/ram0
+    [[ $(blockdev --getsize64 "$DEV") == $(blockdev --getsize64 /dev/ram0) ]]
+    fio_matrix
+    check_roundtrip /dev/ram0
+}
+
+# A tree of files with random contents and sizes (about 24 MiB), made once.
+make_tree() {
+    local t=$WORK/tree
+    [[ -d $t ]] && return 0
+    mkdir -p "$t"
+    local i
+    for i in $(seq 1 60); do
+        mkdir -p "$t/d$((i % 7))/e$((i % 3))"
+        head -c $(((RANDOM % 800 + 1) * 512 + RANDOM % 511)) /dev/urandom >"$t/d$((i % 7))/e$((i % 3))/f$i"
+    done
+    ln -s d1/e1 "$t/link"
+    cp -a /etc/hostname /etc/passwd "$t/"
+}
+
+case_mkfs_mount() {
+    make_tree
+    truncate -s 128M "$FS/fs.img"
+    start_dev --cpus 0,1 --depth 32 loop "$FS/fs.img"
+    mkfs.ext4 -q -F "$DEV"
+    mkdir -p "$WORK/mnt"
+    mount "$DEV" "$WORK/mnt"
+    cp -a "$WORK/tree" "$WORK/mnt/tree"
+    sync
+    umount "$WORK/mnt"
+    fsck.ext4 -fn "$DEV" >"$WORK/fsck.out" 2>&1 || { cat "$WORK/fsck.out" >&2; false; }
+    mount -o ro "$DEV" "$WORK/mnt"
+    diff -r --no-dereference "$WORK/tree" "$WORK/mnt/tree"
+    umount "$WORK/mnt"
+    stop_dev
+    # The filesystem lives in the backing file, intact, without the engine.
+    fsck.ext4 -fn "$FS/fs.img" >/dev/null
+    log "ext4: mkfs, copy a $(du -sh "$WORK/tree" | cut -f1) tree, sync, fsck clean, contents equal"
+}
+
+allocated_kib() { du -k "$1" | cut -f1; }
+
+case_discard_flush() {
+    truncate -s 64M "$FS/sparse.img"
+    start_dev --queues 1 --depth 16 loop "$FS/sparse.img"
+    [[ $(cat /sys/block/"${DEV#/dev/}"/queue/discard_max_bytes) -gt 0 ]]
+    dd if=/dev/urandom of="$DEV" bs=1M count=8 oflag=direct conv=fsync status=none
+    local full
+    full=$(allocated_kib "$FS/sparse.img")
+    ((full >= 8192)) || fail "backing has only ${full} KiB allocated after 8 MiB written"
+    blkdiscard -o 0 -l 4M "$DEV"
+    local after
+    after=$(allocated_kib "$FS/sparse.img")
+    ((after <= full - 4096)) || fail "discard did not punch the backing: ${full} -> ${after} KiB"
+    cmp -n 4194304 "$DEV" /dev/zero
+    blkdiscard -z -o 4M -l 2M "$DEV"
+    cmp -n 2097152 <(dd if="$DEV" bs=1M skip=4 count=2 iflag=direct status=none) /dev/zero
+    # Data past the zeroed range is untouched.
+    [[ $(dd if="$DEV" bs=1M skip=6 count=2 iflag=direct status=none | tr -d '\0' | wc -c) -gt 0 ]]
+    stop_dev
+    grep -qE "flushes [1-9]" "$LOG" || fail "no FLUSH reached the target: $(tail -n1 "$LOG")"
+    grep -qE "discards [1-9]" "$LOG" || fail "no DISCARD reached the target"
+    grep -qE "write-zeroes [1-9]" "$LOG" || fail "no WRITE_ZEROES reached the target"
+    log "backing allocation ${full} KiB -> ${after} KiB after discard; $(tail -n1 "$LOG" | sed 's/.*(SIGTERM received): //')"
+}
+
+case_discard_bdev() {
+    start_dev --queues 1 --depth 16 loop /dev/ram0
+    dd if=/dev/urandom of="$DEV" bs=1M count=2 oflag=direct status=none
+    blkdiscard -z -o 0 -l 1M "$DEV"
+    cmp -n 1048576 "$DEV" /dev/zero
+    stop_dev
+    cmp -n 1048576 /dev/ram0 /dev/zero
+}
+
+case_list_del() {
+    truncate -s 16M "$WORK/a.img"
+    start_dev --queues 1 --depth 8 loop "$WORK/a.img"
+    local id=${DEV#/dev/ublkb}
+    "$UBD" list | grep -E "^$id +live .*alive +loop $WORK/a.img"
+    "$UBD" list --json | grep -q '"daemon_alive": true'
+    "$UBD" del "$id"
+    local rc=0
+    wait "$PID" || rc=$?
+    ((rc == 0)) || fail "daemon exited $rc after del"
+    [[ ! -e $DEV ]]
+    "$UBD" list | grep -q "no ublk devices"
+    # del --all with two devices; SIGINT also stops cleanly.
+    start_dev --queues 1 --depth 8 null --size 64M
+    local p1=$PID
+    start_dev --queues 1 --depth 8 --id 7 null --size 64M
+    [[ $DEV == /dev/ublkb7 ]]
+    expect_error "device id 7 is already in use" --id 7 null --size 64M
+    "$UBD" del --all
+    wait "$p1" "$PID"
+    [[ -z $(ublk_devs) ]]
+    start_dev --queues 1 --depth 8 null --size 64M
+    stop_dev INT
+}
+
+case_bad_input() {
+    truncate -s 1000 "$WORK/odd.img"
+    expect_error "cannot open /nonexistent/disk.img: No such file" loop /nonexistent/disk.img
+    expect_error "not a multiple of the 512-byte block size" loop "$WORK/odd.img"
+    expect_error "not a multiple of the 512-byte block size" null --size 1000
+    expect_error "bad size" null --size 12Q
+    expect_error "empty CPU list" --cpus "" null --size 64M
+    expect_error "CPUs [0-9]+-99 are not available" --cpus 0-99 null --size 64M
+    expect_error "bad CPU list" --cpus 1-x null --size 64M
+    expect_error "queue depth 5000 must be from 1 to 4096" --depth 5000 null --size 64M
+    expect_error "queue depth 0" --depth 0 null --size 64M
+    expect_error "device 4242 does not exist" del 4242
+    # Not root.
+    local rc=0
+    setpriv --reuid=65534 --regid=65534 --clear-groups "$UBD" null --size 64M 2>"$WORK/nr.txt" || rc=$?
+    ((rc == 1)) && grep -q "must run as root" "$WORK/nr.txt" && [[ $(wc -l <"$WORK/nr.txt") == 1 ]] ||
+        { cat "$WORK/nr.txt" >&2; fail "non-root run: rc $rc"; }
+    log "ok: non-root -> $(cat "$WORK/nr.txt")"
+    # No ublk module.
+    rmmod ublk_drv
+    rc=0
+    "$UBD" null --size 64M 2>"$WORK/nm.txt" || rc=$?
+    modprobe ublk_drv
+    ((rc == 1)) && grep -q "ublk_drv kernel module is not loaded" "$WORK/nm.txt" ||
+        { cat "$WORK/nm.txt" >&2; fail "no-module run: rc $rc"; }
+    log "ok: no module -> $(cat "$WORK/nm.txt")"
+}
+
+case_hugepages() {
+    # With reserved hugepages the buffers come from hugetlb; without, the fallback is reported.
+    echo 0 >/proc/sys/vm/nr_hugepages
+    start_dev --queues 1 --depth 16 null --size 64M
+    grep -qE "buffers (thp|4k)" "$LOG"
+    stop_dev
+    echo 16 >/proc/sys/vm/nr_hugepages
+    start_dev --queues 1 --depth 16 null --size 64M
+    grep -q "buffers hugetlb" "$LOG" || fail "no hugetlb buffers: $(grep serving "$LOG")"
+    truncate -s 32M "$WORK/h.img"
+    stop_dev
+    start_dev --queues 1 --depth 16 loop "$WORK/h.img"
+    grep -q "buffers hugetlb" "$LOG"
+    fio_verify --rw=randwrite --bsrange=4k-256k --iodepth=16 --size=16M
+    stop_dev
+    echo 0 >/proc/sys/vm/nr_hugepages
+}
+
+cases=(features null loop_file loop_file_buffered loop_bdev mkfs_mount discard_flush discard_bdev
+    list_del bad_input hugepages)
+for c in "${cases[@]}"; do
+    [[ -n ${UBD_E2E_ONLY:-} && ! $c =~ $UBD_E2E_ONLY ]] && continue
+    run_case "$c" "case_$c"
+done
+
+umount "$FS" 2>/dev/null
+echo "=== e2e on $(uname -r): $PASSED passed, $FAILED failed, $SKIPPED skipped ${FAILED_NAMES[*]:+(failed: ${FAILED_NAMES[*]})}"
+echo "$PASSED passed, $FAILED failed"
+((FAILED == 0))

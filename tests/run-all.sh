@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The test command: installs what is missing (QEMU, virtme-ng, fio, Debian kernels
+# with ublk_drv), checks formatting and lints, runs the unit tests, builds the
+# release binary, and runs the end-to-end suite in a VM on each kernel.
+#
+# usage: tests/run-all.sh [--kernels "lts newest"] [--no-lint]
+# Needs root (packages, kernels in /lib/modules). Ends with "N passed, N failed".
+set -uo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT" || exit 1
+kernels=${UBD_KERNELS:-lts newest}
+lint=1
+while (($#)); do
+    case $1 in
+    --kernels) kernels=$2; shift 2 ;;
+    --no-lint) lint=0; shift ;;
+    *) echo "usage: $0 [--kernels \"lts newest\"] [--no-lint]" >&2; exit 2 ;;
+    esac
+done
+start=$SECONDS
+step() { printf '\n##### %s (%ds)\n' "$*" $((SECONDS - start)); }
+die() { echo "run-all: $*" >&2; exit 1; }
+
+step "setup: packages, virtme-ng, kernels"
+tests/vm/setup.sh || die "tests/vm/setup.sh failed"
+command -v cargo >/dev/null || die "cargo is not installed (this project builds with the machine's stable Rust)"
+
+if ((lint)); then
+    step "cargo fmt --check, cargo clippy"
+    cargo fmt --all --check || die "cargo fmt --check failed (run cargo fmt)"
+    cargo clippy --all-targets --quiet -- -D warnings || die "clippy failed"
+fi
+
+step "cargo test"
+cargo test --workspace 2>&1 | tee /tmp/ubd-cargo-test.log
+unit_rc=${PIPESTATUS[0]}
+read -r unit_pass unit_fail < <(awk '/^test result:/ { p += $4; f += $6 } END { print p + 0, f + 0 }' /tmp/ubd-cargo-test.log)
+((unit_rc == 0)) || unit_fail=$((unit_fail > 0 ? unit_fail : 1))
+
+step "cargo build --release"
+cargo build --release --quiet || die "release build failed"
+
+e2e_pass=0 e2e_fail=0 summary=()
+for k in $kernels; do
+    step "end-to-end suite in a VM, kernel '$k'"
+    log=/tmp/ubd-e2e-$k.log
+    tests/vm/run.sh --kernel "$k" --quiet --timeout "${UBD_E2E_TIMEOUT:-1200}" \
+        --env UBD_BIN="$ROOT/target/release/ubd-engine" -- "$ROOT/tests/e2e/suite.sh" 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+    line=$(grep -E '^=== e2e on ' "$log" | tail -n1)
+    read -r p f < <(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$log" | tail -n1 | awk '{ print $1, $3 }')
+    p=${p:-0} f=${f:-0}
+    if ((rc != 0 && f == 0)); then
+        f=1
+        line="kernel $k: the suite did not finish (exit $rc)"
+    fi
+    e2e_pass=$((e2e_pass + p)) e2e_fail=$((e2e_fail + f))
+    summary+=("${line:-kernel $k: no result}")
+done
+
+step "summary"
+echo "unit tests: $unit_pass passed, $unit_fail failed"
+printf '%s\n' "${summary[@]}"
+echo "total time: $((SECONDS - start)) s"
+echo "$((unit_pass + e2e_pass)) passed, $((unit_fail + e2e_fail)) failed"
+((unit_fail + e2e_fail == 0))
