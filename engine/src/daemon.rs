@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
+use crate::buf::{BufferChoice, BufferMode, resolve};
 use crate::ctrl::{Control, params::build_params};
 use crate::error::{Error, Result};
 use crate::queue::stats::StatsSnapshot;
@@ -31,11 +32,20 @@ pub struct DeviceOptions {
     pub cpus: Option<Vec<usize>>,
     /// Try hugepage-backed buffers.
     pub huge_pages: bool,
+    pub buffer: BufferChoice,
 }
 
 impl Default for DeviceOptions {
     fn default() -> Self {
-        Self { queues: 1, depth: 128, max_io_buf_bytes: 512 << 10, dev_id: None, cpus: None, huge_pages: true }
+        Self {
+            queues: 1,
+            depth: 128,
+            max_io_buf_bytes: 512 << 10,
+            dev_id: None,
+            cpus: None,
+            huge_pages: true,
+            buffer: BufferChoice::Auto,
+        }
     }
 }
 
@@ -91,6 +101,9 @@ pub struct StartedDevice {
     pub max_io_buf_bytes: u32,
     pub queues: Vec<QueueReport>,
     pub pid: i32,
+    pub buffer_mode: BufferMode,
+    /// Why this buffer mode.
+    pub buffer_reason: String,
 }
 
 /// Why serving ended, and the final counters.
@@ -121,13 +134,14 @@ pub fn serve(
     block_stop_signals()?;
     let mut ctrl = Control::open()?;
     let kernel_features = ctrl.features()?;
+    let (buffer_mode, buffer_reason) = resolve(opts.buffer, kernel_features)?;
     let mut info = uapi::DevInfo {
         nr_hw_queues: opts.queues,
         queue_depth: opts.depth,
         max_io_buf_bytes: opts.max_io_buf_bytes,
         dev_id: opts.dev_id.unwrap_or(u32::MAX),
         ublksrv_pid: sys::getpid(),
-        flags: features::F_CMD_IOCTL_ENCODE,
+        flags: features::F_CMD_IOCTL_ENCODE | buffer_mode.dev_flag(),
         ..Default::default()
     };
     ctrl.add_dev(&mut info).map_err(|e| match (e.raw_os_error(), opts.dev_id) {
@@ -138,6 +152,12 @@ pub fn serve(
     let (tx, rx) = mpsc::channel();
     let mut live = Live { ctrl, dev_id, started: false, cdev: None, queues: Vec::new(), events: rx, done: false };
     tracing::debug!(dev_id, ?info, "device added");
+    if info.flags & buffer_mode.dev_flag() != buffer_mode.dev_flag() {
+        return Err(Error::Config(format!(
+            "the kernel refused buffer mode {buffer_mode} (device flags {:#x})",
+            info.flags
+        )));
+    }
 
     live.ctrl.set_params(dev_id, &params)?;
     let char_path = PathBuf::from(format!("/dev/ublkc{dev_id}"));
@@ -171,6 +191,7 @@ pub fn serve(
             cpus,
             huge_pages: opts.huge_pages,
             dev_size: target.info().dev_size,
+            buffer_mode,
         };
         let handle = queue::spawn(cfg, Arc::clone(&target), Arc::clone(&cdev), tx.clone())?;
         live.queues.push(handle);
@@ -193,6 +214,8 @@ pub fn serve(
         max_io_buf_bytes: info.max_io_buf_bytes,
         queues: reports,
         pid: sys::getpid(),
+        buffer_mode,
+        buffer_reason,
     };
     on_started(&started);
     let reason = live.wait_stop()?;

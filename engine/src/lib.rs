@@ -10,6 +10,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, clippy::print_stderr, clippy::exit)
 )]
 
+pub mod buf;
 pub mod cpus;
 pub mod ctrl;
 pub mod daemon;

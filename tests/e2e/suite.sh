@@ -202,23 +202,55 @@ case_bad_input() {
 case_hugepages() {
     # With reserved hugepages the buffers come from hugetlb; without, the fallback is reported.
     echo 0 >/proc/sys/vm/nr_hugepages
-    start_dev --queues 1 --depth 16 null --size 64M
+    start_dev --queues 1 --depth 16 --buffer-mode copy null --size 64M
     grep -qE "buffers (thp|4k)" "$LOG"
     stop_dev
     echo 16 >/proc/sys/vm/nr_hugepages
-    start_dev --queues 1 --depth 16 null --size 64M
+    start_dev --queues 1 --depth 16 --buffer-mode copy null --size 64M
     grep -q "buffers hugetlb" "$LOG" || fail "no hugetlb buffers: $(grep serving "$LOG")"
     truncate -s 32M "$WORK/h.img"
     stop_dev
-    start_dev --queues 1 --depth 16 loop "$WORK/h.img"
+    start_dev --queues 1 --depth 16 --buffer-mode copy loop "$WORK/h.img"
     grep -q "buffers hugetlb" "$LOG"
     fio_verify --rw=randwrite --bsrange=4k-256k --iodepth=16 --size=16M
     stop_dev
     echo 0 >/proc/sys/vm/nr_hugepages
 }
 
+# Every buffer mode the kernel offers passes the verify suite; the others are refused clearly.
+case_buffer_modes() {
+    local feats mode
+    feats=$("$UBD" features --json)
+    for mode in copy zero-copy auto-reg; do
+        local need=
+        case $mode in
+        zero-copy) need=SUPPORT_ZERO_COPY ;;
+        auto-reg) need=AUTO_BUF_REG ;;
+        esac
+        if [[ -n $need && $feats != *\"$need\"* ]]; then
+            expect_error "buffer mode $mode needs the ublk feature $need" --buffer-mode "$mode" null --size 64M
+            continue
+        fi
+        start_dev --cpus 0,1 --depth 32 --buffer-mode "$mode" loop /dev/ram0
+        grep -q "buffer mode $mode (forced)" "$LOG"
+        fio_verify --rw=randwrite --bsrange=512-256k --iodepth=32 --numjobs=2 --offset_increment=64M --size=24M
+        fio_verify --rw=randrw --rwmixread=30 --bs=4k --iodepth=1 --size=4M
+        check_roundtrip /dev/ram0
+        truncate -s 64M "$FS/mode.img"
+        start_dev --queues 2 --depth 16 --buffer-mode "$mode" loop "$FS/mode.img"
+        fio_verify --rw=randwrite --bsrange=4k-128k --iodepth=16 --numjobs=2 --offset_increment=24M --size=16M
+        check_roundtrip "$FS/mode.img"
+        start_dev --queues 1 --depth 16 --buffer-mode "$mode" null --size 64M
+        fio --name=n --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randrw --bs=64k --iodepth=16 \
+            --size=64M --io_size=16M >"$WORK/fio.out"
+        stop_dev
+        grep -q "errors 0" "$LOG"
+        log "buffer mode $mode: loop (brd and file) verified, null ok"
+    done
+}
+
 cases=(features null loop_file loop_file_buffered loop_bdev mkfs_mount discard_flush discard_bdev
-    list_del bad_input hugepages)
+    list_del bad_input hugepages buffer_modes)
 for c in "${cases[@]}"; do
     [[ -n ${UBD_E2E_ONLY:-} && ! $c =~ $UBD_E2E_ONLY ]] && continue
     run_case "$c" "case_$c"

@@ -11,9 +11,10 @@ use ubd_engine::daemon::{self, DeviceOptions, StartedDevice};
 use ubd_engine::sys::{self, features::feature_names, uapi};
 use ubd_engine::target::Target;
 
-use crate::DevArgs;
 use crate::size::{human, parse_size};
 use crate::state::{self, DeviceState};
+use crate::{BufMode, DevArgs};
+use ubd_engine::buf::{BufferChoice, BufferMode};
 
 fn device_options(a: &DevArgs) -> Result<DeviceOptions> {
     let cpus = a.cpus.as_deref().map(ubd_engine::cpus::parse_cpulist).transpose()?;
@@ -27,6 +28,12 @@ fn device_options(a: &DevArgs) -> Result<DeviceOptions> {
         dev_id: a.id,
         cpus,
         huge_pages: !a.no_hugepages,
+        buffer: match a.buffer_mode {
+            BufMode::Auto => BufferChoice::Auto,
+            BufMode::Copy => BufferChoice::Force(BufferMode::Copy),
+            BufMode::ZeroCopy => BufferChoice::Force(BufferMode::ZeroCopy),
+            BufMode::AutoReg => BufferChoice::Force(BufferMode::AutoReg),
+        },
     };
     opts.validate()?;
     Ok(opts)
@@ -127,8 +134,9 @@ fn report_started(
         .iter()
         .map(|q| q.cpus.as_deref().map_or_else(|| "any".into(), ubd_engine::cpus::format_cpulist))
         .collect();
+    let ring = q0.map_or_else(String::new, |q| serde_json::to_string(&q.ring).unwrap_or_default().replace('"', ""));
     tracing::info!(
-        "{} serving {name} {} ({}, {}-byte blocks): {} queues x depth {}, max IO {}, queue CPUs [{}], ring {:?}, buffers {}{}",
+        "{} serving {name} {} ({}, {}-byte blocks): {} queues x depth {}, max IO {}, queue CPUs [{}], ring {ring}",
         dev.block_path.display(),
         describe.get("path").and_then(|p| p.as_str()).unwrap_or(""),
         human(info.dev_size),
@@ -137,10 +145,12 @@ fn report_started(
         dev.queue_depth,
         human(u64::from(dev.max_io_buf_bytes)),
         cpus.join(" "),
-        q0.map(|q| q.ring),
-        q0.map_or_else(String::new, |q| q.pages.to_string()),
-        if q0.is_some_and(|q| q.fixed_buffers) { " (registered)" } else { "" },
     );
+    let buffers = match q0.and_then(|q| q.pages.map(|p| (p, q.fixed_buffers))) {
+        Some((pages, fixed)) => format!("buffers {pages}{}", if fixed { " (registered)" } else { " (not registered)" }),
+        None => "buffers: the requests' own pages (zero-copy)".into(),
+    };
+    tracing::info!("buffer mode {} ({}); {buffers}", dev.buffer_mode, dev.buffer_reason);
     if let Some(direct) = describe.get("direct_io").and_then(serde_json::Value::as_bool) {
         tracing::info!("backing IO: {}", if direct { "O_DIRECT" } else { "buffered (page cache)" });
     }

@@ -42,6 +42,18 @@ pub struct DevArgs {
     /// Do not try hugepage-backed IO buffers.
     #[arg(long, global = true)]
     no_hugepages: bool,
+    /// How request data moves: auto (fastest the kernel offers), copy (any kernel),
+    /// zero-copy (REGISTER_IO_BUF, 6.15+), auto-reg (AUTO_BUF_REG, 6.16+).
+    #[arg(long, global = true, value_enum, default_value_t = BufMode::Auto)]
+    buffer_mode: BufMode,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum BufMode {
+    Auto,
+    Copy,
+    ZeroCopy,
+    AutoReg,
 }
 
 #[derive(Debug, Subcommand)]

@@ -13,11 +13,12 @@ use std::sync::Arc;
 use std::sync::mpsc::Sender;
 use std::thread::JoinHandle;
 
+use crate::buf::BufferMode;
 use crate::error::{Error, Result};
 use crate::sys::mmap::{IoDescTable, PageKind, Region};
 use crate::sys::uapi::{self, IoDesc};
 use crate::target::{Disposition, IoCtx, IoRequest, Op, QueueSetup, QueueTarget, Target};
-use ring::{RingMode, SqWriter};
+use ring::{BufferSetup, RingMode, SqWriter};
 use stats::QueueStats;
 use tag::Kind;
 
@@ -33,6 +34,7 @@ pub struct QueueConfig {
     /// Try hugepage-backed buffers.
     pub huge_pages: bool,
     pub dev_size: u64,
+    pub buffer_mode: BufferMode,
 }
 
 /// How a queue came up, for the startup report.
@@ -42,7 +44,9 @@ pub struct QueueReport {
     pub tid: i32,
     pub cpus: Option<Vec<usize>>,
     pub ring: RingMode,
-    pub pages: PageKind,
+    pub buffer_mode: BufferMode,
+    /// Pages behind the per-tag buffers (copy mode; None in zero-copy modes).
+    pub pages: Option<PageKind>,
     pub fixed_buffers: bool,
     pub io_flusher: bool,
 }
@@ -140,9 +144,16 @@ fn run(
     };
     let descs = IoDescTable::map(std::os::fd::AsFd::as_fd(cdev), q_id, cfg.depth)
         .map_err(|e| qerr(format!("mapping io descriptors: {e}")))?;
-    let total = usize::from(cfg.depth) * cfg.buf_size as usize;
-    let bufs =
-        Region::new(total, cfg.huge_pages).map_err(|e| qerr(format!("allocating {total} bytes of buffers: {e}")))?;
+    // Copy mode needs a buffer per tag; in the zero-copy modes data stays in the request's pages.
+    let region = if cfg.buffer_mode.is_zero_copy() {
+        None
+    } else {
+        let total = usize::from(cfg.depth) * cfg.buf_size as usize;
+        let r = Region::new(total, cfg.huge_pages)
+            .map_err(|e| qerr(format!("allocating {total} bytes of buffers: {e}")))?;
+        Some(r)
+    };
+    let bufs = BufferSetup { mode: cfg.buffer_mode, region };
     let mut setup = QueueSetup::default();
     let qt = target.open_queue(q_id, &mut setup).map_err(|e| qerr(format!("opening {} target: {e}", target.name())))?;
     let sq = SqWriter::new(q_id, cfg.depth, cfg.buf_size, bufs, wake, cdev.as_raw_fd(), &setup.fds)
@@ -151,7 +162,8 @@ fn run(
         q_id,
         tid: crate::sys::gettid(),
         cpus: cfg.cpus.clone(),
-        ring: sq.mode,
+        ring: sq.ring_mode,
+        buffer_mode: cfg.buffer_mode,
         pages: sq.page_kind(),
         fixed_buffers: sq.fixed_buffers(),
         io_flusher,
@@ -219,7 +231,7 @@ impl Queue<'_> {
     }
 
     fn done(&self) -> bool {
-        if self.sq.target_inflight > 0 || self.in_target > 0 {
+        if self.sq.target_inflight > 0 || self.sq.aux_inflight > 0 || self.in_target > 0 {
             return false;
         }
         self.cmds_inflight == 0 || self.stopping
@@ -254,6 +266,17 @@ impl Queue<'_> {
             }
             Kind::Ublk => self.on_ublk(tag, res),
             Kind::Target => self.on_target(tag, cookie, res),
+            Kind::Aux => {
+                self.sq.aux_inflight -= 1;
+                if res < 0 {
+                    tracing::error!(
+                        q_id = self.q_id,
+                        tag,
+                        "request buffer (un)registration failed: {}",
+                        std::io::Error::from_raw_os_error(-res)
+                    );
+                }
+            }
         }
     }
 

@@ -1,4 +1,4 @@
-//! The queue thread's io_uring and its per-tag buffers: the only place SQEs are pushed.
+//! The queue thread's io_uring and its buffers: the only place SQEs are pushed.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -6,7 +6,8 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use io_uring::{IoUring, opcode, squeue, types};
 
 use super::tag::{self, Kind};
-use crate::sys::mmap::Region;
+use crate::buf::BufferMode;
+use crate::sys::mmap::{PageKind, Region};
 use crate::sys::uapi::{self, IoCmd};
 use crate::target::FileSlot;
 
@@ -28,18 +29,23 @@ pub enum RingMode {
 /// memory it names.
 pub struct SqWriter {
     ring: IoUring,
-    bufs: Region,
+    /// Per-tag buffers (copy mode only).
+    bufs: Option<Region>,
     wake_fd: OwnedFd,
     wake_buf: Box<u64>,
     q_id: u16,
     depth: u16,
     buf_size: u32,
+    mode: BufferMode,
+    /// Copy mode: the per-tag buffers are registered as fixed buffers.
     fixed_bufs: bool,
-    pub(crate) mode: RingMode,
+    /// Zero-copy mode: the request's pages of each tag are in the buffer table.
+    registered: Vec<bool>,
+    pub(crate) ring_mode: RingMode,
     /// Target SQEs pushed whose CQE has not been reaped.
     pub(crate) target_inflight: u32,
-    /// SQEs pushed since the last submit.
-    pub(crate) queued: u32,
+    /// Buffer (un)registration commands in flight.
+    pub(crate) aux_inflight: u32,
     pub(crate) submits: u64,
     pub(crate) submitted: u64,
 }
@@ -61,67 +67,103 @@ fn build_ring(entries: u32) -> io::Result<(IoUring, RingMode)> {
     Ok((IoUring::builder().setup_cqsize(cq).build(entries)?, RingMode::Plain))
 }
 
+/// Where a queue's request data lives.
+#[derive(Debug)]
+pub struct BufferSetup {
+    pub mode: BufferMode,
+    /// Copy mode: the per-tag buffer memory (depth * buf_size bytes).
+    pub region: Option<Region>,
+}
+
 impl SqWriter {
     /// Builds the ring for one queue: registers `/dev/ublkcN` (slot 0) and the target's
-    /// files, and tries to register the per-tag buffers as fixed buffers.
+    /// files, and the buffer table: the per-tag buffers in copy mode (falling back to
+    /// plain reads/writes if that fails, with a warning), or an empty table of `depth`
+    /// slots that the request pages are registered into in the zero-copy modes.
     pub fn new(
         q_id: u16,
         depth: u16,
         buf_size: u32,
-        bufs: Region,
+        bufs: BufferSetup,
         wake_fd: OwnedFd,
         cdev: RawFd,
         files: &[RawFd],
     ) -> io::Result<Self> {
         let entries = (u32::from(depth) * 2).next_power_of_two().max(8);
-        let (ring, mode) = build_ring(entries)?;
+        let (ring, ring_mode) = build_ring(entries)?;
         let mut all = vec![cdev];
         all.extend_from_slice(files);
         ring.submitter().register_files(&all)?;
-        let iovecs: Vec<libc::iovec> = (0..depth)
-            .map(|t| libc::iovec {
-                // SAFETY: t < depth and the region holds depth * buf_size bytes.
-                iov_base: unsafe { bufs.as_ptr().add(usize::from(t) * buf_size as usize) }.cast(),
-                iov_len: buf_size as usize,
-            })
-            .collect();
-        // SAFETY: the iovecs name memory owned by `bufs`, which this struct keeps alive
-        // longer than the ring (field order); the kernel pins the pages it registers.
-        let fixed_bufs = match unsafe { ring.submitter().register_buffers(&iovecs) } {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(q_id, "registering fixed buffers failed ({e}); using plain reads/writes");
-                false
+        let mut fixed_bufs = false;
+        match &bufs.region {
+            None => ring.submitter().register_buffers_sparse(u32::from(depth))?,
+            Some(region) => {
+                if region.len() < usize::from(depth) * buf_size as usize {
+                    return Err(io::Error::new(io::ErrorKind::InvalidInput, "buffer region too small"));
+                }
+                let iovecs: Vec<libc::iovec> = (0..depth)
+                    .map(|t| libc::iovec {
+                        // SAFETY: t < depth and the region holds depth * buf_size bytes (checked).
+                        iov_base: unsafe { region.as_ptr().add(usize::from(t) * buf_size as usize) }.cast(),
+                        iov_len: buf_size as usize,
+                    })
+                    .collect();
+                // SAFETY: the iovecs name memory owned by `bufs.region`, which this struct
+                // keeps alive longer than the ring (field order); the kernel pins the pages.
+                match unsafe { ring.submitter().register_buffers(&iovecs) } {
+                    Ok(()) => fixed_bufs = true,
+                    Err(e) => tracing::warn!(q_id, "registering fixed buffers failed ({e}); using plain reads/writes"),
+                }
             }
-        };
+        }
+        if bufs.mode.is_zero_copy() != bufs.region.is_none() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "copy mode needs a buffer region, and only it"));
+        }
         Ok(Self {
             ring,
-            bufs,
+            bufs: bufs.region,
             wake_fd,
             wake_buf: Box::new(0),
             q_id,
             depth,
             buf_size,
+            mode: bufs.mode,
             fixed_bufs,
-            mode,
+            registered: vec![false; usize::from(depth)],
+            ring_mode,
             target_inflight: 0,
-            queued: 0,
+            aux_inflight: 0,
             submits: 0,
             submitted: 0,
         })
     }
 
     pub fn fixed_buffers(&self) -> bool {
-        self.fixed_bufs
+        self.fixed_bufs || self.mode.is_zero_copy()
     }
-    pub fn page_kind(&self) -> crate::sys::mmap::PageKind {
-        self.bufs.kind()
+    pub fn page_kind(&self) -> Option<PageKind> {
+        self.bufs.as_ref().map(Region::kind)
     }
 
+    /// The user address of `tag`'s buffer (copy mode), else 0.
     fn buf_addr(&self, tag: u16) -> *mut u8 {
-        debug_assert!(tag < self.depth);
-        // SAFETY: tag < depth (callers check), so the offset stays inside the region.
-        unsafe { self.bufs.as_ptr().add(usize::from(tag) * self.buf_size as usize) }
+        match &self.bufs {
+            // SAFETY: tag < depth (callers check), so the offset stays inside the region.
+            Some(r) if tag < self.depth => unsafe { r.as_ptr().add(usize::from(tag) * self.buf_size as usize) },
+            _ => std::ptr::null_mut(),
+        }
+    }
+
+    /// Makes room for `n` SQEs in a row (a linked pair must go in one submission).
+    fn reserve(&mut self, n: usize) -> Result<(), i32> {
+        let free = {
+            let sq = self.ring.submission();
+            sq.capacity() - sq.len()
+        };
+        if free < n {
+            self.submit(0).map_err(|e| -e.raw_os_error().unwrap_or(libc::EIO))?;
+        }
+        Ok(())
     }
 
     /// Pushes one SQE, flushing the SQ to the kernel first if it is full.
@@ -132,7 +174,6 @@ impl SqWriter {
         for _ in 0..2 {
             // SAFETY: forwarded from this function's contract.
             if unsafe { self.ring.submission().push(sqe) }.is_ok() {
-                self.queued += 1;
                 return Ok(());
             }
             self.submit(0).map_err(|e| -e.raw_os_error().unwrap_or(libc::EIO))?;
@@ -140,20 +181,33 @@ impl SqWriter {
         Err(-libc::EBUSY)
     }
 
-    /// FETCH_REQ (result None) or COMMIT_AND_FETCH_REQ (result Some) for `tag`.
+    fn io_cmd(&self, op: u32, tag: u16, result: i32, addr: u64, kind: Kind) -> squeue::Entry {
+        let cmd = IoCmd { q_id: self.q_id, tag, result, addr };
+        let mut b = opcode::UringCmd16::new(types::Fixed(0), op).cmd(cmd.to_bytes());
+        if self.mode == BufferMode::AutoReg && kind == Kind::Ublk {
+            // struct ublk_auto_buf_reg in sqe->addr: buffer index = tag, no flags.
+            b = b.addr(Some(u64::from(tag)));
+        }
+        b.build().user_data(tag::encode(kind, tag, 0))
+    }
+
+    /// FETCH_REQ (result None) or COMMIT_AND_FETCH_REQ (result Some) for `tag`. In
+    /// zero-copy mode a registered request buffer is unregistered first.
     pub fn push_ublk(&mut self, tag: u16, result: Option<i32>) -> Result<(), i32> {
+        if result.is_some() && self.registered.get(usize::from(tag)).copied().unwrap_or(false) {
+            let sqe = self.io_cmd(uapi::IO_UNREGISTER_IO_BUF, tag, 0, u64::from(tag), Kind::Aux);
+            // SAFETY: the command is inline and names no user memory.
+            unsafe { self.push(&sqe) }?;
+            self.aux_inflight += 1;
+            self.registered[usize::from(tag)] = false;
+        }
         let (op, res) = match result {
             None => (uapi::IO_FETCH_REQ, 0),
             Some(r) => (uapi::IO_COMMIT_AND_FETCH_REQ, r),
         };
-        let cmd = IoCmd { q_id: self.q_id, tag, result: res, addr: self.buf_addr(tag) as u64 };
-        let sqe = opcode::UringCmd16::new(types::Fixed(0), op).cmd(cmd.to_bytes()).build().user_data(tag::encode(
-            Kind::Ublk,
-            tag,
-            0,
-        ));
-        // SAFETY: the command is inline; `addr` is this tag's buffer inside `self.bufs`,
-        // which outlives the ring. Slot 0 is the registered char device.
+        let sqe = self.io_cmd(op, tag, res, self.buf_addr(tag) as u64, Kind::Ublk);
+        // SAFETY: the command is inline; in copy mode `addr` is this tag's buffer inside
+        // `self.bufs`, which outlives the ring; otherwise it is 0. Slot 0 is the char device.
         unsafe { self.push(&sqe) }
     }
 
@@ -185,18 +239,40 @@ impl SqWriter {
         if tag >= self.depth || u64::from(buf_off) + u64::from(len) > u64::from(self.buf_size) {
             return Err(-libc::EINVAL);
         }
-        // SAFETY: buf_off + len <= buf_size was checked, so the range is inside this tag's buffer.
-        let ptr = unsafe { self.buf_addr(tag).add(buf_off as usize) };
         let fd = types::Fixed(file.0);
         let ud = tag::encode(Kind::Target, tag, cookie);
-        let sqe = match (write, self.fixed_bufs) {
-            (false, true) => opcode::ReadFixed::new(fd, ptr, len, tag).offset(offset).rw_flags(rw_flags).build(),
-            (false, false) => opcode::Read::new(fd, ptr, len).offset(offset).rw_flags(rw_flags).build(),
-            (true, true) => opcode::WriteFixed::new(fd, ptr, len, tag).offset(offset).rw_flags(rw_flags).build(),
-            (true, false) => opcode::Write::new(fd, ptr, len).offset(offset).rw_flags(rw_flags).build(),
+        let sqe = if self.mode.is_zero_copy() {
+            if self.mode == BufferMode::ZeroCopy && !self.registered[usize::from(tag)] {
+                // REGISTER_IO_BUF linked before the IO, both in one submission.
+                self.reserve(2)?;
+                let reg = self.io_cmd(uapi::IO_REGISTER_IO_BUF, tag, 0, u64::from(tag), Kind::Aux);
+                // SAFETY: the command is inline and names no user memory.
+                unsafe { self.push(&reg.flags(squeue::Flags::IO_LINK)) }?;
+                self.aux_inflight += 1;
+                self.registered[usize::from(tag)] = true;
+            }
+            // Buffer-table slot `tag` holds the request's pages; the address is an
+            // offset into them.
+            let at = std::ptr::without_provenance_mut::<u8>(buf_off as usize);
+            if write {
+                opcode::WriteFixed::new(fd, at, len, tag).offset(offset).rw_flags(rw_flags).build()
+            } else {
+                opcode::ReadFixed::new(fd, at, len, tag).offset(offset).rw_flags(rw_flags).build()
+            }
+        } else {
+            // SAFETY: buf_off + len <= buf_size was checked: the range is inside this tag's buffer.
+            let ptr = unsafe { self.buf_addr(tag).add(buf_off as usize) };
+            match (write, self.fixed_bufs) {
+                (false, true) => opcode::ReadFixed::new(fd, ptr, len, tag).offset(offset).rw_flags(rw_flags).build(),
+                (false, false) => opcode::Read::new(fd, ptr, len).offset(offset).rw_flags(rw_flags).build(),
+                (true, true) => opcode::WriteFixed::new(fd, ptr, len, tag).offset(offset).rw_flags(rw_flags).build(),
+                (true, false) => opcode::Write::new(fd, ptr, len).offset(offset).rw_flags(rw_flags).build(),
+            }
         };
-        // SAFETY: the range is inside this tag's buffer (checked above), which lives as
-        // long as the ring; the request stays in the target until this CQE is reaped.
+        // SAFETY: copy mode: the range is inside this tag's buffer (checked above), which
+        // lives as long as the ring. Zero-copy modes: the kernel owns the registered
+        // request pages, and the request is not committed (so they stay registered)
+        // until this CQE is reaped.
         unsafe { self.push(&sqe.user_data(ud)) }?;
         self.target_inflight += 1;
         Ok(())
@@ -234,14 +310,11 @@ impl SqWriter {
                 Ok(n) => {
                     self.submits += 1;
                     self.submitted += n as u64;
-                    self.queued = 0;
                     return Ok(n);
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && want > 0 => {
-                    // CQ overflow backlog: reap first, then submit again.
-                    return Ok(0);
-                }
+                // CQ overflow backlog: reap first, then submit again.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && want > 0 => return Ok(0),
                 Err(e) => return Err(e),
             }
         }

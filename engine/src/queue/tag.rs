@@ -10,6 +10,8 @@ pub enum Kind {
     Target = 2,
     /// The wake-up eventfd read.
     Wake = 3,
+    /// REGISTER_IO_BUF / UNREGISTER_IO_BUF (zero-copy mode).
+    Aux = 4,
 }
 
 pub fn encode(kind: Kind, tag: u16, cookie: u16) -> u64 {
@@ -21,6 +23,7 @@ pub fn decode(user_data: u64) -> Option<(Kind, u16, u16)> {
         1 => Kind::Ublk,
         2 => Kind::Target,
         3 => Kind::Wake,
+        4 => Kind::Aux,
         _ => return None,
     };
     let tag = (user_data & 0xffff) as u16;
@@ -35,8 +38,8 @@ mod tests {
 
     proptest! {
         #[test]
-        fn roundtrip(tag: u16, cookie: u16, k in 0usize..3) {
-            let kind = [Kind::Ublk, Kind::Target, Kind::Wake][k];
+        fn roundtrip(tag: u16, cookie: u16, k in 0usize..4) {
+            let kind = [Kind::Ublk, Kind::Target, Kind::Wake, Kind::Aux][k];
             prop_assert_eq!(decode(encode(kind, tag, cookie)), Some((kind, tag, cookie)));
         }
     }
