@@ -7,4 +7,8 @@
 
 pub mod baseline;
 pub mod fio;
+pub mod plot;
+pub mod report;
+pub mod runner;
 pub mod stats;
+pub mod systems;

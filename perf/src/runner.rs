@@ -1,0 +1,212 @@
+//! Workloads (fio job files), preflight checks, the backing device, and the
+//! round-robin loop that measures every (workload, system) cell.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::fio::{self, Metrics};
+use crate::stats::Sample;
+use crate::systems::{self, EngineOpts, Env, System};
+
+/// A workload: a fio job file that reads its target from `${DEV}` and its
+/// timing from `${RUNTIME}` and `${RAMP}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    /// The file's stem, e.g. `randread-4k-qd64-2j`.
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// The job files (`*.fio`) in `dir`, by name; `only` keeps those named (in that order).
+pub fn load_workloads(dir: &Path, only: &[String]) -> Result<Vec<Workload>> {
+    let rd = std::fs::read_dir(dir).with_context(|| format!("cannot read the job dir {}", dir.display()))?;
+    let mut all = Vec::new();
+    for e in rd {
+        let path = e?.path();
+        if path.extension().is_some_and(|x| x == "fio")
+            && let Some(stem) = path.file_stem().and_then(|s| s.to_str())
+        {
+            all.push(Workload { name: stem.to_string(), path: path.clone() });
+        }
+    }
+    all.sort_by(|a, b| a.name.cmp(&b.name));
+    if all.is_empty() {
+        bail!("no fio job files (*.fio) in {}", dir.display());
+    }
+    if only.is_empty() {
+        return Ok(all);
+    }
+    only.iter()
+        .map(|n| {
+            all.iter().find(|w| &w.name == n).cloned().ok_or_else(|| {
+                let names: Vec<&str> = all.iter().map(|w| w.name.as_str()).collect();
+                anyhow::anyhow!("unknown workload {n:?} (in {}: {})", dir.display(), names.join(", "))
+            })
+        })
+        .collect()
+}
+
+/// fio's timing for one run, seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    pub runtime: u32,
+    pub ramp: u32,
+}
+
+/// Runs one workload on `dev` and parses the result.
+pub fn run_fio(w: &Workload, dev: &Path, t: Timing) -> Result<Metrics> {
+    let out = Command::new("fio")
+        .arg("--output-format=json")
+        .arg(&w.path)
+        .env("DEV", dev)
+        .env("RUNTIME", t.runtime.to_string())
+        .env("RAMP", t.ramp.to_string())
+        .output()
+        .context("cannot run fio")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let line = err.lines().chain(stdout.lines()).find(|l| !l.trim().is_empty()).unwrap_or("");
+        bail!("fio {} on {} failed ({}): {}", w.name, dev.display(), out.status, line.trim());
+    }
+    fio::parse(&stdout).with_context(|| format!("fio {} on {}", w.name, dev.display()))
+}
+
+/// Fails with one line when fio is not installed.
+pub fn check_fio() -> Result<()> {
+    match Command::new("fio").arg("--version").output() {
+        Ok(o) if o.status.success() => Ok(()),
+        _ => bail!("fio is not installed or not on PATH (apt-get install fio)"),
+    }
+}
+
+/// Makes sure /dev/ublk-control exists (loading ublk_drv if needed), or fails with one line.
+pub fn check_ublk() -> Result<()> {
+    let ctl = Path::new("/dev/ublk-control");
+    if !ctl.exists() {
+        let _ = Command::new("modprobe").arg("ublk_drv").output();
+    }
+    if !ctl.exists() {
+        bail!(
+            "ublk is not available: /dev/ublk-control does not exist and `modprobe ublk_drv` did not create it \
+             (kernel {}); run inside the test VM with --vm",
+            crate::baseline::MachineKey::current().kernel
+        );
+    }
+    Ok(())
+}
+
+/// The backing device: `given`, else a brd RAM disk /dev/ram0 of `size_mib`,
+/// loaded with `modprobe brd` when absent and written once through so that
+/// reads hit allocated pages.
+pub fn prepare_backing(given: Option<&Path>, size_mib: u64) -> Result<PathBuf> {
+    if let Some(p) = given {
+        if !p.exists() {
+            bail!("backing {} does not exist", p.display());
+        }
+        return Ok(p.to_path_buf());
+    }
+    let ram = PathBuf::from("/dev/ram0");
+    if !ram.exists() {
+        let kib = size_mib * 1024;
+        systems::run(Command::new("modprobe").args(["brd", "rd_nr=1", &format!("rd_size={kib}")]))
+            .context("cannot create a brd RAM disk as backing (or give --backing)")?;
+        systems::run(Command::new("dd").args([
+            "if=/dev/zero",
+            "of=/dev/ram0",
+            "bs=1M",
+            &format!("count={size_mib}"),
+            "oflag=direct",
+            "status=none",
+        ]))?;
+    }
+    Ok(ram)
+}
+
+/// Runs `rounds` rounds; in each, every system is started once, runs every
+/// workload, and is stopped. The system order rotates from round to round so no
+/// system always runs first. `on_sample` sees each result as it comes.
+pub fn run_matrix(
+    env: &Env,
+    eo: &EngineOpts,
+    systems: &[System],
+    workloads: &[Workload],
+    t: Timing,
+    rounds: u32,
+    on_sample: &mut dyn FnMut(&Sample),
+) -> Result<Vec<Sample>> {
+    let mut samples = Vec::new();
+    for round in 0..rounds {
+        let n = systems.len();
+        for i in 0..n {
+            let sys = &systems[(i + round as usize) % n];
+            let running =
+                systems::start(sys, env, eo).with_context(|| format!("starting {} (round {})", sys.name, round + 1))?;
+            for w in workloads {
+                let metrics = run_fio(w, &running.dev, t).with_context(|| format!("system {}", sys.name))?;
+                let s = Sample { workload: w.name.clone(), system: sys.name.clone(), round, metrics };
+                on_sample(&s);
+                samples.push(s);
+            }
+            running.stop().with_context(|| format!("stopping {}", sys.name))?;
+        }
+    }
+    Ok(samples)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_jobs_are_the_five_workloads() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("jobs");
+        let w = load_workloads(&dir, &[]).unwrap();
+        let names: Vec<&str> = w.iter().map(|w| w.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "randread-4k-qd1",
+                "randread-4k-qd64-2j",
+                "randrw-16k-70-30-qd32",
+                "randwrite-4k-qd64-2j",
+                "seqread-128k-qd16"
+            ]
+        );
+        for w in &w {
+            let text = std::fs::read_to_string(&w.path).unwrap();
+            for var in ["${DEV}", "${RUNTIME}", "${RAMP}", "group_reporting=1", "direct=1"] {
+                assert!(text.contains(var), "{} lacks {var}", w.name);
+            }
+        }
+        let one = load_workloads(&dir, &["randread-4k-qd1".into()]).unwrap();
+        assert_eq!(one.len(), 1);
+        let e = load_workloads(&dir, &["nope".into()]).unwrap_err().to_string();
+        assert!(e.contains("unknown workload \"nope\""), "{e}");
+        load_workloads(Path::new("/nonexistent"), &[]).unwrap_err();
+    }
+
+    /// Runs a default job file with fio against a small temp file (fio is
+    /// needed; skipped loudly without it).
+    #[test]
+    fn job_file_runs_under_fio() {
+        if check_fio().is_err() {
+            eprintln!("SKIP job_file_runs_under_fio: fio not installed");
+            return;
+        }
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(16 << 20).unwrap();
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("jobs");
+        let w = load_workloads(&dir, &["randrw-16k-70-30-qd32".into()]).unwrap();
+        // O_DIRECT may be refused by the temp dir's filesystem: then fio fails
+        // with a clear error, which is fine here too.
+        match run_fio(&w[0], f.path(), Timing { runtime: 1, ramp: 0 }) {
+            Ok(m) => assert!(m.read.ios > 0 && m.write.ios > 0),
+            Err(e) => assert!(e.to_string().contains("fio randrw-16k-70-30-qd32"), "{e:#}"),
+        }
+        let e = run_fio(&w[0], Path::new("/nonexistent/dev"), Timing { runtime: 1, ramp: 0 }).unwrap_err();
+        assert!(e.to_string().contains("failed"), "{e:#}");
+    }
+}

@@ -1,0 +1,404 @@
+//! The systems measured side by side on one backing device: the backing itself,
+//! the kernel loop driver, ubd-engine (loop per buffer mode, null) and peers
+//! (rublk). Each is started, yields a block device, and is torn down on drop.
+
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+/// How long a ublk server may take to show its device (TCG is slow).
+const START_TIMEOUT: Duration = Duration::from_secs(90);
+/// Device id used for rublk devices (high, to stay clear of the engine's).
+pub const RUBLK_ID: u32 = 900;
+
+/// What a system is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    /// The backing device itself (the ceiling).
+    Raw,
+    /// `losetup --direct-io=on` over the backing.
+    KLoop,
+    /// `ubd-engine loop`, with `--buffer-mode` when given.
+    EngineLoop { mode: Option<String> },
+    /// `ubd-engine null` of the backing's size.
+    EngineNull,
+    /// `rublk add loop`, `-z` (auto buffer registration) when set.
+    RublkLoop { autoreg: bool },
+    /// `rublk add null`.
+    RublkNull,
+}
+
+/// A named system.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct System {
+    pub name: String,
+    pub kind: Kind,
+}
+
+impl System {
+    pub fn new(name: &str, kind: Kind) -> Self {
+        System { name: name.to_string(), kind }
+    }
+
+    /// Whether the system needs the ublk driver.
+    pub fn needs_ublk(&self) -> bool {
+        !matches!(self.kind, Kind::Raw | Kind::KLoop)
+    }
+}
+
+/// Engine options shared by the engine systems.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineOpts {
+    pub queues: u32,
+    pub depth: u32,
+    pub cpus: Option<String>,
+}
+
+/// What the systems run on.
+#[derive(Debug, Clone)]
+pub struct Env {
+    pub engine: PathBuf,
+    pub rublk: Option<PathBuf>,
+    pub backing: PathBuf,
+    pub backing_size: u64,
+    /// Where the servers' stderr goes.
+    pub log_dir: PathBuf,
+}
+
+/// What the engine binary offers: its buffer modes (empty when it has no
+/// `--buffer-mode`) and the kernel's ublk feature names.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EngineCaps {
+    pub buffer_modes: Vec<String>,
+    pub features: Vec<String>,
+}
+
+impl EngineCaps {
+    /// Buffer modes available given `--help` text and the kernel's features:
+    /// copy always; zero-copy with SUPPORT_ZERO_COPY; auto-reg with AUTO_BUF_REG.
+    pub fn from_parts(help: &str, features: Vec<String>) -> Self {
+        let mut buffer_modes = Vec::new();
+        if help.contains("--buffer-mode") {
+            buffer_modes.push("copy".to_string());
+            if features.iter().any(|f| f == "SUPPORT_ZERO_COPY") {
+                buffer_modes.push("zero-copy".to_string());
+            }
+            if features.iter().any(|f| f == "AUTO_BUF_REG") {
+                buffer_modes.push("auto-reg".to_string());
+            }
+        }
+        EngineCaps { buffer_modes, features }
+    }
+
+    /// Asks the engine binary (`--help`, `features --json`).
+    pub fn probe(engine: &Path) -> Result<Self> {
+        let help = Command::new(engine)
+            .arg("--help")
+            .output()
+            .with_context(|| format!("cannot run the engine {}", engine.display()))?;
+        let out = Command::new(engine).args(["features", "--json"]).output()?;
+        if !out.status.success() {
+            bail!("{} features --json: {}", engine.display(), last_line(&String::from_utf8_lossy(&out.stderr)));
+        }
+        Ok(Self::from_parts(&String::from_utf8_lossy(&help.stdout), parse_features(&out.stdout)?))
+    }
+
+    pub fn has(&self, feature: &str) -> bool {
+        self.features.iter().any(|f| f == feature)
+    }
+}
+
+/// The `features` list of `ubd-engine features --json`.
+pub fn parse_features(json: &[u8]) -> Result<Vec<String>> {
+    #[derive(serde::Deserialize)]
+    struct F {
+        features: Vec<String>,
+    }
+    let f: F = serde_json::from_slice(json).context("unexpected `features --json` output")?;
+    Ok(f.features)
+}
+
+/// The default system list for this engine and peers.
+pub fn default_systems(caps: &EngineCaps, rublk: bool) -> Vec<System> {
+    let mut v = vec![System::new("raw", Kind::Raw), System::new("kloop", Kind::KLoop)];
+    if caps.buffer_modes.is_empty() {
+        v.push(System::new("engine-loop", Kind::EngineLoop { mode: None }));
+    }
+    for m in &caps.buffer_modes {
+        v.push(System::new(&format!("engine-loop-{m}"), Kind::EngineLoop { mode: Some(m.clone()) }));
+    }
+    v.push(System::new("engine-null", Kind::EngineNull));
+    if rublk {
+        v.push(System::new("rublk-loop", Kind::RublkLoop { autoreg: false }));
+        if caps.has("AUTO_BUF_REG") {
+            v.push(System::new("rublk-loop-autoreg", Kind::RublkLoop { autoreg: true }));
+        }
+        v.push(System::new("rublk-null", Kind::RublkNull));
+    }
+    v
+}
+
+/// Keeps the systems whose name matches one of `patterns` (exact, or a prefix
+/// ending in `*`), in the given order; an unknown name is an error.
+pub fn select(all: Vec<System>, patterns: &[String]) -> Result<Vec<System>> {
+    if patterns.is_empty() {
+        return Ok(all);
+    }
+    let matches = |p: &str, n: &str| p.strip_suffix('*').map_or(p == n, |pre| n.starts_with(pre));
+    for p in patterns {
+        if !all.iter().any(|s| matches(p, &s.name)) {
+            let names: Vec<&str> = all.iter().map(|s| s.name.as_str()).collect();
+            bail!("unknown system {p:?} (available here: {})", names.join(", "));
+        }
+    }
+    Ok(all.into_iter().filter(|s| patterns.iter().any(|p| matches(p, &s.name))).collect())
+}
+
+/// The rublk binary: on PATH, else in the peers cache (perf/install-peers.sh).
+pub fn find_rublk() -> Option<PathBuf> {
+    let peers =
+        std::env::var_os("UBD_PEERS").map_or_else(|| PathBuf::from("/var/cache/ubd-engine/peers"), PathBuf::from);
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).chain([peers.join("bin")]).map(|d| d.join("rublk")).find(|p| p.is_file())
+}
+
+/// Size in bytes of a file or block device.
+pub fn size_of(path: &Path) -> Result<u64> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    Ok(f.seek(SeekFrom::End(0))?)
+}
+
+fn last_line(s: &str) -> String {
+    s.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string()
+}
+
+/// Runs a short command, failing with its last stderr line.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{:?} failed: {}", cmd, last_line(&String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A started system: its device, torn down on drop.
+#[derive(Debug)]
+pub struct Running {
+    pub dev: PathBuf,
+    guard: Guard,
+}
+
+#[derive(Debug)]
+enum Guard {
+    None,
+    Loop(PathBuf),
+    Server(Child),
+    Rublk(PathBuf, u32),
+}
+
+impl Running {
+    /// Stops the system, reporting a failure to stop cleanly.
+    pub fn stop(mut self) -> Result<()> {
+        let g = std::mem::replace(&mut self.guard, Guard::None);
+        teardown(g, &self.dev)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let g = std::mem::replace(&mut self.guard, Guard::None);
+        if let Err(e) = teardown(g, &self.dev) {
+            eprintln!("warning: {e:#}");
+        }
+    }
+}
+
+fn teardown(g: Guard, dev: &Path) -> Result<()> {
+    match g {
+        Guard::None => Ok(()),
+        Guard::Loop(l) => run(Command::new("losetup").arg("-d").arg(&l)).map(drop),
+        Guard::Rublk(bin, id) => run(Command::new(&bin).args(["del", "-n", &id.to_string()])).map(drop),
+        Guard::Server(mut child) => {
+            // SIGTERM through kill(1): this crate has no unsafe code for kill(2).
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if let Some(st) = child.try_wait()? {
+                    if !st.success() {
+                        bail!("server of {} exited with {st} after SIGTERM", dev.display());
+                    }
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    bail!("server of {} did not exit within 60 s of SIGTERM; killed", dev.display());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// Starts a foreground server that prints its device path as its first stdout line.
+fn start_server(mut cmd: Command, log: &Path) -> Result<Running> {
+    let log_file = std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log_file);
+    let mut child = cmd.spawn().with_context(|| format!("cannot start {cmd:?}"))?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout pipe"))?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let r = BufReader::new(stdout).read_line(&mut line).map(|_| line.trim().to_string());
+        let _ = tx.send(r);
+    });
+    let fail = |child: &mut Child, why: String| -> anyhow::Error {
+        let _ = child.kill();
+        let _ = child.wait();
+        let err = last_line(&std::fs::read_to_string(log).unwrap_or_default());
+        anyhow!("{cmd:?} {why}: {err}")
+    };
+    match rx.recv_timeout(START_TIMEOUT) {
+        Ok(Ok(p)) if !p.is_empty() => Ok(Running { dev: PathBuf::from(p), guard: Guard::Server(child) }),
+        Ok(_) => Err(fail(&mut child, "exited before starting".into())),
+        Err(_) => Err(fail(&mut child, format!("printed no device within {} s", START_TIMEOUT.as_secs()))),
+    }
+}
+
+fn wait_for_device(dev: &Path) -> Result<()> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    while Instant::now() < deadline {
+        if std::fs::OpenOptions::new().read(true).open(dev).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("{} did not appear within {} s", dev.display(), START_TIMEOUT.as_secs())
+}
+
+/// Starts `sys` over `env.backing` with the engine options `eo`.
+pub fn start(sys: &System, env: &Env, eo: &EngineOpts) -> Result<Running> {
+    let log = env.log_dir.join(format!("{}.log", sys.name));
+    let engine_cmd = |mode: Option<&str>| {
+        let mut c = Command::new(&env.engine);
+        if let Some(cpus) = &eo.cpus {
+            c.args(["--cpus", cpus]);
+        }
+        c.args(["--queues", &eo.queues.to_string(), "--depth", &eo.depth.to_string()]);
+        if let Some(m) = mode {
+            c.args(["--buffer-mode", m]);
+        }
+        c
+    };
+    let rublk = || env.rublk.clone().ok_or_else(|| anyhow!("rublk not found (run perf/install-peers.sh)"));
+    let qd = |c: &mut Command| {
+        c.args(["-n", &RUBLK_ID.to_string(), "-q", &eo.queues.to_string(), "-d", &eo.depth.to_string(), "--quiet"]);
+    };
+    match &sys.kind {
+        Kind::Raw => Ok(Running { dev: env.backing.clone(), guard: Guard::None }),
+        Kind::KLoop => {
+            let out = run(Command::new("losetup").args(["--find", "--show", "--direct-io=on"]).arg(&env.backing))?;
+            let dev = PathBuf::from(out.trim());
+            Ok(Running { dev: dev.clone(), guard: Guard::Loop(dev) })
+        }
+        Kind::EngineLoop { mode } => {
+            let mut c = engine_cmd(mode.as_deref());
+            c.arg("loop").arg(&env.backing);
+            start_server(c, &log)
+        }
+        Kind::EngineNull => {
+            let mut c = engine_cmd(None);
+            c.args(["null", "--size", &env.backing_size.to_string()]);
+            start_server(c, &log)
+        }
+        Kind::RublkLoop { autoreg } => {
+            let bin = rublk()?;
+            let mut c = Command::new(&bin);
+            c.args(["add", "loop"]);
+            qd(&mut c);
+            c.arg("-f").arg(&env.backing);
+            if *autoreg {
+                c.arg("-z");
+            }
+            start_rublk(c, bin)
+        }
+        Kind::RublkNull => {
+            let bin = rublk()?;
+            let mut c = Command::new(&bin);
+            c.args(["add", "null"]);
+            qd(&mut c);
+            start_rublk(c, bin)
+        }
+    }
+}
+
+fn start_rublk(mut c: Command, bin: PathBuf) -> Result<Running> {
+    // A device left by an earlier interrupted run would make `add` fail.
+    let _ = Command::new(&bin).args(["del", "-n", &RUBLK_ID.to_string()]).output();
+    run(&mut c)?;
+    let dev = PathBuf::from(format!("/dev/ublkb{RUBLK_ID}"));
+    let r = Running { dev: dev.clone(), guard: Guard::Rublk(bin, RUBLK_ID) };
+    wait_for_device(&dev)?;
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[System]) -> Vec<&str> {
+        v.iter().map(|s| s.name.as_str()).collect()
+    }
+
+    #[test]
+    fn modes_follow_help_and_features() {
+        let old = EngineCaps::from_parts("--cpus --queues", vec!["AUTO_BUF_REG".into()]);
+        assert!(old.buffer_modes.is_empty());
+        assert_eq!(names(&default_systems(&old, false)), ["raw", "kloop", "engine-loop", "engine-null"]);
+        let lts = EngineCaps::from_parts("--buffer-mode <MODE>", vec!["USER_COPY".into()]);
+        assert_eq!(lts.buffer_modes, ["copy"]);
+        let f = parse_features(br#"{"features":["SUPPORT_ZERO_COPY","AUTO_BUF_REG"],"mask":"0x1"}"#).unwrap();
+        let new = EngineCaps::from_parts("--buffer-mode <MODE>", f);
+        assert_eq!(new.buffer_modes, ["copy", "zero-copy", "auto-reg"]);
+        assert_eq!(
+            names(&default_systems(&new, true)),
+            [
+                "raw",
+                "kloop",
+                "engine-loop-copy",
+                "engine-loop-zero-copy",
+                "engine-loop-auto-reg",
+                "engine-null",
+                "rublk-loop",
+                "rublk-loop-autoreg",
+                "rublk-null"
+            ]
+        );
+        parse_features(b"nope").unwrap_err();
+    }
+
+    #[test]
+    fn select_by_name_and_prefix() {
+        let caps = EngineCaps::from_parts("--buffer-mode", vec![]);
+        let all = default_systems(&caps, true);
+        let s = select(all.clone(), &["kloop".into(), "rublk*".into()]).unwrap();
+        assert_eq!(names(&s), ["kloop", "rublk-loop", "rublk-null"]);
+        assert_eq!(select(all.clone(), &[]).unwrap().len(), all.len());
+        let e = select(all, &["nvme".into()]).unwrap_err().to_string();
+        assert!(e.contains("unknown system \"nvme\""), "{e}");
+        assert!(!System::new("raw", Kind::Raw).needs_ublk());
+        assert!(System::new("x", Kind::RublkNull).needs_ublk());
+    }
+
+    #[test]
+    fn size_of_a_file() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(12345).unwrap();
+        assert_eq!(size_of(f.path()).unwrap(), 12345);
+        size_of(Path::new("/nonexistent/x")).unwrap_err();
+    }
+}
