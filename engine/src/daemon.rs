@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use crate::buf::{BufferChoice, BufferMode, resolve};
 use crate::ctrl::{Control, params::build_params};
 use crate::error::{Error, Result};
-use crate::queue::stats::StatsSnapshot;
+use crate::queue::stats::{QueueStats, StatsSnapshot};
 use crate::queue::{self, QueueConfig, QueueEvent, QueueHandle, QueueReport};
 use crate::sys::{self, features, uapi};
 use crate::target::Target;
@@ -111,7 +111,60 @@ pub struct StartedDevice {
 pub struct ServeSummary {
     pub dev_id: u32,
     pub reason: String,
-    pub stats: Vec<StatsSnapshot>,
+    /// Over the whole life of the device.
+    pub stats: DeviceStats,
+}
+
+/// Live statistics of a device: per queue and in total, with rates over the last tick.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct DeviceStats {
+    pub dev_id: u32,
+    pub uptime_s: f64,
+    /// Requests per second over the last interval (all ops).
+    pub iops: f64,
+    pub read_bytes_per_s: f64,
+    pub write_bytes_per_s: f64,
+    pub total: StatsSnapshot,
+    pub queues: Vec<StatsSnapshot>,
+}
+
+/// Computes [`DeviceStats`] at intervals.
+struct StatsClock {
+    dev_id: u32,
+    start: Instant,
+    last: Instant,
+    last_total: StatsSnapshot,
+}
+
+impl StatsClock {
+    fn new(dev_id: u32) -> Self {
+        Self { dev_id, start: Instant::now(), last: Instant::now(), last_total: StatsSnapshot::default() }
+    }
+
+    /// Rates since the previous sample (`since_start`: since the start).
+    fn sample(&mut self, queues: &[Arc<QueueStats>], since_start: bool) -> DeviceStats {
+        let refs: Vec<&QueueStats> = queues.iter().map(|q| &**q).collect();
+        let total = QueueStats::total(&refs);
+        let now = Instant::now();
+        if since_start {
+            self.last = self.start;
+            self.last_total = StatsSnapshot::default();
+        }
+        let dt = now.duration_since(self.last).as_secs_f64().max(1e-3);
+        let rate = |a: u64, b: u64| a.saturating_sub(b) as f64 / dt;
+        let s = DeviceStats {
+            dev_id: self.dev_id,
+            uptime_s: now.duration_since(self.start).as_secs_f64(),
+            iops: rate(total.ops(), self.last_total.ops()),
+            read_bytes_per_s: rate(total.bytes_read, self.last_total.bytes_read),
+            write_bytes_per_s: rate(total.bytes_written, self.last_total.bytes_written),
+            queues: refs.iter().map(|q| q.snapshot()).collect(),
+            total: total.clone(),
+        };
+        self.last = now;
+        self.last_total = total;
+        s
+    }
 }
 
 const STOP_SIGNALS: [libc::c_int; 2] = [libc::SIGINT, libc::SIGTERM];
@@ -128,6 +181,7 @@ pub fn serve(
     target: Arc<dyn Target>,
     opts: &DeviceOptions,
     on_started: impl FnOnce(&StartedDevice),
+    mut on_tick: impl FnMut(&DeviceStats),
 ) -> Result<ServeSummary> {
     opts.validate()?;
     let params = build_params(target.info(), opts.max_io_buf_bytes)?;
@@ -218,8 +272,10 @@ pub fn serve(
         buffer_reason,
     };
     on_started(&started);
-    let reason = live.wait_stop()?;
-    let stats = live.teardown()?;
+    let mut clock = StatsClock::new(dev_id);
+    let reason = live.wait_stop(&mut clock, &mut on_tick)?;
+    let queue_stats = live.teardown()?;
+    let stats = clock.sample(&queue_stats, true);
     Ok(ServeSummary { dev_id, reason, stats })
 }
 
@@ -268,8 +324,14 @@ impl Live {
     }
 
     /// Serves until a stop signal, or until a queue thread ends on its own.
-    fn wait_stop(&mut self) -> Result<String> {
+    fn wait_stop(&mut self, clock: &mut StatsClock, on_tick: &mut impl FnMut(&DeviceStats)) -> Result<String> {
+        let queue_stats: Vec<Arc<QueueStats>> = self.queues.iter().map(|q| Arc::clone(&q.stats)).collect();
+        let mut last_tick = Instant::now();
         loop {
+            if last_tick.elapsed() >= Duration::from_secs(1) {
+                last_tick = Instant::now();
+                on_tick(&clock.sample(&queue_stats, false));
+            }
             let sig = sys::wait_signal(&STOP_SIGNALS, Duration::from_millis(100))
                 .map_err(|e| Error::io("sigtimedwait", e))?;
             if let Some(sig) = sig {
@@ -289,7 +351,7 @@ impl Live {
 
     /// STOP_DEV (disk goes away, queues drain), join the queues, close the char
     /// device, DEL_DEV. Returns the final per-queue counters.
-    fn teardown(&mut self) -> Result<Vec<StatsSnapshot>> {
+    fn teardown(&mut self) -> Result<Vec<Arc<QueueStats>>> {
         self.done = true;
         let mut first_err = None;
         tracing::debug!(dev_id = self.dev_id, started = self.started, "teardown: STOP_DEV");
@@ -305,7 +367,7 @@ impl Live {
         }
         let mut stats = Vec::new();
         for q in self.queues.drain(..) {
-            stats.push(q.stats.snapshot());
+            stats.push(q.stats);
             if q.join.join().is_err() {
                 first_err.get_or_insert(Error::Queue { q_id: q.q_id, msg: "queue thread panicked".into() });
             }

@@ -29,8 +29,17 @@ case_null() {
     fio --name=null --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randrw --bs=4k \
         --iodepth=32 --numjobs=2 --size=64M --io_size=16M --group_reporting >"$WORK/fio.out"
     grep -q "err= 0" "$WORK/fio.out"
+    # Live stats: published every second while the device serves.
+    local id=${DEV#/dev/ublkb} deadline=$((SECONDS + 30))
+    until "$UBD" stats "$id" --json >"$WORK/stats.json" 2>/dev/null &&
+        python3 -c 'import json,sys; s=json.load(open(sys.argv[1]))["stats"]; t=s["total"]; sys.exit(0 if t["reads"] > 1000 and t["read_latency"]["count"] > 1000 and len(s["queues"]) == 2 else 1)' "$WORK/stats.json"; do
+        ((SECONDS < deadline)) || fail "stats never showed the fio reads: $(cat "$WORK/stats.json")"
+        sleep 0.2
+    done
+    "$UBD" stats "$id" | tee "$WORK/stats.txt" | grep -E "^total"
     stop_dev
     grep -q "errors 0" "$LOG"
+    grep -q "read latency (us, in engine+target): p50" "$LOG"
 }
 
 # Data written through the device, read back through it and from the backing.
@@ -131,10 +140,10 @@ case_discard_flush() {
     # Data past the zeroed range is untouched.
     [[ $(dd if="$DEV" bs=1M skip=6 count=2 iflag=direct status=none | tr -d '\0' | wc -c) -gt 0 ]]
     stop_dev
-    grep -qE "flushes [1-9]" "$LOG" || fail "no FLUSH reached the target: $(tail -n1 "$LOG")"
+    grep -qE "flushes [1-9]" "$LOG" || fail "no FLUSH reached the target: $(grep "stopped and deleted" "$LOG")"
     grep -qE "discards [1-9]" "$LOG" || fail "no DISCARD reached the target"
     grep -qE "write-zeroes [1-9]" "$LOG" || fail "no WRITE_ZEROES reached the target"
-    log "backing allocation ${full} KiB -> ${after} KiB after discard; $(tail -n1 "$LOG" | sed 's/.*(SIGTERM received): //')"
+    log "backing allocation ${full} KiB -> ${after} KiB after discard; $(grep "stopped and deleted" "$LOG" | sed 's/.*(SIGTERM received): //')"
 }
 
 case_discard_bdev() {

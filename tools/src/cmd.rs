@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use ubd_engine::ctrl::Control;
-use ubd_engine::daemon::{self, DeviceOptions, StartedDevice};
+use ubd_engine::daemon::{self, DeviceOptions, DeviceStats, StartedDevice};
 use ubd_engine::sys::{self, features::feature_names, uapi};
 use ubd_engine::target::Target;
 
@@ -75,49 +75,117 @@ fn serve(target: Arc<dyn Target>, opts: &DeviceOptions) -> Result<()> {
     let info = target.info().clone();
     let name = target.name();
     let mut dev_id = None;
-    let result = daemon::serve(target, opts, |dev: &StartedDevice| {
-        dev_id = Some(dev.dev_id);
-        report_started(name, &describe, &info, dev, opts);
-        let st = DeviceState {
-            dev_id: dev.dev_id,
-            pid: dev.pid,
-            target: name.into(),
-            target_info: describe.clone(),
-            block_path: dev.block_path.clone(),
-            queues: opts.queues,
-            depth: dev.queue_depth,
-            cpus: dev.queues.iter().map(|q| q.cpus.clone()).collect(),
-        };
-        if let Err(e) = state::write(&st) {
-            tracing::warn!("cannot write state file {}: {e}", state::path(dev.dev_id).display());
-        }
-        // The device path is the one line on stdout, for scripts.
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{}", dev.block_path.display());
-        let _ = out.flush();
-    });
+    let result = daemon::serve(
+        target,
+        opts,
+        |dev: &StartedDevice| {
+            dev_id = Some(dev.dev_id);
+            report_started(name, &describe, &info, dev, opts);
+            let q0 = dev.queues.first();
+            let st = DeviceState {
+                dev_id: dev.dev_id,
+                pid: dev.pid,
+                target: name.into(),
+                target_info: describe.clone(),
+                block_path: dev.block_path.clone(),
+                queues: opts.queues,
+                depth: dev.queue_depth,
+                cpus: dev.queues.iter().map(|q| q.cpus.clone()).collect(),
+                buffer_mode: dev.buffer_mode.to_string(),
+                ring: q0.map(|q| serde_json::to_value(q.ring).unwrap_or_default()),
+                pages: q0.and_then(|q| q.pages).map(|p| p.to_string()),
+            };
+            if let Err(e) = state::write(&st) {
+                tracing::warn!("cannot write state file {}: {e}", state::path(dev.dev_id).display());
+            }
+            // The device path is the one line on stdout, for scripts.
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{}", dev.block_path.display());
+            let _ = out.flush();
+        },
+        |stats: &DeviceStats| {
+            if let Err(e) = state::write_stats(stats) {
+                tracing::debug!("cannot write stats file: {e}");
+            }
+        },
+    );
     if let Some(id) = dev_id {
         state::remove(id);
     }
     let summary = result?;
-    let mut total = ubd_engine::queue::stats::StatsSnapshot::default();
-    for s in &summary.stats {
-        total.add(s);
-    }
+    let t = &summary.stats.total;
     tracing::info!(
-        "device {} stopped and deleted ({}): reads {} ({}), writes {} ({}), flushes {}, discards {}, write-zeroes {}, errors {}, {:.1} CQEs per pass",
+        "device {} stopped and deleted ({}): reads {} ({}), writes {} ({}), flushes {}, discards {}, write-zeroes {}, errors {}, {:.1} CQEs per pass, {:.1} SQEs per submit",
         summary.dev_id,
         summary.reason,
-        total.reads,
-        human(total.bytes_read),
-        total.writes,
-        human(total.bytes_written),
-        total.flushes,
-        total.discards,
-        total.write_zeroes,
-        total.errors,
-        if total.passes == 0 { 0.0 } else { total.cqes as f64 / total.passes as f64 },
+        t.reads,
+        human(t.bytes_read),
+        t.writes,
+        human(t.bytes_written),
+        t.flushes,
+        t.discards,
+        t.write_zeroes,
+        t.errors,
+        t.cqes_per_pass(),
+        t.sqes_per_submit(),
     );
+    for (what, l) in [("read", &t.read_latency), ("write", &t.write_latency), ("other", &t.other_latency)] {
+        if l.count > 0 {
+            tracing::info!(
+                "{what} latency (us, in engine+target): p50 {:.1} p99 {:.1} p99.9 {:.1} max {:.1} over {}",
+                l.p50_us,
+                l.p99_us,
+                l.p999_us,
+                l.max_us,
+                l.count
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `stats ID`: the live statistics a serving ubd-engine publishes every second.
+pub fn stats(id: u32, json: bool) -> Result<()> {
+    let Some(st) = state::read(id) else {
+        bail!("device {id} is not served by a running ubd-engine (no {})", state::path(id).display());
+    };
+    let s = state::read_stats(id)
+        .with_context(|| format!("device {id}: no statistics yet in {}", state::stats_path(id).display()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "device": st, "stats": s }))?);
+        return Ok(());
+    }
+    println!(
+        "device {id} ({} {}), pid {}, buffer mode {}, up {:.0} s: {:.0} IOPS, read {}/s, write {}/s (last second)",
+        st.target,
+        st.target_info.get("path").and_then(|p| p.as_str()).unwrap_or(""),
+        st.pid,
+        st.buffer_mode,
+        s.uptime_s,
+        s.iops,
+        human(s.read_bytes_per_s as u64),
+        human(s.write_bytes_per_s as u64),
+    );
+    println!(
+        "{:<6} {:>10} {:>10} {:>8} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "QUEUE", "READS", "WRITES", "OTHER", "ERRORS", "SQE/SUB", "INFLIGHT", "RD p50us", "RD p99us", "WR p99us"
+    );
+    let rows = s.queues.iter().enumerate().map(|(i, q)| (i.to_string(), q)).chain([("total".to_string(), &s.total)]);
+    for (name, q) in rows {
+        println!(
+            "{:<6} {:>10} {:>10} {:>8} {:>7} {:>9.1} {:>9} {:>9.1} {:>9.1} {:>9.1}",
+            name,
+            q.reads,
+            q.writes,
+            q.flushes + q.discards + q.write_zeroes,
+            q.errors,
+            q.sqes_per_submit(),
+            format!("{}/{}", q.inflight, q.inflight_max),
+            q.read_latency.p50_us,
+            q.read_latency.p99_us,
+            q.write_latency.p99_us,
+        );
+    }
     Ok(())
 }
 

@@ -92,6 +92,13 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Live per-queue statistics of a device served by ubd-engine (updated every second).
+    Stats {
+        /// Device id.
+        id: u32,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the ublk features of the running kernel.
     Features {
         #[arg(long)]
@@ -139,6 +146,7 @@ fn main() -> std::process::ExitCode {
         Command::List { json } => cmd::list(json),
         Command::Del { id, all } => cmd::del(id, all),
         Command::Features { json } => cmd::features(json),
+        Command::Stats { id, json } => cmd::stats(id, json),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

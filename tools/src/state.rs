@@ -14,6 +14,10 @@ pub struct DeviceState {
     pub queues: u16,
     pub depth: u16,
     pub cpus: Vec<Option<Vec<usize>>>,
+    pub buffer_mode: String,
+    pub ring: Option<serde_json::Value>,
+    /// Pages behind the copy-mode buffers.
+    pub pages: Option<String>,
 }
 
 pub fn path(dev_id: u32) -> PathBuf {
@@ -33,4 +37,20 @@ pub fn read(dev_id: u32) -> Option<DeviceState> {
 
 pub fn remove(dev_id: u32) {
     let _ = std::fs::remove_file(path(dev_id));
+    let _ = std::fs::remove_file(stats_path(dev_id));
+}
+
+pub fn stats_path(dev_id: u32) -> PathBuf {
+    PathBuf::from(STATE_DIR).join(format!("{dev_id}.stats.json"))
+}
+
+/// Replaces the stats file atomically (readers never see half a file).
+pub fn write_stats(stats: &ubd_engine::daemon::DeviceStats) -> std::io::Result<()> {
+    let tmp = stats_path(stats.dev_id).with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(stats)?)?;
+    std::fs::rename(tmp, stats_path(stats.dev_id))
+}
+
+pub fn read_stats(dev_id: u32) -> anyhow::Result<ubd_engine::daemon::DeviceStats> {
+    Ok(serde_json::from_slice(&std::fs::read(stats_path(dev_id))?)?)
 }

@@ -19,7 +19,8 @@ use crate::sys::mmap::{IoDescTable, PageKind, Region};
 use crate::sys::uapi::{self, IoDesc};
 use crate::target::{Disposition, IoCtx, IoRequest, Op, QueueSetup, QueueTarget, Target};
 use ring::{BufferSetup, RingMode, SqWriter};
-use stats::QueueStats;
+use stats::{QueueStats, Recorder};
+use std::time::Instant;
 use tag::Kind;
 
 /// What one queue thread needs to know.
@@ -182,6 +183,8 @@ fn run(
         stopping: false,
         errors_seen: 0,
         stats,
+        recorder: Recorder::default(),
+        started: vec![Instant::now(); usize::from(cfg.depth)],
     };
     q.arm().map_err(|errno| qerr(format!("submitting FETCH_REQ: {}", std::io::Error::from_raw_os_error(-errno))))?;
     let _ = events.send(QueueEvent::Ready(report));
@@ -215,6 +218,9 @@ struct Queue<'a> {
     stopping: bool,
     errors_seen: u64,
     stats: &'a QueueStats,
+    recorder: Recorder,
+    /// When each tag's current request was delivered.
+    started: Vec<Instant>,
 }
 
 impl Queue<'_> {
@@ -240,16 +246,16 @@ impl Queue<'_> {
     fn serve(&mut self) -> std::io::Result<()> {
         let mut cqes = Vec::with_capacity(usize::from(self.depth) * 2 + 1);
         while !self.done() {
-            self.sq.submit(1)?;
+            let sqes = self.sq.submit(1)?;
             cqes.clear();
             self.sq.reap(&mut cqes);
-            let batch = u64::try_from(cqes.len()).unwrap_or(u64::MAX);
-            self.stats.record_pass(batch);
             for &(ud, res) in &cqes {
                 self.handle(ud, res);
             }
+            self.stats.record_pass(cqes.len() as u64, sqes as u64, u64::from(self.in_target));
+            self.recorder.maybe_flush(self.stats, false);
         }
-        self.stats.set_submits(self.sq.submits, self.sq.submitted);
+        self.recorder.maybe_flush(self.stats, true);
         tracing::debug!(q_id = self.q_id, cmds = self.cmds_inflight, stopping = self.stopping, "queue loop done");
         Ok(())
     }
@@ -285,6 +291,7 @@ impl Queue<'_> {
         let idx = usize::from(tag);
         match res {
             uapi::IO_RES_OK => {
+                self.started[idx] = Instant::now();
                 let desc = self.descs.get(tag);
                 match decode_request(tag, &desc, self.buf_size, self.dev_size) {
                     Ok(req) => {
@@ -350,7 +357,7 @@ impl Queue<'_> {
         let idx = usize::from(tag);
         if let Slot::InTarget(req) = self.slots[idx] {
             self.in_target -= 1;
-            self.stats.record(req.op, res);
+            self.recorder.record(self.stats, req.op, res, self.started[idx]);
             if res < 0 {
                 self.log_error(&req, res);
             }

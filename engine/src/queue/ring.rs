@@ -46,8 +46,6 @@ pub struct SqWriter {
     pub(crate) target_inflight: u32,
     /// Buffer (un)registration commands in flight.
     pub(crate) aux_inflight: u32,
-    pub(crate) submits: u64,
-    pub(crate) submitted: u64,
 }
 
 impl std::fmt::Debug for SqWriter {
@@ -133,8 +131,6 @@ impl SqWriter {
             ring_mode,
             target_inflight: 0,
             aux_inflight: 0,
-            submits: 0,
-            submitted: 0,
         })
     }
 
@@ -307,11 +303,7 @@ impl SqWriter {
     pub fn submit(&mut self, want: usize) -> io::Result<usize> {
         loop {
             match self.ring.submit_and_wait(want) {
-                Ok(n) => {
-                    self.submits += 1;
-                    self.submitted += n as u64;
-                    return Ok(n);
-                }
+                Ok(n) => return Ok(n),
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 // CQ overflow backlog: reap first, then submit again.
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) && want > 0 => return Ok(0),

@@ -1,8 +1,56 @@
-//! Per-queue counters, written by the queue thread and read by anyone.
+//! Per-queue statistics: counters (atomics, readable any time) and latency histograms
+//! (kept by the queue thread, published to a shared copy about every 100 ms).
+//!
+//! Latency is measured from the FETCH completion that delivers a request to the
+//! moment its COMMIT is queued: the time the request spends in the engine and target.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
 
 use crate::target::Op;
+
+/// Latency histograms in nanoseconds, one per op class.
+#[derive(Debug, Clone)]
+pub struct Latency {
+    pub read: Histogram<u64>,
+    pub write: Histogram<u64>,
+    /// FLUSH, DISCARD, WRITE_ZEROES.
+    pub other: Histogram<u64>,
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        // 1 ns .. 60 s at 3 significant digits; the bounds are constants, so this cannot fail.
+        let h = || Histogram::new_with_bounds(1, 60_000_000_000, 3).unwrap_or_else(|_| unreachable!());
+        Self { read: h(), write: h(), other: h() }
+    }
+}
+
+impl Latency {
+    fn for_op(&mut self, op: Op) -> &mut Histogram<u64> {
+        match op {
+            Op::Read => &mut self.read,
+            Op::Write => &mut self.write,
+            _ => &mut self.other,
+        }
+    }
+
+    fn add(&mut self, o: &Latency) {
+        // Same bounds everywhere, so adding cannot fail.
+        let _ = self.read.add(&o.read);
+        let _ = self.write.add(&o.write);
+        let _ = self.other.add(&o.other);
+    }
+
+    fn reset(&mut self) {
+        self.read.reset();
+        self.write.reset();
+        self.other.reset();
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct QueueStats {
@@ -15,14 +63,85 @@ pub struct QueueStats {
     pub bytes_written: AtomicU64,
     pub errors: AtomicU64,
     pub bad_requests: AtomicU64,
+    /// Loop passes (one io_uring_enter each) and the CQEs they handled.
     pub passes: AtomicU64,
     pub cqes: AtomicU64,
-    pub submits: AtomicU64,
+    /// SQEs the kernel consumed (requests per submit = sqes / passes).
     pub sqes: AtomicU64,
+    /// Requests being served by the target now, and the most seen.
+    pub inflight: AtomicU64,
+    pub inflight_max: AtomicU64,
+    latency: Mutex<Latency>,
 }
 
-/// A plain copy of [`QueueStats`].
-#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+/// The queue thread's side: its own histograms, flushed into the shared ones.
+#[derive(Debug)]
+pub struct Recorder {
+    local: Latency,
+    last_flush: Instant,
+    pending: u32,
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Self { local: Latency::default(), last_flush: Instant::now(), pending: 0 }
+    }
+}
+
+impl Recorder {
+    pub fn record(&mut self, shared: &QueueStats, op: Op, res: i32, started: Instant) {
+        shared.record(op, res);
+        let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.local.for_op(op).saturating_record(ns.max(1));
+        self.pending += 1;
+    }
+
+    /// Publishes the local histograms if ~100 ms passed (or `force`).
+    pub fn maybe_flush(&mut self, shared: &QueueStats, force: bool) {
+        if self.pending == 0 || (!force && self.last_flush.elapsed() < Duration::from_millis(100)) {
+            return;
+        }
+        if let Ok(mut l) = shared.latency.lock() {
+            l.add(&self.local);
+        }
+        self.local.reset();
+        self.pending = 0;
+        self.last_flush = Instant::now();
+    }
+}
+
+/// Latency percentiles of one op class, in microseconds.
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub mean_us: f64,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+}
+
+impl LatencySummary {
+    fn of(h: &Histogram<u64>) -> Self {
+        let us = |ns: u64| ns as f64 / 1000.0;
+        if h.is_empty() {
+            return Self::default();
+        }
+        Self {
+            count: h.len(),
+            mean_us: h.mean() / 1000.0,
+            p50_us: us(h.value_at_quantile(0.50)),
+            p90_us: us(h.value_at_quantile(0.90)),
+            p99_us: us(h.value_at_quantile(0.99)),
+            p999_us: us(h.value_at_quantile(0.999)),
+            max_us: us(h.max()),
+        }
+    }
+}
+
+/// A plain copy of [`QueueStats`], with latency summaries.
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StatsSnapshot {
     pub reads: u64,
     pub writes: u64,
@@ -35,8 +154,12 @@ pub struct StatsSnapshot {
     pub bad_requests: u64,
     pub passes: u64,
     pub cqes: u64,
-    pub submits: u64,
     pub sqes: u64,
+    pub inflight: u64,
+    pub inflight_max: u64,
+    pub read_latency: LatencySummary,
+    pub write_latency: LatencySummary,
+    pub other_latency: LatencySummary,
 }
 
 impl QueueStats {
@@ -65,17 +188,17 @@ impl QueueStats {
         self.bad_requests.fetch_add(1, Relaxed);
     }
 
-    pub fn record_pass(&self, cqes: u64) {
+    /// One loop pass: CQEs handled, SQEs submitted, requests in the target now.
+    pub fn record_pass(&self, cqes: u64, sqes: u64, inflight: u64) {
         self.passes.fetch_add(1, Relaxed);
         self.cqes.fetch_add(cqes, Relaxed);
-    }
-
-    pub fn set_submits(&self, submits: u64, sqes: u64) {
-        self.submits.store(submits, Relaxed);
-        self.sqes.store(sqes, Relaxed);
+        self.sqes.fetch_add(sqes, Relaxed);
+        self.inflight.store(inflight, Relaxed);
+        self.inflight_max.fetch_max(inflight, Relaxed);
     }
 
     pub fn snapshot(&self) -> StatsSnapshot {
+        let lat = self.latency.lock().map(|l| l.clone()).unwrap_or_default();
         StatsSnapshot {
             reads: self.reads.load(Relaxed),
             writes: self.writes.load(Relaxed),
@@ -88,27 +211,58 @@ impl QueueStats {
             bad_requests: self.bad_requests.load(Relaxed),
             passes: self.passes.load(Relaxed),
             cqes: self.cqes.load(Relaxed),
-            submits: self.submits.load(Relaxed),
             sqes: self.sqes.load(Relaxed),
+            inflight: self.inflight.load(Relaxed),
+            inflight_max: self.inflight_max.load(Relaxed),
+            read_latency: LatencySummary::of(&lat.read),
+            write_latency: LatencySummary::of(&lat.write),
+            other_latency: LatencySummary::of(&lat.other),
         }
+    }
+
+    /// The counters and histograms of several queues together.
+    pub fn total(queues: &[&QueueStats]) -> StatsSnapshot {
+        let mut lat = Latency::default();
+        let mut t = StatsSnapshot::default();
+        for q in queues {
+            if let Ok(l) = q.latency.lock() {
+                lat.add(&l);
+            }
+            let s = q.snapshot();
+            t.reads += s.reads;
+            t.writes += s.writes;
+            t.flushes += s.flushes;
+            t.discards += s.discards;
+            t.write_zeroes += s.write_zeroes;
+            t.bytes_read += s.bytes_read;
+            t.bytes_written += s.bytes_written;
+            t.errors += s.errors;
+            t.bad_requests += s.bad_requests;
+            t.passes += s.passes;
+            t.cqes += s.cqes;
+            t.sqes += s.sqes;
+            t.inflight += s.inflight;
+            t.inflight_max += s.inflight_max;
+        }
+        t.read_latency = LatencySummary::of(&lat.read);
+        t.write_latency = LatencySummary::of(&lat.write);
+        t.other_latency = LatencySummary::of(&lat.other);
+        t
     }
 }
 
 impl StatsSnapshot {
-    pub fn add(&mut self, o: &StatsSnapshot) {
-        self.reads += o.reads;
-        self.writes += o.writes;
-        self.flushes += o.flushes;
-        self.discards += o.discards;
-        self.write_zeroes += o.write_zeroes;
-        self.bytes_read += o.bytes_read;
-        self.bytes_written += o.bytes_written;
-        self.errors += o.errors;
-        self.bad_requests += o.bad_requests;
-        self.passes += o.passes;
-        self.cqes += o.cqes;
-        self.submits += o.submits;
-        self.sqes += o.sqes;
+    /// Requests completed (any op, successful).
+    pub fn ops(&self) -> u64 {
+        self.reads + self.writes + self.flushes + self.discards + self.write_zeroes
+    }
+    /// SQEs per io_uring_enter.
+    pub fn sqes_per_submit(&self) -> f64 {
+        if self.passes == 0 { 0.0 } else { self.sqes as f64 / self.passes as f64 }
+    }
+    /// CQEs handled per pass.
+    pub fn cqes_per_pass(&self) -> f64 {
+        if self.passes == 0 { 0.0 } else { self.cqes as f64 / self.passes as f64 }
     }
 }
 
@@ -117,18 +271,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn records_by_op() {
+    fn records_by_op_and_latency() {
         let s = QueueStats::default();
-        s.record(Op::Read, 4096);
-        s.record(Op::Write, 512);
-        s.record(Op::Write, -5);
-        s.record(Op::Flush, 0);
+        let mut r = Recorder::default();
+        let t0 = Instant::now() - Duration::from_micros(50);
+        r.record(&s, Op::Read, 4096, t0);
+        r.record(&s, Op::Write, 512, t0);
+        r.record(&s, Op::Write, -5, t0);
+        r.record(&s, Op::Flush, 0, t0);
+        // Not yet published: counters are, histograms are not.
+        assert_eq!(s.snapshot().read_latency.count, 0);
+        r.maybe_flush(&s, true);
         let snap = s.snapshot();
         assert_eq!((snap.reads, snap.bytes_read, snap.writes, snap.bytes_written), (1, 4096, 1, 512));
-        assert_eq!((snap.errors, snap.flushes), (1, 1));
-        let mut total = StatsSnapshot::default();
-        total.add(&snap);
-        total.add(&snap);
-        assert_eq!(total.bytes_read, 8192);
+        assert_eq!((snap.errors, snap.flushes, snap.ops()), (1, 1, 3));
+        assert_eq!((snap.read_latency.count, snap.write_latency.count, snap.other_latency.count), (1, 2, 1));
+        assert!(snap.read_latency.p50_us >= 50.0, "{:?}", snap.read_latency);
+        s.record_pass(3, 4, 2);
+        s.record_pass(1, 2, 1);
+        let total = QueueStats::total(&[&s, &s]);
+        assert_eq!((total.reads, total.read_latency.count, total.passes), (2, 2, 4));
+        assert_eq!(total.sqes_per_submit(), 3.0);
+        assert_eq!(s.snapshot().inflight_max, 2);
     }
 }
