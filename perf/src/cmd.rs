@@ -80,7 +80,7 @@ fn setup(c: &Common, cmd: &str, default_rounds: u32, needs_engine: bool) -> Resu
     std::fs::create_dir_all(&log_dir).with_context(|| format!("cannot create {}", log_dir.display()))?;
     let env = Env {
         engine: engine.unwrap_or_else(|| PathBuf::from("ubd-engine")),
-        rublk: find_rublk(),
+        rublk: c.rublk.clone().or_else(find_rublk),
         backing,
         backing_size,
         log_dir,

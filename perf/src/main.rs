@@ -54,6 +54,9 @@ pub struct Common {
     /// The ubd-engine binary. Default: next to ubd-perf, else on PATH.
     #[arg(long, value_name = "PATH")]
     engine: Option<PathBuf>,
+    /// The rublk binary. Default: on PATH, else $UBD_PEERS/bin (perf/install-peers.sh).
+    #[arg(long, value_name = "PATH")]
+    rublk: Option<PathBuf>,
     /// Output directory. Default: perf-out/CMD-TIME (with --vm: $UBD_VM_SHARED/perf/CMD-TIME).
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,

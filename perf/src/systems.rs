@@ -301,6 +301,8 @@ pub fn start(sys: &System, env: &Env, eo: &EngineOpts) -> Result<Running> {
     match &sys.kind {
         Kind::Raw => Ok(Running { dev: env.backing.clone(), guard: Guard::None }),
         Kind::KLoop => {
+            // The loop driver may be a module that nothing loaded yet (fresh VM).
+            let _ = Command::new("modprobe").arg("loop").output();
             let out = run(Command::new("losetup").args(["--find", "--show", "--direct-io=on"]).arg(&env.backing))?;
             let dev = PathBuf::from(out.trim());
             Ok(Running { dev: dev.clone(), guard: Guard::Loop(dev) })

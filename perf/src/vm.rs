@@ -11,7 +11,8 @@ use crate::cmd::{absolute, engine_path, out_dir};
 use crate::{Cmd, Common};
 
 /// Options consumed here, and whether each takes a value.
-const OWN: [(&str, bool); 4] = [("--vm", false), ("--kernel", true), ("--out", true), ("--engine", true)];
+const OWN: [(&str, bool); 5] =
+    [("--vm", false), ("--kernel", true), ("--out", true), ("--engine", true), ("--rublk", true)];
 
 /// The arguments minus the ones `--vm` handles (`--vm`, `--kernel`, `--out`,
 /// `--engine`, in `--opt V` and `--opt=V` forms).
@@ -43,6 +44,28 @@ fn runner() -> PathBuf {
 
 fn canon(p: &Path) -> PathBuf {
     std::fs::canonicalize(p).unwrap_or_else(|_| absolute(p))
+}
+
+/// rublk as the guest can see it: /var/cache (where perf/install-peers.sh puts
+/// it) is an empty tmpfs in the VM, so a binary under /var is copied into the
+/// shared dir first.
+fn guest_rublk(common: &Common, shared: &Path) -> Result<Option<PathBuf>> {
+    let Some(r) = common.rublk.clone().or_else(ubd_perf::systems::find_rublk) else { return Ok(None) };
+    let r = absolute(&r);
+    if !r.starts_with("/var") {
+        return Ok(Some(r));
+    }
+    let dir = shared.join("peers");
+    let copy = dir.join("rublk");
+    let same = |a: &Path, b: &Path| {
+        let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) else { return false };
+        x.len() == y.len() && x.modified().ok() <= y.modified().ok()
+    };
+    if !same(&r, &copy) {
+        std::fs::create_dir_all(&dir)?;
+        std::fs::copy(&r, &copy).with_context(|| format!("cannot copy {} to {}", r.display(), copy.display()))?;
+    }
+    Ok(Some(absolute(&copy)))
 }
 
 /// Re-runs this command inside the VM and returns its exit status.
@@ -86,6 +109,9 @@ pub fn reexec(cmd: &Cmd) -> Result<ExitCode> {
     c.args(["--timeout", &timeout.to_string(), "--"]);
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     c.arg(&exe).args(strip_own(&args)).arg("--out").arg(&out).arg("--engine").arg(&engine);
+    if let Some(r) = guest_rublk(common, &shared)? {
+        c.arg("--rublk").arg(r);
+    }
     eprintln!("ubd-perf: running in the VM (kernel {}), results in {}", common.kernel, out.display());
     let st = c.status().with_context(|| format!("cannot run {}", run_sh.display()))?;
     let code = st.code().unwrap_or(1);
