@@ -185,7 +185,7 @@ mod tests {
         assert_eq!(one.len(), 1);
         let e = load_workloads(&dir, &["nope".into()]).unwrap_err().to_string();
         assert!(e.contains("unknown workload \"nope\""), "{e}");
-        load_workloads(Path::new("/nonexistent"), &[]).unwrap_err();
+        load_workloads(Path::new("/no/such/dir"), &[]).unwrap_err();
     }
 
     /// Runs a default job file with fio against a small temp file (fio is

@@ -401,6 +401,6 @@ mod tests {
         let f = tempfile::NamedTempFile::new().unwrap();
         f.as_file().set_len(12345).unwrap();
         assert_eq!(size_of(f.path()).unwrap(), 12345);
-        size_of(Path::new("/nonexistent/x")).unwrap_err();
+        size_of(Path::new("/no/such/x")).unwrap_err();
     }
 }
