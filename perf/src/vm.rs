@@ -89,7 +89,11 @@ pub fn reexec(cmd: &Cmd) -> Result<ExitCode> {
     std::fs::create_dir_all(&shared).with_context(|| format!("cannot create {}", shared.display()))?;
 
     let mut c = Command::new(&run_sh);
-    c.args(["--kernel", &common.kernel, "--quiet", "--shared"]).arg(&shared);
+    c.args(["--kernel", &common.kernel, "--shared"]).arg(&shared);
+    // Kernel log lines are dropped unless asked for (a WARN from ublk shows there).
+    if std::env::var_os("UBD_PERF_VM_KERNEL_LOG").is_none() {
+        c.arg("--quiet");
+    }
     if !canon(&out).starts_with(canon(&shared)) {
         c.arg("--rwdir").arg(&out);
     }
