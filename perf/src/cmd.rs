@@ -53,6 +53,10 @@ struct Setup {
     timing: Timing,
     rounds: u32,
     out: PathBuf,
+    /// /dev/ublk-control is there.
+    ublk: bool,
+    /// The engine binary was found.
+    engine: bool,
 }
 
 /// Checks fio, ublk and the engine, picks the workloads and prepares the backing.
@@ -78,6 +82,7 @@ fn setup(c: &Common, cmd: &str, default_rounds: u32, needs_engine: bool) -> Resu
     let out = out_dir(c, cmd);
     let log_dir = out.join("logs");
     std::fs::create_dir_all(&log_dir).with_context(|| format!("cannot create {}", log_dir.display()))?;
+    let (ublk_ok, engine_ok) = (ublk.is_ok(), engine.is_some());
     let env = Env {
         engine: engine.unwrap_or_else(|| PathBuf::from("ubd-engine")),
         rublk: c.rublk.clone().or_else(find_rublk),
@@ -92,6 +97,8 @@ fn setup(c: &Common, cmd: &str, default_rounds: u32, needs_engine: bool) -> Resu
         timing: Timing { runtime: c.runtime, ramp: c.ramp },
         rounds: c.rounds.unwrap_or(default_rounds),
         out,
+        ublk: ublk_ok,
+        engine: engine_ok,
     })
 }
 
@@ -113,13 +120,12 @@ fn sample_line(s: &Sample) -> String {
 /// Runs the compare matrix and writes its files; shared by compare and regress.
 fn measure(m: &MatrixArgs, cmd: &str) -> Result<(Results, PathBuf)> {
     let s = setup(&m.common, cmd, 3, false)?;
-    let ublk_ok = !s.caps.features.is_empty();
     let mut all = systems::default_systems(&s.caps, s.env.rublk.is_some());
-    if !ublk_ok {
-        all.retain(|x| !x.needs_ublk() || m.systems.contains(&x.name));
-    }
+    // Drop what cannot run here, unless asked for by name (then it fails clearly).
+    let asked = |x: &System| m.systems.contains(&x.name);
+    all.retain(|x| (s.ublk || !x.needs_ublk() || asked(x)) && (s.engine || !x.name.starts_with("engine-") || asked(x)));
     let chosen = systems::select(all, &m.systems)?;
-    if !ublk_ok && m.systems.is_empty() {
+    if !s.ublk && m.systems.is_empty() {
         eprintln!("warning: ublk is not available here (try --vm): only raw and kloop run");
     }
     if chosen.iter().any(System::needs_ublk) {
