@@ -31,7 +31,7 @@ pub fn out_dir(c: &Common, cmd: &str) -> PathBuf {
         let shared = std::env::var_os("UBD_VM_SHARED").map_or_else(|| PathBuf::from("/tmp/ubd-vm"), PathBuf::from);
         shared.join("perf").join(name)
     } else {
-        PathBuf::from("perf-out").join(name)
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("out").join(name)
     }
 }
 

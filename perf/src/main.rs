@@ -57,7 +57,7 @@ pub struct Common {
     /// The rublk binary. Default: on PATH, else $UBD_PEERS/bin (perf/install-peers.sh).
     #[arg(long, value_name = "PATH")]
     rublk: Option<PathBuf>,
-    /// Output directory. Default: perf-out/CMD-TIME (with --vm: $UBD_VM_SHARED/perf/CMD-TIME).
+    /// Output directory. Default: perf/out/CMD-TIME (with --vm: $UBD_VM_SHARED/perf/CMD-TIME).
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
     /// Run inside the test VM (tests/vm/run.sh), for hosts without ublk.
