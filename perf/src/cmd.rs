@@ -64,6 +64,23 @@ struct Setup {
 fn setup(c: &Common, cmd: &str, default_rounds: u32, needs_engine: bool) -> Result<Setup> {
     runner::check_fio()?;
     let workloads = runner::load_workloads(&c.jobs_dir, &c.workloads)?;
+    if let Some(b) = &c.backing
+        && !c.allow_write
+    {
+        let mut writers = Vec::new();
+        for w in &workloads {
+            if w.writes()? {
+                writers.push(w.name.as_str());
+            }
+        }
+        if !writers.is_empty() {
+            bail!(
+                "workloads {} write to {} and destroy its contents: add --allow-write, or pick read-only --workloads",
+                writers.join(", "),
+                b.display()
+            );
+        }
+    }
     let ublk = runner::check_ublk();
     let engine = engine_path(c);
     let caps = match (&ublk, &engine) {

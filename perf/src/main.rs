@@ -32,6 +32,9 @@ pub struct Common {
     /// Backing device or file. Default: a brd RAM disk /dev/ram0 (loaded with modprobe brd).
     #[arg(long, value_name = "PATH")]
     backing: Option<PathBuf>,
+    /// Let write workloads run on --backing (they destroy its contents).
+    #[arg(long)]
+    allow_write: bool,
     /// Size of the brd RAM disk made when --backing is not given.
     #[arg(long, value_name = "MIB", default_value_t = 512)]
     backing_mib: u64,

@@ -19,6 +19,19 @@ pub struct Workload {
     pub path: PathBuf,
 }
 
+impl Workload {
+    /// Whether the job file writes (an `rw=`/`readwrite=` other than read or
+    /// randread), i.e. destroys what the target holds.
+    pub fn writes(&self) -> Result<bool> {
+        let text =
+            std::fs::read_to_string(&self.path).with_context(|| format!("cannot read {}", self.path.display()))?;
+        Ok(text
+            .lines()
+            .filter_map(|l| l.trim().split_once('='))
+            .any(|(k, v)| matches!(k.trim(), "rw" | "readwrite") && !matches!(v.trim(), "read" | "randread")))
+    }
+}
+
 /// The job files (`*.fio`) in `dir`, by name; `only` keeps those named (in that order).
 pub fn load_workloads(dir: &Path, only: &[String]) -> Result<Vec<Workload>> {
     let rd = std::fs::read_dir(dir).with_context(|| format!("cannot read the job dir {}", dir.display()))?;
@@ -181,6 +194,8 @@ mod tests {
                 assert!(text.contains(var), "{} lacks {var}", w.name);
             }
         }
+        let writes: Vec<bool> = w.iter().map(|w| w.writes().unwrap()).collect();
+        assert_eq!(writes, [false, false, true, true, false]);
         let one = load_workloads(&dir, &["randread-4k-qd1".into()]).unwrap();
         assert_eq!(one.len(), 1);
         let e = load_workloads(&dir, &["nope".into()]).unwrap_err().to_string();

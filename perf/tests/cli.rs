@@ -129,9 +129,16 @@ fn bad_input_is_a_one_line_error() {
     one_line_error(&f.matrix("regress", "r", &["--baselines", bl.to_str().unwrap()]), "no baseline for this machine");
     one_line_error(&f.matrix("compare", "x", &["--systems", "nvme"]), "unknown system \"nvme\"");
     one_line_error(&f.run(&["compare", "--workloads", "nope", "--backing", "/dev/null"]), "unknown workload \"nope\"");
-    one_line_error(&f.run(&["compare", "--backing", "/nonexistent/disk"]), "backing /nonexistent/disk does not exist");
+    one_line_error(
+        &f.run(&["compare", "--backing", "/nonexistent/disk", "--allow-write"]),
+        "backing /nonexistent/disk does not exist",
+    );
     one_line_error(&f.run(&["compare", "--jobs-dir", "/no/such/dir"]), "cannot read the job dir /no/such/dir");
     one_line_error(&f.run(&["regress", "--threshold", "150", "--backing", "/dev/null"]), "--threshold 150");
+    one_line_error(
+        &f.run(&["compare", "--backing", "/dev/null", "--workloads", "randread-4k-qd1,randwrite-4k-qd64-2j"]),
+        "workloads randwrite-4k-qd64-2j write to /dev/null and destroy its contents: add --allow-write",
+    );
     // No fio at all.
     let o = Command::new(env!("CARGO_BIN_EXE_ubd-perf"))
         .args(["compare", "--backing", "/dev/null"])
