@@ -103,6 +103,7 @@ fn setup(c: &Common, cmd: &str, default_rounds: u32, needs_engine: bool) -> Resu
     let env = Env {
         engine: engine.unwrap_or_else(|| PathBuf::from("ubd-engine")),
         rublk: c.rublk.clone().or_else(find_rublk),
+        ublksrv: systems::find_ublksrv(),
         backing,
         backing_size,
         log_dir,
@@ -137,7 +138,7 @@ fn sample_line(s: &Sample) -> String {
 /// Runs the compare matrix and writes its files; shared by compare and regress.
 fn measure(m: &MatrixArgs, cmd: &str) -> Result<(Results, PathBuf)> {
     let s = setup(&m.common, cmd, 3, false)?;
-    let mut all = systems::default_systems(&s.caps, s.env.rublk.is_some());
+    let mut all = systems::default_systems(&s.caps, s.env.rublk.is_some(), s.env.ublksrv.is_some());
     // Drop what cannot run here, unless asked for by name (then it fails clearly).
     let asked = |x: &System| m.systems.contains(&x.name);
     all.retain(|x| (s.ublk || !x.needs_ublk() || asked(x)) && (s.engine || !x.name.starts_with("engine-") || asked(x)));

@@ -30,6 +30,8 @@ pub enum Kind {
     RublkLoop { autoreg: bool },
     /// `rublk add null`.
     RublkNull,
+    /// ublksrv's `ublk add -t loop|null`.
+    Ublksrv { target: &'static str },
 }
 
 /// A named system.
@@ -63,6 +65,8 @@ pub struct EngineOpts {
 pub struct Env {
     pub engine: PathBuf,
     pub rublk: Option<PathBuf>,
+    /// ublksrv's `ublk` tool.
+    pub ublksrv: Option<PathBuf>,
     pub backing: PathBuf,
     pub backing_size: u64,
     /// Where the servers' stderr goes.
@@ -123,7 +127,7 @@ pub fn parse_features(json: &[u8]) -> Result<Vec<String>> {
 }
 
 /// The default system list for this engine and peers.
-pub fn default_systems(caps: &EngineCaps, rublk: bool) -> Vec<System> {
+pub fn default_systems(caps: &EngineCaps, rublk: bool, ublksrv: bool) -> Vec<System> {
     let mut v = vec![System::new("raw", Kind::Raw), System::new("kloop", Kind::KLoop)];
     if caps.buffer_modes.is_empty() {
         v.push(System::new("engine-loop", Kind::EngineLoop { mode: None }));
@@ -138,6 +142,10 @@ pub fn default_systems(caps: &EngineCaps, rublk: bool) -> Vec<System> {
             v.push(System::new("rublk-loop-autoreg", Kind::RublkLoop { autoreg: true }));
         }
         v.push(System::new("rublk-null", Kind::RublkNull));
+    }
+    if ublksrv {
+        v.push(System::new("ublksrv-loop", Kind::Ublksrv { target: "loop" }));
+        v.push(System::new("ublksrv-null", Kind::Ublksrv { target: "null" }));
     }
     v
 }
@@ -164,6 +172,12 @@ pub fn find_rublk() -> Option<PathBuf> {
         std::env::var_os("UBD_PEERS").map_or_else(|| PathBuf::from("/var/cache/ubd-engine/peers"), PathBuf::from);
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path).chain([peers.join("bin")]).map(|d| d.join("rublk")).find(|p| p.is_file())
+}
+
+/// ublksrv's `ublk` tool, when on PATH.
+pub fn find_ublksrv() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).map(|d| d.join("ublk")).find(|p| p.is_file())
 }
 
 /// Size in bytes of a file or block device.
@@ -197,7 +211,8 @@ enum Guard {
     None,
     Loop(PathBuf),
     Server(Child),
-    Rublk(PathBuf, u32),
+    /// A daemonized peer, stopped with `BIN del -n ID`.
+    Daemon(PathBuf, u32),
 }
 
 impl Running {
@@ -221,7 +236,7 @@ fn teardown(g: Guard, dev: &Path) -> Result<()> {
     match g {
         Guard::None => Ok(()),
         Guard::Loop(l) => run(Command::new("losetup").arg("-d").arg(&l)).map(drop),
-        Guard::Rublk(bin, id) => run(Command::new(&bin).args(["del", "-n", &id.to_string()])).map(drop),
+        Guard::Daemon(bin, id) => run(Command::new(&bin).args(["del", "-n", &id.to_string()])).map(drop),
         Guard::Server(mut child) => {
             // SIGTERM through kill(1): this crate has no unsafe code for kill(2).
             let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
@@ -335,15 +350,26 @@ pub fn start(sys: &System, env: &Env, eo: &EngineOpts) -> Result<Running> {
             qd(&mut c);
             start_rublk(c, bin)
         }
+        Kind::Ublksrv { target } => {
+            let bin = env.ublksrv.clone().ok_or_else(|| anyhow!("ublksrv's ublk tool not found on PATH"))?;
+            let mut c = Command::new(&bin);
+            c.args(["add", "-t", target]);
+            c.args(["-n", &RUBLK_ID.to_string(), "-q", &eo.queues.to_string(), "-d", &eo.depth.to_string()]);
+            if *target == "loop" {
+                c.arg("-f").arg(&env.backing);
+            }
+            start_rublk(c, bin)
+        }
     }
 }
 
+/// Starts a daemonizing peer (rublk, ublksrv) as device RUBLK_ID and waits for it.
 fn start_rublk(mut c: Command, bin: PathBuf) -> Result<Running> {
     // A device left by an earlier interrupted run would make `add` fail.
     let _ = Command::new(&bin).args(["del", "-n", &RUBLK_ID.to_string()]).output();
     run(&mut c)?;
     let dev = PathBuf::from(format!("/dev/ublkb{RUBLK_ID}"));
-    let r = Running { dev: dev.clone(), guard: Guard::Rublk(bin, RUBLK_ID) };
+    let r = Running { dev: dev.clone(), guard: Guard::Daemon(bin, RUBLK_ID) };
     wait_for_device(&dev)?;
     Ok(r)
 }
@@ -360,14 +386,14 @@ mod tests {
     fn modes_follow_help_and_features() {
         let old = EngineCaps::from_parts("--cpus --queues", vec!["AUTO_BUF_REG".into()]);
         assert!(old.buffer_modes.is_empty());
-        assert_eq!(names(&default_systems(&old, false)), ["raw", "kloop", "engine-loop", "engine-null"]);
+        assert_eq!(names(&default_systems(&old, false, false)), ["raw", "kloop", "engine-loop", "engine-null"]);
         let lts = EngineCaps::from_parts("--buffer-mode <MODE>", vec!["USER_COPY".into()]);
         assert_eq!(lts.buffer_modes, ["copy"]);
         let f = parse_features(br#"{"features":["SUPPORT_ZERO_COPY","AUTO_BUF_REG"],"mask":"0x1"}"#).unwrap();
         let new = EngineCaps::from_parts("--buffer-mode <MODE>", f);
         assert_eq!(new.buffer_modes, ["copy", "zero-copy", "auto-reg"]);
         assert_eq!(
-            names(&default_systems(&new, true)),
+            names(&default_systems(&new, true, false)),
             [
                 "raw",
                 "kloop",
@@ -386,9 +412,11 @@ mod tests {
     #[test]
     fn select_by_name_and_prefix() {
         let caps = EngineCaps::from_parts("--buffer-mode", vec![]);
-        let all = default_systems(&caps, true);
+        let all = default_systems(&caps, true, true);
         let s = select(all.clone(), &["kloop".into(), "rublk*".into()]).unwrap();
         assert_eq!(names(&s), ["kloop", "rublk-loop", "rublk-null"]);
+        let s = select(all.clone(), &["ublksrv*".into()]).unwrap();
+        assert_eq!(names(&s), ["ublksrv-loop", "ublksrv-null"]);
         assert_eq!(select(all.clone(), &[]).unwrap().len(), all.len());
         let e = select(all, &["nvme".into()]).unwrap_err().to_string();
         assert!(e.contains("unknown system \"nvme\""), "{e}");
