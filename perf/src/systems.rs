@@ -320,7 +320,16 @@ pub fn start(sys: &System, env: &Env, eo: &EngineOpts) -> Result<Running> {
             let _ = Command::new("modprobe").arg("loop").output();
             let out = run(Command::new("losetup").args(["--find", "--show", "--direct-io=on"]).arg(&env.backing))?;
             let dev = PathBuf::from(out.trim());
-            Ok(Running { dev: dev.clone(), guard: Guard::Loop(dev) })
+            let r = Running { dev: dev.clone(), guard: Guard::Loop(dev.clone()) };
+            // losetup falls back to buffered IO silently when the backing refuses O_DIRECT.
+            let name = dev.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if std::fs::read_to_string(format!("/sys/block/{name}/loop/dio")).is_ok_and(|d| d.trim() == "0") {
+                eprintln!(
+                    "warning: {} runs without direct IO (the backing refused it): kloop is buffered",
+                    dev.display()
+                );
+            }
+            Ok(r)
         }
         Kind::EngineLoop { mode } => {
             let mut c = engine_cmd(mode.as_deref());
