@@ -327,6 +327,7 @@ pub fn sweep(a: &SweepArgs) -> Result<ExitCode> {
     let mut failed = Vec::new();
     for round in 0..s.rounds {
         for i in 0..grid.len() {
+            runner::check_interrupted()?;
             let cfg = &grid[(i + round as usize) % grid.len()];
             let sys = System::new(&cfg.label(), Kind::EngineLoop { mode: cfg.mode.clone() });
             let running = match systems::start(&sys, &s.env, &cfg.eo) {
@@ -340,7 +341,10 @@ pub fn sweep(a: &SweepArgs) -> Result<ExitCode> {
             };
             for w in &s.workloads {
                 pb.set_message(format!("{} {}", sys.name, w.name));
-                let metrics = runner::run_fio(w, &running.dev, s.timing)?;
+                runner::check_interrupted()?;
+                let metrics = runner::run_fio(w, &running.dev, s.timing);
+                runner::check_interrupted()?;
+                let metrics = metrics?;
                 let x = Sample { workload: w.name.clone(), system: sys.name.clone(), round, metrics };
                 pb.inc(1);
                 let line = format!("{} (ETA {}s)", sample_line(&x), pb.eta().as_secs());

@@ -130,6 +130,13 @@ pub struct SweepArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Ctrl-C or SIGTERM reach fio and the engine too (same process group); this
+    // process stays to stop what it started (kloop, rublk) before exiting.
+    if let Err(e) =
+        ctrlc::set_handler(|| ubd_perf::runner::INTERRUPTED.store(true, std::sync::atomic::Ordering::Relaxed))
+    {
+        eprintln!("warning: no SIGINT handler ({e}): an interrupt may leave devices behind");
+    }
     let common = match &cli.cmd {
         Cmd::Compare(a) => &a.m.common,
         Cmd::Regress(a) => &a.m.common,

@@ -3,12 +3,25 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
 
 use crate::fio::{self, Metrics};
 use crate::stats::Sample;
 use crate::systems::{self, EngineOpts, Env, System};
+
+/// Set by the binary's SIGINT/SIGTERM handler: the matrix stops after the
+/// current fio run, and every started system is torn down on the way out.
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Fails once SIGINT or SIGTERM was received.
+pub fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        bail!("interrupted; stopped every system started");
+    }
+    Ok(())
+}
 
 /// A workload: a fio job file that reads its target from `${DEV}` and its
 /// timing from `${RUNTIME}` and `${RAMP}`.
@@ -154,11 +167,15 @@ pub fn run_matrix(
     for round in 0..rounds {
         let n = systems.len();
         for i in 0..n {
+            check_interrupted()?;
             let sys = &systems[(i + round as usize) % n];
             let running =
                 systems::start(sys, env, eo).with_context(|| format!("starting {} (round {})", sys.name, round + 1))?;
             for w in workloads {
-                let metrics = run_fio(w, &running.dev, t).with_context(|| format!("system {}", sys.name))?;
+                check_interrupted()?;
+                let metrics = run_fio(w, &running.dev, t);
+                check_interrupted()?;
+                let metrics = metrics.with_context(|| format!("system {}", sys.name))?;
                 let s = Sample { workload: w.name.clone(), system: sys.name.clone(), round, metrics };
                 on_sample(&s);
                 samples.push(s);
