@@ -120,6 +120,16 @@ fn setup(c: &Common, cmd: &str, default_rounds: u32, needs_engine: bool) -> Resu
     })
 }
 
+/// First line of `BIN --version`, or empty.
+fn version_of(bin: &Path) -> String {
+    std::process::Command::new(bin)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).lines().next().map(|l| l.trim().to_string()))
+        .unwrap_or_default()
+}
+
 fn sample_line(s: &Sample) -> String {
     let m = &s.metrics;
     let lat = m.main_side();
@@ -183,6 +193,8 @@ fn measure(m: &MatrixArgs, cmd: &str) -> Result<(Results, PathBuf)> {
             workloads: s.workloads.iter().map(|w| w.name.clone()).collect(),
             ublk_features: s.caps.features.clone(),
             started,
+            fio_version: version_of(Path::new("fio")),
+            engine_version: version_of(&s.env.engine),
         },
         cells: stats::summarize(&samples),
         samples,

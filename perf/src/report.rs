@@ -27,6 +27,11 @@ pub struct RunInfo {
     pub ublk_features: Vec<String>,
     /// Seconds since the Unix epoch at the start.
     pub started: u64,
+    /// `fio --version` and `ubd-engine --version`, as printed.
+    #[serde(default)]
+    pub fio_version: String,
+    #[serde(default)]
+    pub engine_version: String,
 }
 
 /// Everything a run measured.
@@ -118,7 +123,7 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(
         s,
         "Kernel {}, {} × {}; backing {} ({} MiB); fio {} s (+{} s ramp) per cell, {} round(s), median shown; \
-         engines and peers with {} queues × depth {}{}.\n",
+         engines and peers with {} queues × depth {}{}; {}, {}.\n",
         i.machine.kernel,
         i.machine.nproc,
         i.machine.cpu_model,
@@ -130,6 +135,8 @@ pub fn markdown(r: &Results) -> String {
         i.queues,
         i.depth,
         i.cpus.as_ref().map_or(String::new(), |c| format!(" on CPUs {c}")),
+        i.fio_version,
+        if i.engine_version.is_empty() { "ubd-engine version unknown" } else { &i.engine_version },
     );
     s.push_str(
         "spread = (max − min) / median of IOPS over the rounds; latencies are fio's completion latency \
@@ -194,6 +201,8 @@ pub(crate) mod tests_support {
                 workloads: vec!["rr".into(), "sw".into()],
                 ublk_features: vec![],
                 started: 0,
+                fio_version: "fio-3.33".into(),
+                engine_version: String::new(),
             },
             cells,
             samples,
