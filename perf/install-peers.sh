@@ -29,7 +29,8 @@ mkdir -p "$PEERS"
 args=(install --locked --root "$PEERS")
 [[ -n $RUBLK_VERSION ]] && args+=(--version "$RUBLK_VERSION")
 ((force)) && args+=(--force)
-# Build in a private target dir so a workspace's target/ is never touched.
-CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PEERS/.build} cargo "${args[@]}" rublk
-rm -rf "${CARGO_TARGET_DIR:-$PEERS/.build}"
+# Build in a private target dir (removed afterwards) so no other target/ is touched.
+build=$PEERS/.build
+CARGO_TARGET_DIR=$build cargo "${args[@]}" rublk
+rm -rf "$build"
 echo "rublk installed: $PEERS/bin/rublk"
