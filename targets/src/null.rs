@@ -33,7 +33,7 @@ impl Target for NullTarget {
         &self.info
     }
     fn describe(&self) -> serde_json::Value {
-        serde_json::json!({ "size": self.info.dev_size })
+        serde_json::json!({ "size": self.info.dev_size, "logical_block_size": self.info.logical_block_size })
     }
     fn open_queue(&self, _q_id: u16, _setup: &mut QueueSetup) -> io::Result<Box<dyn QueueTarget>> {
         Ok(Box::new(NullQueue))

@@ -7,13 +7,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use ubd_engine::ctrl::Control;
-use ubd_engine::daemon::{self, DeviceOptions, DeviceStats, StartedDevice};
+use ubd_engine::daemon::{self, DeviceOptions, DeviceStats, Recovery, StartedDevice};
 use ubd_engine::sys::{self, features::feature_names, uapi};
 use ubd_engine::target::Target;
 
 use crate::size::{human, parse_size};
 use crate::state::{self, DeviceState};
-use crate::{BufMode, DevArgs};
+use crate::{BufMode, DevArgs, RecoveryArg};
 use ubd_engine::buf::{BufferChoice, BufferMode};
 
 fn device_options(a: &DevArgs) -> Result<DeviceOptions> {
@@ -33,6 +33,11 @@ fn device_options(a: &DevArgs) -> Result<DeviceOptions> {
             BufMode::Copy => BufferChoice::Force(BufferMode::Copy),
             BufMode::ZeroCopy => BufferChoice::Force(BufferMode::ZeroCopy),
             BufMode::AutoReg => BufferChoice::Force(BufferMode::AutoReg),
+        },
+        recovery: match a.recovery {
+            RecoveryArg::Reissue => Recovery::Reissue,
+            RecoveryArg::FailIo => Recovery::FailIo,
+            RecoveryArg::Off => Recovery::Off,
         },
     };
     opts.validate()?;
@@ -54,7 +59,7 @@ pub fn serve_loop(a: &DevArgs, path: &Path, direct: ubd_targets::DirectIo, block
     let opts = device_options(a)?;
     preflight()?;
     let t = ubd_targets::LoopTarget::open(path, &ubd_targets::LoopOptions { direct, logical_block_size: block_size })?;
-    serve(Arc::new(t), &opts)
+    serve(Arc::new(t), &opts, None)
 }
 
 pub fn serve_null(a: &DevArgs, size: &str, block_size: u32) -> Result<()> {
@@ -67,49 +72,82 @@ pub fn serve_null(a: &DevArgs, size: &str, block_size: u32) -> Result<()> {
         bail!("--size {size} bytes is not a multiple of the {block_size}-byte block size");
     }
     preflight()?;
-    serve(Arc::new(ubd_targets::NullTarget::new(size, block_size)), &opts)
+    serve(Arc::new(ubd_targets::NullTarget::new(size, block_size)), &opts, None)
 }
 
-fn serve(target: Arc<dyn Target>, opts: &DeviceOptions) -> Result<()> {
+/// `recover ID`: re-open the target recorded in the state file and take the device over.
+pub fn recover(a: &DevArgs, id: u32) -> Result<()> {
+    preflight()?;
+    let st = state::read(id).with_context(|| {
+        format!("device {id}: no state file {} (was it served by ubd-engine?)", state::path(id).display())
+    })?;
+    let ti = &st.target_info;
+    let num = |k: &str| ti.get(k).and_then(serde_json::Value::as_u64);
+    let lbs = num("logical_block_size").and_then(|v| u32::try_from(v).ok());
+    let target: Arc<dyn Target> = match st.target.as_str() {
+        "loop" => {
+            let path = ti.get("path").and_then(|p| p.as_str()).context("state file: loop target without a path")?;
+            let direct = match ti.get("direct_io").and_then(serde_json::Value::as_bool) {
+                Some(true) => ubd_targets::DirectIo::On,
+                _ => ubd_targets::DirectIo::Off,
+            };
+            let opts = ubd_targets::LoopOptions { direct, logical_block_size: lbs };
+            Arc::new(ubd_targets::LoopTarget::open(Path::new(path), &opts)?)
+        }
+        "null" => Arc::new(ubd_targets::NullTarget::new(
+            num("size").context("state file: null target without a size")?,
+            lbs.unwrap_or(512),
+        )),
+        other => bail!("device {id}: unknown target {other:?} in {}", state::path(id).display()),
+    };
+    let mut opts = device_options(a)?;
+    opts.dev_id = Some(id);
+    serve(target, &opts, Some(id))
+}
+
+/// Serves a new device, or (with `recover`) takes over an existing one.
+fn serve(target: Arc<dyn Target>, opts: &DeviceOptions, recover: Option<u32>) -> Result<()> {
     let describe = target.describe();
     let info = target.info().clone();
     let name = target.name();
     let mut dev_id = None;
-    let result = daemon::serve(
-        target,
-        opts,
-        |dev: &StartedDevice| {
-            dev_id = Some(dev.dev_id);
-            report_started(name, &describe, &info, dev, opts);
-            let q0 = dev.queues.first();
-            let st = DeviceState {
-                dev_id: dev.dev_id,
-                pid: dev.pid,
-                target: name.into(),
-                target_info: describe.clone(),
-                block_path: dev.block_path.clone(),
-                queues: opts.queues,
-                depth: dev.queue_depth,
-                cpus: dev.queues.iter().map(|q| q.cpus.clone()).collect(),
-                buffer_mode: dev.buffer_mode.to_string(),
-                ring: q0.map(|q| serde_json::to_value(q.ring).unwrap_or_default()),
-                pages: q0.and_then(|q| q.pages).map(|p| p.to_string()),
-            };
-            if let Err(e) = state::write(&st) {
-                tracing::warn!("cannot write state file {}: {e}", state::path(dev.dev_id).display());
-            }
-            // The device path is the one line on stdout, for scripts.
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{}", dev.block_path.display());
-            let _ = out.flush();
-        },
-        |stats: &DeviceStats| {
-            if let Err(e) = state::write_stats(stats) {
-                tracing::debug!("cannot write stats file: {e}");
-            }
-        },
-    );
-    if let Some(id) = dev_id {
+    let on_started = |dev: &StartedDevice| {
+        dev_id = Some(dev.dev_id);
+        report_started(name, &describe, &info, dev);
+        let q0 = dev.queues.first();
+        let st = DeviceState {
+            dev_id: dev.dev_id,
+            pid: dev.pid,
+            target: name.into(),
+            target_info: describe.clone(),
+            block_path: dev.block_path.clone(),
+            queues: opts.queues,
+            depth: dev.queue_depth,
+            cpus: dev.queues.iter().map(|q| q.cpus.clone()).collect(),
+            buffer_mode: dev.buffer_mode.to_string(),
+            ring: q0.map(|q| serde_json::to_value(q.ring).unwrap_or_default()),
+            pages: q0.and_then(|q| q.pages).map(|p| p.to_string()),
+        };
+        if let Err(e) = state::write(&st) {
+            tracing::warn!("cannot write state file {}: {e}", state::path(dev.dev_id).display());
+        }
+        // The device path is the one line on stdout, for scripts.
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{}", dev.block_path.display());
+        let _ = out.flush();
+    };
+    let on_tick = |stats: &DeviceStats| {
+        if let Err(e) = state::write_stats(stats) {
+            tracing::debug!("cannot write stats file: {e}");
+        }
+    };
+    let result = match recover {
+        None => daemon::serve(target, opts, on_started, on_tick),
+        Some(id) => daemon::recover(id, target, opts, on_started, on_tick),
+    };
+    // The state file outlives a device left for recovery; it goes with the device.
+    let kept = result.is_err() && recover.is_some();
+    if let Some(id) = dev_id.filter(|_| !kept) {
         state::remove(id);
     }
     let summary = result?;
@@ -194,7 +232,6 @@ fn report_started(
     describe: &serde_json::Value,
     info: &ubd_engine::target::TargetInfo,
     dev: &StartedDevice,
-    opts: &DeviceOptions,
 ) {
     let q0 = dev.queues.first();
     let cpus: Vec<String> = dev
@@ -209,7 +246,7 @@ fn report_started(
         describe.get("path").and_then(|p| p.as_str()).unwrap_or(""),
         human(info.dev_size),
         info.logical_block_size,
-        opts.queues,
+        dev.queues.len(),
         dev.queue_depth,
         human(u64::from(dev.max_io_buf_bytes)),
         cpus.join(" "),
@@ -219,6 +256,12 @@ fn report_started(
         None => "buffers: the requests' own pages (zero-copy)".into(),
     };
     tracing::info!("buffer mode {} ({}); {buffers}", dev.buffer_mode, dev.buffer_reason);
+    let recovery = serde_json::to_value(dev.recovery).unwrap_or_default();
+    if dev.recovered {
+        tracing::info!("recovered device {}: took over from the dead daemon; in-flight IO re-issued", dev.dev_id);
+    } else {
+        tracing::info!("recovery on daemon death: {}", recovery.as_str().unwrap_or("?"));
+    }
     if let Some(direct) = describe.get("direct_io").and_then(serde_json::Value::as_bool) {
         tracing::info!("backing IO: {}", if direct { "O_DIRECT" } else { "buffered (page cache)" });
     }

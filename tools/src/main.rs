@@ -46,6 +46,17 @@ pub struct DevArgs {
     /// zero-copy (REGISTER_IO_BUF, 6.15+), auto-reg (AUTO_BUF_REG, 6.16+).
     #[arg(long, global = true, value_enum, default_value_t = BufMode::Auto)]
     buffer_mode: BufMode,
+    /// What happens when the daemon dies: reissue (the device stays; `recover` takes
+    /// it over and re-issues in-flight IO), fail-io (IO fails until recovered, 6.13+), off.
+    #[arg(long, global = true, value_enum, default_value_t = RecoveryArg::Reissue)]
+    recovery: RecoveryArg,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum RecoveryArg {
+    Reissue,
+    FailIo,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -77,6 +88,12 @@ enum Command {
         /// Logical block size in bytes.
         #[arg(long, value_name = "BYTES", default_value_t = 512)]
         block_size: u32,
+    },
+    /// Take over a device whose ubd-engine died (kill -9, crash): the target is
+    /// re-opened as recorded in /run/ubd-engine/ID.json, in-flight IO is re-issued.
+    Recover {
+        /// Device id.
+        id: u32,
     },
     /// List ublk devices.
     List {
@@ -147,6 +164,7 @@ fn main() -> std::process::ExitCode {
         Command::Del { id, all } => cmd::del(id, all),
         Command::Features { json } => cmd::features(json),
         Command::Stats { id, json } => cmd::stats(id, json),
+        Command::Recover { id } => cmd::recover(&cli.dev, id),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

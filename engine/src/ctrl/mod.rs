@@ -148,6 +148,21 @@ impl Control {
         Ok(())
     }
 
+    /// START_USER_RECOVERY: the device's old daemon is gone; a new one takes over.
+    pub fn start_user_recovery(&mut self, dev_id: u32) -> Result<()> {
+        let cmd = CtrlCmd { dev_id, queue_id: u16::MAX, ..Default::default() };
+        self.exec(uapi::CMD_START_USER_RECOVERY, "START_USER_RECOVERY", cmd, None)?;
+        Ok(())
+    }
+
+    /// END_USER_RECOVERY: blocks until every queue has fetched every tag again.
+    pub fn end_user_recovery(&mut self, dev_id: u32, daemon_pid: i32) -> Result<()> {
+        let pid = u64::try_from(daemon_pid).map_err(|_| Error::Config("bad pid".into()))?;
+        let cmd = CtrlCmd { dev_id, queue_id: u16::MAX, data: [pid], ..Default::default() };
+        self.exec(uapi::CMD_END_USER_RECOVERY, "END_USER_RECOVERY", cmd, None)?;
+        Ok(())
+    }
+
     pub fn stop_dev(&mut self, dev_id: u32) -> Result<()> {
         let cmd = CtrlCmd { dev_id, queue_id: u16::MAX, ..Default::default() };
         self.exec(uapi::CMD_STOP_DEV, "STOP_DEV", cmd, None)?;

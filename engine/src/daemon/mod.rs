@@ -3,20 +3,25 @@
 //! Every path out of [`serve`], errors and panics included, stops and deletes the
 //! device it added: nothing is left behind.
 
+mod clock;
+mod live;
+
 use std::fs::OpenOptions;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc::{self, Receiver, TryRecvError};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::buf::{BufferChoice, BufferMode, resolve};
 use crate::ctrl::{Control, params::build_params};
 use crate::error::{Error, Result};
-use crate::queue::stats::{QueueStats, StatsSnapshot};
-use crate::queue::{self, QueueConfig, QueueEvent, QueueHandle, QueueReport};
+use crate::queue::{self, QueueConfig, QueueReport};
 use crate::sys::{self, features, uapi};
 use crate::target::Target;
+pub use clock::DeviceStats;
+use clock::StatsClock;
+use live::{Live, OnExit};
 
 /// How to shape the device and its queues.
 #[derive(Debug, Clone)]
@@ -33,6 +38,40 @@ pub struct DeviceOptions {
     /// Try hugepage-backed buffers.
     pub huge_pages: bool,
     pub buffer: BufferChoice,
+    pub recovery: Recovery,
+}
+
+/// What the kernel does with a device whose daemon dies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Recovery {
+    /// The device is removed with its daemon.
+    Off,
+    /// The device stays (queued IO waits); `recover` re-issues in-flight IO. (USER_RECOVERY_REISSUE)
+    #[default]
+    Reissue,
+    /// The device stays; IO fails with EIO until a daemon recovers it. (USER_RECOVERY_FAIL_IO, 6.13+)
+    FailIo,
+}
+
+impl Recovery {
+    pub fn dev_flags(self) -> u64 {
+        match self {
+            Recovery::Off => 0,
+            Recovery::Reissue => features::F_USER_RECOVERY | features::F_USER_RECOVERY_REISSUE,
+            Recovery::FailIo => features::F_USER_RECOVERY | features::F_USER_RECOVERY_FAIL_IO,
+        }
+    }
+
+    pub fn from_dev_flags(flags: u64) -> Self {
+        if flags & features::F_USER_RECOVERY == 0 {
+            Recovery::Off
+        } else if flags & features::F_USER_RECOVERY_FAIL_IO != 0 {
+            Recovery::FailIo
+        } else {
+            Recovery::Reissue
+        }
+    }
 }
 
 impl Default for DeviceOptions {
@@ -45,6 +84,7 @@ impl Default for DeviceOptions {
             cpus: None,
             huge_pages: true,
             buffer: BufferChoice::Auto,
+            recovery: Recovery::Reissue,
         }
     }
 }
@@ -104,6 +144,9 @@ pub struct StartedDevice {
     pub buffer_mode: BufferMode,
     /// Why this buffer mode.
     pub buffer_reason: String,
+    pub recovery: Recovery,
+    /// The device existed and this process took it over (`recover`).
+    pub recovered: bool,
 }
 
 /// Why serving ended, and the final counters.
@@ -115,58 +158,6 @@ pub struct ServeSummary {
     pub stats: DeviceStats,
 }
 
-/// Live statistics of a device: per queue and in total, with rates over the last tick.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-pub struct DeviceStats {
-    pub dev_id: u32,
-    pub uptime_s: f64,
-    /// Requests per second over the last interval (all ops).
-    pub iops: f64,
-    pub read_bytes_per_s: f64,
-    pub write_bytes_per_s: f64,
-    pub total: StatsSnapshot,
-    pub queues: Vec<StatsSnapshot>,
-}
-
-/// Computes [`DeviceStats`] at intervals.
-struct StatsClock {
-    dev_id: u32,
-    start: Instant,
-    last: Instant,
-    last_total: StatsSnapshot,
-}
-
-impl StatsClock {
-    fn new(dev_id: u32) -> Self {
-        Self { dev_id, start: Instant::now(), last: Instant::now(), last_total: StatsSnapshot::default() }
-    }
-
-    /// Rates since the previous sample (`since_start`: since the start).
-    fn sample(&mut self, queues: &[Arc<QueueStats>], since_start: bool) -> DeviceStats {
-        let refs: Vec<&QueueStats> = queues.iter().map(|q| &**q).collect();
-        let total = QueueStats::total(&refs);
-        let now = Instant::now();
-        if since_start {
-            self.last = self.start;
-            self.last_total = StatsSnapshot::default();
-        }
-        let dt = now.duration_since(self.last).as_secs_f64().max(1e-3);
-        let rate = |a: u64, b: u64| a.saturating_sub(b) as f64 / dt;
-        let s = DeviceStats {
-            dev_id: self.dev_id,
-            uptime_s: now.duration_since(self.start).as_secs_f64(),
-            iops: rate(total.ops(), self.last_total.ops()),
-            read_bytes_per_s: rate(total.bytes_read, self.last_total.bytes_read),
-            write_bytes_per_s: rate(total.bytes_written, self.last_total.bytes_written),
-            queues: refs.iter().map(|q| q.snapshot()).collect(),
-            total: total.clone(),
-        };
-        self.last = now;
-        self.last_total = total;
-        s
-    }
-}
-
 const STOP_SIGNALS: [libc::c_int; 2] = [libc::SIGINT, libc::SIGTERM];
 
 /// Blocks SIGINT/SIGTERM in the calling thread (and the threads it spawns later), so
@@ -176,12 +167,13 @@ pub fn block_stop_signals() -> Result<()> {
 }
 
 /// Creates the device for `target`, serves it until SIGINT/SIGTERM (or a queue
-/// failure), then stops and deletes it. `on_started` runs once the block device exists.
+/// failure), then stops and deletes it. `on_started` runs once the block device exists;
+/// `on_tick` gets the device's statistics about once a second while it serves.
 pub fn serve(
     target: Arc<dyn Target>,
     opts: &DeviceOptions,
     on_started: impl FnOnce(&StartedDevice),
-    mut on_tick: impl FnMut(&DeviceStats),
+    on_tick: impl FnMut(&DeviceStats),
 ) -> Result<ServeSummary> {
     opts.validate()?;
     let params = build_params(target.info(), opts.max_io_buf_bytes)?;
@@ -189,31 +181,143 @@ pub fn serve(
     let mut ctrl = Control::open()?;
     let kernel_features = ctrl.features()?;
     let (buffer_mode, buffer_reason) = resolve(opts.buffer, kernel_features)?;
+    let want_recovery = opts.recovery.dev_flags();
+    if kernel_features & want_recovery != want_recovery {
+        return Err(Error::Config(format!(
+            "recovery mode {:?} needs ublk features {} that this kernel does not offer",
+            opts.recovery,
+            features::feature_names(want_recovery & !kernel_features).join(" ")
+        )));
+    }
     let mut info = uapi::DevInfo {
         nr_hw_queues: opts.queues,
         queue_depth: opts.depth,
         max_io_buf_bytes: opts.max_io_buf_bytes,
         dev_id: opts.dev_id.unwrap_or(u32::MAX),
         ublksrv_pid: sys::getpid(),
-        flags: features::F_CMD_IOCTL_ENCODE | buffer_mode.dev_flag(),
+        flags: features::F_CMD_IOCTL_ENCODE | buffer_mode.dev_flag() | want_recovery,
         ..Default::default()
     };
     ctrl.add_dev(&mut info).map_err(|e| match (e.raw_os_error(), opts.dev_id) {
         (Some(libc::EEXIST), Some(id)) => Error::Config(format!("device id {id} is already in use")),
         _ => e,
     })?;
-    let dev_id = info.dev_id;
-    let (tx, rx) = mpsc::channel();
-    let mut live = Live { ctrl, dev_id, started: false, cdev: None, queues: Vec::new(), events: rx, done: false };
-    tracing::debug!(dev_id, ?info, "device added");
-    if info.flags & buffer_mode.dev_flag() != buffer_mode.dev_flag() {
+    let mut live = Live::new(ctrl, info.dev_id, OnExit::Delete);
+    tracing::debug!(dev_id = info.dev_id, ?info, "device added");
+    let wanted = buffer_mode.dev_flag() | want_recovery;
+    if info.flags & wanted != wanted {
         return Err(Error::Config(format!(
-            "the kernel refused buffer mode {buffer_mode} (device flags {:#x})",
-            info.flags
+            "the kernel refused buffer mode {buffer_mode} or recovery {:?} (device flags {:#x})",
+            opts.recovery, info.flags
         )));
     }
+    live.ctrl.set_params(info.dev_id, &params)?;
+    let setup = Setup { info, kernel_features, buffer_mode, buffer_reason, recovered: false };
+    run(live, setup, target, opts, on_started, on_tick)
+}
 
-    live.ctrl.set_params(dev_id, &params)?;
+/// Takes over device `dev_id`, whose daemon died, for `target` (which must have the
+/// device's geometry): START_USER_RECOVERY, fetch every tag again, END_USER_RECOVERY,
+/// then serve as [`serve`] does. Requests that were in flight are re-issued (or were
+/// failed, with FAIL_IO). If recovery fails, the device is left as it was, recoverable.
+pub fn recover(
+    dev_id: u32,
+    target: Arc<dyn Target>,
+    opts: &DeviceOptions,
+    on_started: impl FnOnce(&StartedDevice),
+    on_tick: impl FnMut(&DeviceStats),
+) -> Result<ServeSummary> {
+    block_stop_signals()?;
+    let mut ctrl = Control::open()?;
+    let kernel_features = ctrl.features()?;
+    let info = wait_recoverable(&mut ctrl, dev_id)?;
+    let params = ctrl.get_params(dev_id)?;
+    let size = target.info().dev_size;
+    if params.basic.dev_sectors != size >> 9 {
+        return Err(Error::Config(format!(
+            "device {dev_id} has {} sectors but the target has {} ({} bytes): not the same backing",
+            params.basic.dev_sectors,
+            size >> 9,
+            size
+        )));
+    }
+    let buffer_mode = if info.flags & features::F_AUTO_BUF_REG != 0 {
+        BufferMode::AutoReg
+    } else if info.flags & features::F_SUPPORT_ZERO_COPY != 0 {
+        BufferMode::ZeroCopy
+    } else {
+        BufferMode::Copy
+    };
+    ctrl.start_user_recovery(dev_id)?;
+    let live = Live::new(ctrl, dev_id, OnExit::Leave);
+    let opts = DeviceOptions {
+        queues: info.nr_hw_queues,
+        depth: info.queue_depth,
+        max_io_buf_bytes: info.max_io_buf_bytes,
+        dev_id: Some(dev_id),
+        ..opts.clone()
+    };
+    opts.validate()?;
+    let setup = Setup {
+        info,
+        kernel_features,
+        buffer_mode,
+        buffer_reason: "as the device was created".into(),
+        recovered: true,
+    };
+    run(live, setup, target, &opts, on_started, on_tick)
+}
+
+/// Waits (up to 10 s) for a device whose daemon died to become recoverable.
+fn wait_recoverable(ctrl: &mut Control, dev_id: u32) -> Result<uapi::DevInfo> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let info = ctrl.dev_info(dev_id)?;
+        if info.flags & features::F_USER_RECOVERY == 0 {
+            return Err(Error::Config(format!("device {dev_id} was created without recovery: it cannot be recovered")));
+        }
+        let alive = sys::pid_alive(info.ublksrv_pid);
+        match info.state {
+            uapi::DEV_QUIESCED | uapi::DEV_FAIL_IO if !alive => return Ok(info),
+            uapi::DEV_LIVE | uapi::DEV_QUIESCED | uapi::DEV_FAIL_IO if alive => {
+                return Err(Error::Config(format!(
+                    "device {dev_id} is served by process {} which is still running",
+                    info.ublksrv_pid
+                )));
+            }
+            uapi::DEV_DEAD => return Err(Error::Config(format!("device {dev_id} is not started"))),
+            _ if Instant::now() > deadline => {
+                return Err(Error::Config(format!(
+                    "device {dev_id} did not become recoverable (state {}) within 10 s",
+                    info.state
+                )));
+            }
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// What `run` needs to know of the device it brings up.
+struct Setup {
+    info: uapi::DevInfo,
+    kernel_features: u64,
+    buffer_mode: BufferMode,
+    buffer_reason: String,
+    recovered: bool,
+}
+
+/// The common path: open the char device, start the queues, START_DEV (or
+/// END_USER_RECOVERY), serve, tear down.
+fn run(
+    mut live: Live,
+    setup: Setup,
+    target: Arc<dyn Target>,
+    opts: &DeviceOptions,
+    on_started: impl FnOnce(&StartedDevice),
+    mut on_tick: impl FnMut(&DeviceStats),
+) -> Result<ServeSummary> {
+    let Setup { info, kernel_features, buffer_mode, buffer_reason, recovered } = setup;
+    let dev_id = info.dev_id;
     let char_path = PathBuf::from(format!("/dev/ublkc{dev_id}"));
     wait_for_node(&char_path)?;
     let cdev: Arc<OwnedFd> = Arc::new(
@@ -225,8 +329,9 @@ pub fn serve(
             .into(),
     );
     live.cdev = Some(Arc::clone(&cdev));
-
-    for q_id in 0..opts.queues {
+    let (tx, rx) = mpsc::channel();
+    live.events = Some(rx);
+    for q_id in 0..info.nr_hw_queues {
         let cpus = match &opts.cpus {
             Some(list) => Some(vec![list[usize::from(q_id) % list.len()]]),
             None => match live.ctrl.queue_affinity(dev_id, q_id) {
@@ -254,7 +359,13 @@ pub fn serve(
     // Only `live` and the queue threads may keep the char device open: DEL_DEV waits for the last close.
     drop(cdev);
     let reports = live.wait_ready()?;
-    live.ctrl.start_dev(dev_id, sys::getpid())?;
+    if recovered {
+        live.ctrl.end_user_recovery(dev_id, sys::getpid())?;
+        // Recovered and serving: from now on a clean stop removes the device.
+        live.on_exit = OnExit::Delete;
+    } else {
+        live.ctrl.start_dev(dev_id, sys::getpid())?;
+    }
     live.started = true;
     let block_path = PathBuf::from(format!("/dev/ublkb{dev_id}"));
     wait_for_node(&block_path)?;
@@ -270,6 +381,8 @@ pub fn serve(
         pid: sys::getpid(),
         buffer_mode,
         buffer_reason,
+        recovery: Recovery::from_dev_flags(info.flags),
+        recovered,
     };
     on_started(&started);
     let mut clock = StatsClock::new(dev_id);
@@ -288,109 +401,4 @@ fn wait_for_node(path: &Path) -> Result<()> {
         std::thread::sleep(Duration::from_millis(5));
     }
     Ok(())
-}
-
-/// The running device's resources; dropping it tears everything down.
-struct Live {
-    ctrl: Control,
-    dev_id: u32,
-    started: bool,
-    cdev: Option<Arc<OwnedFd>>,
-    queues: Vec<QueueHandle>,
-    events: Receiver<QueueEvent>,
-    done: bool,
-}
-
-impl Live {
-    /// Waits until every queue has fetched its tags, or one fails.
-    fn wait_ready(&mut self) -> Result<Vec<QueueReport>> {
-        let mut reports = Vec::new();
-        while reports.len() < self.queues.len() {
-            match self.events.recv_timeout(Duration::from_secs(60)) {
-                Ok(QueueEvent::Ready(r)) => reports.push(r),
-                Ok(QueueEvent::Exited { q_id, result }) => {
-                    return Err(Error::Queue {
-                        q_id,
-                        msg: result.err().unwrap_or_else(|| "exited during startup".into()),
-                    });
-                }
-                Err(_) => {
-                    return Err(Error::Config("queue threads did not start within 60 s".into()));
-                }
-            }
-        }
-        reports.sort_by_key(|r| r.q_id);
-        Ok(reports)
-    }
-
-    /// Serves until a stop signal, or until a queue thread ends on its own.
-    fn wait_stop(&mut self, clock: &mut StatsClock, on_tick: &mut impl FnMut(&DeviceStats)) -> Result<String> {
-        let queue_stats: Vec<Arc<QueueStats>> = self.queues.iter().map(|q| Arc::clone(&q.stats)).collect();
-        let mut last_tick = Instant::now();
-        loop {
-            if last_tick.elapsed() >= Duration::from_secs(1) {
-                last_tick = Instant::now();
-                on_tick(&clock.sample(&queue_stats, false));
-            }
-            let sig = sys::wait_signal(&STOP_SIGNALS, Duration::from_millis(100))
-                .map_err(|e| Error::io("sigtimedwait", e))?;
-            if let Some(sig) = sig {
-                let name = if sig == libc::SIGINT { "SIGINT" } else { "SIGTERM" };
-                return Ok(format!("{name} received"));
-            }
-            match self.events.try_recv() {
-                Ok(QueueEvent::Exited { q_id, result: Err(msg) }) => return Err(Error::Queue { q_id, msg }),
-                Ok(QueueEvent::Exited { q_id, result: Ok(()) }) => {
-                    return Ok(format!("queue {q_id} was stopped by the kernel (device stopped from outside)"));
-                }
-                Ok(QueueEvent::Ready(_)) | Err(TryRecvError::Empty) => {}
-                Err(TryRecvError::Disconnected) => return Ok("all queue threads ended".into()),
-            }
-        }
-    }
-
-    /// STOP_DEV (disk goes away, queues drain), join the queues, close the char
-    /// device, DEL_DEV. Returns the final per-queue counters.
-    fn teardown(&mut self) -> Result<Vec<Arc<QueueStats>>> {
-        self.done = true;
-        let mut first_err = None;
-        tracing::debug!(dev_id = self.dev_id, started = self.started, "teardown: STOP_DEV");
-        if self.started
-            && let Err(e) = self.ctrl.stop_dev(self.dev_id)
-            && e.raw_os_error() != Some(libc::ENODEV)
-        {
-            first_err.get_or_insert(e);
-        }
-        tracing::debug!(dev_id = self.dev_id, "teardown: waking queues");
-        for q in &self.queues {
-            q.wake();
-        }
-        let mut stats = Vec::new();
-        for q in self.queues.drain(..) {
-            stats.push(q.stats);
-            if q.join.join().is_err() {
-                first_err.get_or_insert(Error::Queue { q_id: q.q_id, msg: "queue thread panicked".into() });
-            }
-        }
-        self.cdev = None;
-        tracing::debug!(dev_id = self.dev_id, "teardown: DEL_DEV");
-        match self.ctrl.del_dev(self.dev_id) {
-            Err(e) if e.raw_os_error() != Some(libc::ENODEV) => _ = first_err.get_or_insert(e),
-            _ => {}
-        }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(stats),
-        }
-    }
-}
-
-impl Drop for Live {
-    fn drop(&mut self) {
-        if !self.done
-            && let Err(e) = self.teardown()
-        {
-            tracing::error!(dev_id = self.dev_id, "cleaning up the device failed: {e}");
-        }
-    }
 }

@@ -32,6 +32,7 @@ pub const F_USER_RECOVERY_REISSUE: u64 = 1 << 4;
 pub const F_UNPRIVILEGED_DEV: u64 = 1 << 5;
 pub const F_CMD_IOCTL_ENCODE: u64 = 1 << 6;
 pub const F_USER_COPY: u64 = 1 << 7;
+pub const F_USER_RECOVERY_FAIL_IO: u64 = 1 << 9;
 pub const F_AUTO_BUF_REG: u64 = 1 << 11;
 pub const F_PER_IO_DAEMON: u64 = 1 << 13;
 pub const F_BATCH_IO: u64 = 1 << 15;
