@@ -93,6 +93,7 @@ pub const ATTR_FUA: u32 = 1 << 3;
 pub const PARAM_TYPE_BASIC: u32 = 1 << 0;
 pub const PARAM_TYPE_DISCARD: u32 = 1 << 1;
 pub const PARAM_TYPE_DEVT: u32 = 1 << 2;
+pub const PARAM_TYPE_SEGMENT: u32 = 1 << 5;
 
 /// `struct ublksrv_ctrl_cmd`: sits in the command area of a 128-byte SQE.
 #[repr(C)]
@@ -229,7 +230,25 @@ pub struct ParamZoned {
     pub reserved: [u8; 20],
 }
 
-/// The prefix of `struct ublk_params` that every kernel since 6.6 knows.
+/// `struct ublk_param_dma_align`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ParamDmaAlign {
+    pub alignment: u32,
+    pub pad: [u8; 4],
+}
+
+/// `struct ublk_param_segment` (6.15+).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ParamSegment {
+    pub seg_boundary_mask: u64,
+    pub max_segment_size: u32,
+    pub max_segments: u16,
+    pub pad: [u8; 2],
+}
+
+/// The prefix of `struct ublk_params` up to `seg`.
 ///
 /// The kernel clamps `len` to what it knows, and newer kernels accept a shorter
 /// `len` than their own struct, so sending this prefix works on old and new kernels.
@@ -242,11 +261,20 @@ pub struct Params {
     pub discard: ParamDiscard,
     pub devt: ParamDevt,
     pub zoned: ParamZoned,
+    pub dma: ParamDmaAlign,
+    pub seg: ParamSegment,
 }
 
 impl Params {
-    /// Bytes of the struct the kernel should read: up to the end of `zoned`.
+    /// Bytes every kernel since 6.6 knows: up to the end of `zoned`.
     pub const WIRE_LEN: u32 = (offset_of!(Params, zoned) + size_of::<ParamZoned>()) as u32;
+    /// Bytes up to the end of `seg` (6.15+).
+    pub const WIRE_LEN_SEG: u32 = (offset_of!(Params, seg) + size_of::<ParamSegment>()) as u32;
+
+    /// How many bytes to send for the parameter types set.
+    pub fn wire_len(&self) -> u32 {
+        if self.types & PARAM_TYPE_SEGMENT != 0 { Self::WIRE_LEN_SEG } else { Self::WIRE_LEN }
+    }
 }
 
 // Layout pins: these mirror the C header exactly.
@@ -278,6 +306,11 @@ const _: () = {
     assert!(offset_of!(Params, devt) == 60);
     assert!(offset_of!(Params, zoned) == 76);
     assert!(Params::WIRE_LEN == 108);
+    assert!(size_of::<ParamDmaAlign>() == 8);
+    assert!(size_of::<ParamSegment>() == 16);
+    assert!(offset_of!(Params, dma) == 108);
+    assert!(offset_of!(Params, seg) == 120);
+    assert!(Params::WIRE_LEN_SEG == 136);
 };
 
 #[cfg(test)]
