@@ -260,8 +260,15 @@ case_buffer_modes() {
     done
 }
 
+# The perf toolkit end to end: a tiny `ubd-perf compare` (one 1-second cell per system).
+case_perf_smoke() {
+    local root
+    root=$(cd "$HERE/../.." && pwd)
+    "$root/perf/smoke.sh" "$UBD" "$WORK/perf"
+}
+
 cases=(features null loop_file loop_file_buffered loop_bdev mkfs_mount discard_flush discard_bdev
-    list_del bad_input hugepages buffer_modes)
+    list_del bad_input hugepages buffer_modes perf_smoke)
 for c in "${cases[@]}"; do
     [[ -n ${UBD_E2E_ONLY:-} && ! $c =~ $UBD_E2E_ONLY ]] && continue
     run_case "$c" "case_$c"
