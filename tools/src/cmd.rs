@@ -13,7 +13,8 @@ use ubd_engine::target::Target;
 
 use crate::size::{human, parse_size};
 use crate::state::{self, DeviceState};
-use crate::{BufMode, DevArgs, RecoveryArg};
+use crate::{BufMode, DevArgs, RecoveryArg, RingArg};
+use ubd_engine::queue::ring::RingMode;
 use ubd_engine::buf::{BufferChoice, BufferMode};
 
 fn device_options(a: &DevArgs) -> Result<DeviceOptions> {
@@ -38,6 +39,12 @@ fn device_options(a: &DevArgs) -> Result<DeviceOptions> {
             RecoveryArg::Reissue => Recovery::Reissue,
             RecoveryArg::FailIo => Recovery::FailIo,
             RecoveryArg::Off => Recovery::Off,
+        },
+        ring: match a.ring {
+            RingArg::Auto => None,
+            RingArg::Defer => Some(RingMode::DeferTaskrun),
+            RingArg::Coop => Some(RingMode::CoopTaskrun),
+            RingArg::Plain => Some(RingMode::Plain),
         },
     };
     opts.validate()?;

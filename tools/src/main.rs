@@ -50,6 +50,19 @@ pub struct DevArgs {
     /// it over and re-issues in-flight IO), fail-io (IO fails until recovered, 6.13+), off.
     #[arg(long, global = true, value_enum, default_value_t = RecoveryArg::Reissue)]
     recovery: RecoveryArg,
+    /// io_uring setup of the queue rings (tuning): auto tries defer, then coop, then plain.
+    #[arg(long, global = true, value_enum, default_value_t = RingArg::Auto)]
+    ring: RingArg,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum RingArg {
+    Auto,
+    /// SINGLE_ISSUER | DEFER_TASKRUN.
+    Defer,
+    /// COOP_TASKRUN.
+    Coop,
+    Plain,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use crate::buf::{BufferChoice, BufferMode, resolve};
 use crate::ctrl::{Control, params::build_params};
 use crate::error::{Error, Result};
+use crate::queue::ring::RingMode;
 use crate::queue::{self, QueueConfig, QueueReport};
 use crate::sys::{self, features, uapi};
 use crate::target::Target;
@@ -39,6 +40,8 @@ pub struct DeviceOptions {
     pub huge_pages: bool,
     pub buffer: BufferChoice,
     pub recovery: Recovery,
+    /// Queue ring flags (None: the best the kernel accepts), for tuning studies.
+    pub ring: Option<RingMode>,
 }
 
 /// What the kernel does with a device whose daemon dies.
@@ -85,6 +88,7 @@ impl Default for DeviceOptions {
             huge_pages: true,
             buffer: BufferChoice::Auto,
             recovery: Recovery::Reissue,
+            ring: None,
         }
     }
 }
@@ -351,6 +355,7 @@ fn run(
             huge_pages: opts.huge_pages,
             dev_size: target.info().dev_size,
             buffer_mode,
+            ring: opts.ring,
         };
         let handle = queue::spawn(cfg, Arc::clone(&target), Arc::clone(&cdev), tx.clone())?;
         live.queues.push(handle);

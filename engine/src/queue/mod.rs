@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::sys::mmap::{IoDescTable, PageKind, Region};
 use crate::sys::uapi::{self, IoDesc};
 use crate::target::{Disposition, IoCtx, IoRequest, Op, QueueSetup, QueueTarget, Target};
-use ring::{BufferSetup, RingMode, SqWriter};
+use ring::{RingMode, RingSetup, SqWriter};
 use stats::{QueueStats, Recorder};
 use std::time::Instant;
 use tag::Kind;
@@ -36,6 +36,8 @@ pub struct QueueConfig {
     pub huge_pages: bool,
     pub dev_size: u64,
     pub buffer_mode: BufferMode,
+    /// Ring flags (None: the best the kernel accepts).
+    pub ring: Option<RingMode>,
 }
 
 /// How a queue came up, for the startup report.
@@ -154,7 +156,7 @@ fn run(
             .map_err(|e| qerr(format!("allocating {total} bytes of buffers: {e}")))?;
         Some(r)
     };
-    let bufs = BufferSetup { mode: cfg.buffer_mode, region };
+    let bufs = RingSetup { ring: cfg.ring, mode: cfg.buffer_mode, region };
     let mut setup = QueueSetup::default();
     let qt = target.open_queue(q_id, &mut setup).map_err(|e| qerr(format!("opening {} target: {e}", target.name())))?;
     let sq = SqWriter::new(q_id, cfg.depth, cfg.buf_size, bufs, wake, cdev.as_raw_fd(), &setup.fds)

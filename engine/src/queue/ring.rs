@@ -54,20 +54,36 @@ impl std::fmt::Debug for SqWriter {
     }
 }
 
-fn build_ring(entries: u32) -> io::Result<(IoUring, RingMode)> {
+/// Builds the ring with `want`, or with the best setup the kernel accepts (DEFER_TASKRUN,
+/// then COOP_TASKRUN, then plain; the one obtained is reported).
+fn build_ring(entries: u32, want: Option<RingMode>) -> io::Result<(IoUring, RingMode)> {
     let cq = entries * 2;
-    if let Ok(r) = IoUring::builder().setup_single_issuer().setup_defer_taskrun().setup_cqsize(cq).build(entries) {
-        return Ok((r, RingMode::DeferTaskrun));
+    let try_mode = |mode: RingMode| {
+        let mut b = IoUring::builder();
+        b.setup_cqsize(cq);
+        match mode {
+            RingMode::DeferTaskrun => _ = b.setup_single_issuer().setup_defer_taskrun(),
+            RingMode::CoopTaskrun => _ = b.setup_coop_taskrun(),
+            RingMode::Plain => {}
+        }
+        b.build(entries)
+    };
+    if let Some(mode) = want {
+        return try_mode(mode).map(|r| (r, mode));
     }
-    if let Ok(r) = IoUring::builder().setup_coop_taskrun().setup_cqsize(cq).build(entries) {
-        return Ok((r, RingMode::CoopTaskrun));
+    for mode in [RingMode::DeferTaskrun, RingMode::CoopTaskrun] {
+        if let Ok(r) = try_mode(mode) {
+            return Ok((r, mode));
+        }
     }
-    Ok((IoUring::builder().setup_cqsize(cq).build(entries)?, RingMode::Plain))
+    Ok((try_mode(RingMode::Plain)?, RingMode::Plain))
 }
 
-/// Where a queue's request data lives.
+/// How to set up a queue's ring and where its request data lives.
 #[derive(Debug)]
-pub struct BufferSetup {
+pub struct RingSetup {
+    /// Ring flags to use (None: the best the kernel accepts).
+    pub ring: Option<RingMode>,
     pub mode: BufferMode,
     /// Copy mode: the per-tag buffer memory (depth * buf_size bytes).
     pub region: Option<Region>,
@@ -82,13 +98,13 @@ impl SqWriter {
         q_id: u16,
         depth: u16,
         buf_size: u32,
-        bufs: BufferSetup,
+        bufs: RingSetup,
         wake_fd: OwnedFd,
         cdev: RawFd,
         files: &[RawFd],
     ) -> io::Result<Self> {
         let entries = (u32::from(depth) * 2).next_power_of_two().max(8);
-        let (ring, ring_mode) = build_ring(entries)?;
+        let (ring, ring_mode) = build_ring(entries, bufs.ring)?;
         let mut all = vec![cdev];
         all.extend_from_slice(files);
         ring.submitter().register_files(&all)?;
