@@ -267,8 +267,100 @@ case_perf_smoke() {
     "$root/perf/smoke.sh" "$UBD" "$WORK/perf"
 }
 
+# Buffer modes this kernel offers, from `features --json`.
+available_modes() {
+    local feats
+    feats=$("$UBD" features --json)
+    echo copy
+    [[ $feats == *'"SUPPORT_ZERO_COPY"'* ]] && echo zero-copy
+    [[ $feats == *'"AUTO_BUF_REG"'* ]] && echo auto-reg
+    return 0
+}
+
+# kill -9 the daemon in the middle of a verified random-write job, `recover`, let fio
+# finish, then verify everything again: no verify error, in every buffer mode.
+case_recover() {
+    local modes round=0 rounds=${UBD_RECOVER_ROUNDS:-4}
+    mapfile -t modes < <(available_modes)
+    truncate -s 64M "$FS/rec.img"
+    while ((round < rounds)); do
+        local mode=${modes[round % ${#modes[@]}]}
+        start_dev --queues 2 --depth 32 --buffer-mode "$mode" loop "$FS/rec.img"
+        local id=${DEV#/dev/ublkb}
+        local job=(--name=rec --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k
+            --iodepth=16 --size=32M --verify=crc32c --verify_fatal=1 --randseed=$round)
+        fio "${job[@]}" --verify_backlog=128 >"$WORK/fio-rec.out" 2>&1 &
+        local fio_pid=$!
+        # Let it get going: the kill must land while IO is in flight.
+        sleep 1.5
+        kill -KILL "$PID"
+        wait "$PID" 2>/dev/null || true
+        "$UBD" list | grep -E "^$id +(quiesced|live) .* dead " >/dev/null ||
+            fail "device $id not left for recovery: $("$UBD" list)"
+        "$UBD" recover "$id" >"$WORK/rec.out" 2>"$WORK/rec.log" &
+        PID=$!
+        LOG=$WORK/rec.log
+        local deadline=$((SECONDS + START_TIMEOUT))
+        until [[ -s $WORK/rec.out ]]; do
+            kill -0 "$PID" 2>/dev/null || { cat "$WORK/rec.log" >&2; fail "recover exited"; }
+            ((SECONDS < deadline)) || fail "recover did not come up"
+            sleep 0.1
+        done
+        grep -q "recovered device $id" "$WORK/rec.log"
+        local rc=0
+        wait "$fio_pid" || rc=$?
+        ((rc == 0)) || { cat "$WORK/fio-rec.out" >&2; fail "fio across the recovery exited $rc"; }
+        fio "${job[@]}" --verify_only >"$WORK/fio-ver.out" 2>&1 ||
+            { cat "$WORK/fio-ver.out" >&2; fail "verify after recovery failed"; }
+        stop_dev
+        round=$((round + 1))
+    done
+    log "$rounds recoveries (modes: ${modes[*]}): fio verify clean across each kill -9 and after"
+}
+
+# SIGTERM while fio runs: the daemon stops the device and exits 0, with no device left;
+# a second signal does not hang it.
+case_sigterm_under_load() {
+    truncate -s 64M "$FS/load.img"
+    start_dev --queues 2 --depth 32 loop "$FS/load.img"
+    fio --name=load --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randrw --bs=16k --iodepth=32 \
+        --numjobs=2 --size=48M --time_based --runtime=60 >"$WORK/fio-load.out" 2>&1 &
+    local fio_pid=$!
+    sleep 2
+    kill -TERM "$PID"
+    sleep 0.2
+    kill -TERM "$PID" 2>/dev/null || true
+    local rc=0
+    timeout 60 tail --pid="$PID" -f /dev/null || fail "daemon still running 60 s after SIGTERM"
+    wait "$PID" || rc=$?
+    ((rc == 0)) || { cat "$LOG" >&2; fail "daemon exited $rc"; }
+    [[ ! -e $DEV ]]
+    wait "$fio_pid" || true
+    log "stopped under load: $(grep "stopped and deleted" "$LOG" | sed 's/.*received): //')"
+}
+
+# Many add/start/stop/delete cycles leak nothing; some with fio running during the stop.
+case_cycles() {
+    local i n=${UBD_CYCLES:-50}
+    for ((i = 0; i < n; i++)); do
+        start_dev --queues 1 --depth 4 null --size 16M >/dev/null
+        stop_dev
+    done
+    for ((i = 0; i < 5; i++)); do
+        start_dev --queues 2 --depth 16 null --size 64M >/dev/null
+        fio --name=c --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randread --bs=4k --iodepth=16 \
+            --time_based --runtime=30 >/dev/null 2>&1 &
+        sleep 0.5
+        stop_dev
+        wait || true
+    done
+    [[ -z $(ublk_devs) ]]
+    [[ -z $(ls /dev/ublkc* 2>/dev/null) ]] || fail "char devices left: $(ls /dev/ublkc*)"
+    log "$n add/del cycles and 5 with fio running during the stop: nothing left"
+}
+
 cases=(features null loop_file loop_file_buffered loop_bdev mkfs_mount discard_flush discard_bdev
-    list_del bad_input hugepages buffer_modes perf_smoke)
+    list_del bad_input hugepages buffer_modes recover sigterm_under_load cycles perf_smoke)
 for c in "${cases[@]}"; do
     [[ -n ${UBD_E2E_ONLY:-} && ! $c =~ $UBD_E2E_ONLY ]] && continue
     run_case "$c" "case_$c"

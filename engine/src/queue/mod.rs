@@ -248,13 +248,18 @@ impl Queue<'_> {
     fn serve(&mut self) -> std::io::Result<()> {
         let mut cqes = Vec::with_capacity(usize::from(self.depth) * 2 + 1);
         while !self.done() {
-            let sqes = self.sq.submit(1)?;
+            // With statistics not yet published, wake up in time to publish them.
+            let sqes = if self.recorder.dirty() {
+                self.sq.submit_wait_timeout(stats::FLUSH_INTERVAL)?
+            } else {
+                self.sq.submit(1)?
+            };
             cqes.clear();
             self.sq.reap(&mut cqes);
             for &(ud, res) in &cqes {
                 self.handle(ud, res);
             }
-            self.stats.record_pass(cqes.len() as u64, sqes as u64, u64::from(self.in_target));
+            self.recorder.record_pass(cqes.len() as u64, sqes as u64, u64::from(self.in_target));
             self.recorder.maybe_flush(self.stats, false);
         }
         self.recorder.maybe_flush(self.stats, true);
@@ -305,7 +310,7 @@ impl Queue<'_> {
                         }
                     }
                     Err(errno) => {
-                        self.stats.count_bad_request();
+                        self.recorder.count_bad_request();
                         tracing::warn!(q_id = self.q_id, tag, ?desc, "rejecting malformed request");
                         self.slots[idx] = Slot::InTarget(IoRequest { tag, op: Op::Flush, flags: 0, offset: 0, len: 0 });
                         self.in_target += 1;
@@ -359,7 +364,7 @@ impl Queue<'_> {
         let idx = usize::from(tag);
         if let Slot::InTarget(req) = self.slots[idx] {
             self.in_target -= 1;
-            self.recorder.record(self.stats, req.op, res, self.started[idx]);
+            self.recorder.record(req.op, res, self.started[idx]);
             if res < 0 {
                 self.log_error(&req, res);
             }

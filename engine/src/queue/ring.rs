@@ -328,6 +328,20 @@ impl SqWriter {
         }
     }
 
+    /// Like `submit(1)`, but waits at most `timeout` for a completion (0 on timeout).
+    pub fn submit_wait_timeout(&mut self, timeout: std::time::Duration) -> io::Result<usize> {
+        let ts = types::Timespec::new().sec(timeout.as_secs()).nsec(timeout.subsec_nanos());
+        let args = types::SubmitArgs::new().timespec(&ts);
+        loop {
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EBUSY)) => return Ok(0),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Moves all available CQEs into `out` as (user_data, result).
     pub fn reap(&mut self, out: &mut Vec<(u64, i32)>) {
         out.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));

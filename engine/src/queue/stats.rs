@@ -74,39 +74,126 @@ pub struct QueueStats {
     latency: Mutex<Latency>,
 }
 
-/// The queue thread's side: its own histograms, flushed into the shared ones.
+/// How often a queue publishes its statistics (at most; only while it has news).
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Plain counters kept by the queue thread (no atomic operation per request).
+#[derive(Debug, Default, Clone, Copy)]
+struct Counters {
+    reads: u64,
+    writes: u64,
+    flushes: u64,
+    discards: u64,
+    write_zeroes: u64,
+    bytes_read: u64,
+    bytes_written: u64,
+    errors: u64,
+    bad_requests: u64,
+    passes: u64,
+    cqes: u64,
+    sqes: u64,
+    inflight: u64,
+    inflight_max: u64,
+}
+
+/// The queue thread's side: its own counters and histograms, published into the
+/// shared [`QueueStats`] about every 100 ms, so the per-request path does no atomic
+/// read-modify-write and takes no lock.
 #[derive(Debug)]
 pub struct Recorder {
+    c: Counters,
     local: Latency,
     last_flush: Instant,
     pending: u32,
+    /// `c.passes` when last published.
+    published: u64,
 }
 
 impl Default for Recorder {
     fn default() -> Self {
-        Self { local: Latency::default(), last_flush: Instant::now(), pending: 0 }
+        Self { c: Counters::default(), local: Latency::default(), last_flush: Instant::now(), pending: 0, published: 0 }
     }
 }
 
 impl Recorder {
-    pub fn record(&mut self, shared: &QueueStats, op: Op, res: i32, started: Instant) {
-        shared.record(op, res);
+    /// A request finished with `res` (bytes or -errno) after being delivered at `started`.
+    pub fn record(&mut self, op: Op, res: i32, started: Instant) {
+        let c = &mut self.c;
+        if res < 0 {
+            c.errors += 1;
+        } else {
+            let bytes = u64::from(res.cast_unsigned());
+            match op {
+                Op::Read => {
+                    c.reads += 1;
+                    c.bytes_read += bytes;
+                }
+                Op::Write => {
+                    c.writes += 1;
+                    c.bytes_written += bytes;
+                }
+                Op::Flush => c.flushes += 1,
+                Op::Discard => c.discards += 1,
+                Op::WriteZeroes => c.write_zeroes += 1,
+            }
+        }
         let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.local.for_op(op).saturating_record(ns.max(1));
         self.pending += 1;
     }
 
-    /// Publishes the local histograms if ~100 ms passed (or `force`).
+    pub fn count_bad_request(&mut self) {
+        self.c.bad_requests += 1;
+    }
+
+    /// One loop pass: CQEs handled, SQEs submitted, requests in the target now.
+    pub fn record_pass(&mut self, cqes: u64, sqes: u64, inflight: u64) {
+        let c = &mut self.c;
+        c.passes += 1;
+        c.cqes += cqes;
+        c.sqes += sqes;
+        c.inflight = inflight;
+        c.inflight_max = c.inflight_max.max(inflight);
+    }
+
+    /// Publishes counters and histograms if ~100 ms passed (or `force`).
     pub fn maybe_flush(&mut self, shared: &QueueStats, force: bool) {
-        if self.pending == 0 || (!force && self.last_flush.elapsed() < Duration::from_millis(100)) {
+        if !self.dirty() || (!force && self.last_flush.elapsed() < FLUSH_INTERVAL) {
             return;
         }
-        if let Ok(mut l) = shared.latency.lock() {
-            l.add(&self.local);
+        let c = &self.c;
+        for (a, v) in [
+            (&shared.reads, c.reads),
+            (&shared.writes, c.writes),
+            (&shared.flushes, c.flushes),
+            (&shared.discards, c.discards),
+            (&shared.write_zeroes, c.write_zeroes),
+            (&shared.bytes_read, c.bytes_read),
+            (&shared.bytes_written, c.bytes_written),
+            (&shared.errors, c.errors),
+            (&shared.bad_requests, c.bad_requests),
+            (&shared.passes, c.passes),
+            (&shared.cqes, c.cqes),
+            (&shared.sqes, c.sqes),
+            (&shared.inflight, c.inflight),
+            (&shared.inflight_max, c.inflight_max),
+        ] {
+            a.store(v, Relaxed);
         }
-        self.local.reset();
-        self.pending = 0;
+        if self.pending > 0
+            && let Ok(mut l) = shared.latency.lock()
+        {
+            l.add(&self.local);
+            self.local.reset();
+            self.pending = 0;
+        }
         self.last_flush = Instant::now();
+        self.published = self.c.passes;
+    }
+
+    /// Has anything happened since the last publication?
+    pub fn dirty(&self) -> bool {
+        self.pending > 0 || self.c.passes != self.published
     }
 }
 
@@ -163,40 +250,6 @@ pub struct StatsSnapshot {
 }
 
 impl QueueStats {
-    pub fn record(&self, op: Op, res: i32) {
-        if res < 0 {
-            self.errors.fetch_add(1, Relaxed);
-            return;
-        }
-        let bytes = u64::from(res.cast_unsigned());
-        match op {
-            Op::Read => {
-                self.reads.fetch_add(1, Relaxed);
-                self.bytes_read.fetch_add(bytes, Relaxed);
-            }
-            Op::Write => {
-                self.writes.fetch_add(1, Relaxed);
-                self.bytes_written.fetch_add(bytes, Relaxed);
-            }
-            Op::Flush => _ = self.flushes.fetch_add(1, Relaxed),
-            Op::Discard => _ = self.discards.fetch_add(1, Relaxed),
-            Op::WriteZeroes => _ = self.write_zeroes.fetch_add(1, Relaxed),
-        }
-    }
-
-    pub fn count_bad_request(&self) {
-        self.bad_requests.fetch_add(1, Relaxed);
-    }
-
-    /// One loop pass: CQEs handled, SQEs submitted, requests in the target now.
-    pub fn record_pass(&self, cqes: u64, sqes: u64, inflight: u64) {
-        self.passes.fetch_add(1, Relaxed);
-        self.cqes.fetch_add(cqes, Relaxed);
-        self.sqes.fetch_add(sqes, Relaxed);
-        self.inflight.store(inflight, Relaxed);
-        self.inflight_max.fetch_max(inflight, Relaxed);
-    }
-
     pub fn snapshot(&self) -> StatsSnapshot {
         let lat = self.latency.lock().map(|l| l.clone()).unwrap_or_default();
         StatsSnapshot {
@@ -275,23 +328,28 @@ mod tests {
         let s = QueueStats::default();
         let mut r = Recorder::default();
         let t0 = Instant::now() - Duration::from_micros(50);
-        r.record(&s, Op::Read, 4096, t0);
-        r.record(&s, Op::Write, 512, t0);
-        r.record(&s, Op::Write, -5, t0);
-        r.record(&s, Op::Flush, 0, t0);
-        // Not yet published: counters are, histograms are not.
-        assert_eq!(s.snapshot().read_latency.count, 0);
+        r.record(Op::Read, 4096, t0);
+        r.record(Op::Write, 512, t0);
+        r.record(Op::Write, -5, t0);
+        r.record(Op::Flush, 0, t0);
+        r.record_pass(3, 4, 2);
+        r.record_pass(1, 2, 1);
+        // Nothing is published until a flush.
+        assert_eq!(s.snapshot().reads, 0);
         r.maybe_flush(&s, true);
         let snap = s.snapshot();
         assert_eq!((snap.reads, snap.bytes_read, snap.writes, snap.bytes_written), (1, 4096, 1, 512));
         assert_eq!((snap.errors, snap.flushes, snap.ops()), (1, 1, 3));
         assert_eq!((snap.read_latency.count, snap.write_latency.count, snap.other_latency.count), (1, 2, 1));
         assert!(snap.read_latency.p50_us >= 50.0, "{:?}", snap.read_latency);
-        s.record_pass(3, 4, 2);
-        s.record_pass(1, 2, 1);
+        assert_eq!((snap.inflight, snap.inflight_max), (1, 2));
+        assert_eq!(snap.sqes_per_submit(), 3.0);
         let total = QueueStats::total(&[&s, &s]);
         assert_eq!((total.reads, total.read_latency.count, total.passes), (2, 2, 4));
-        assert_eq!(total.sqes_per_submit(), 3.0);
-        assert_eq!(s.snapshot().inflight_max, 2);
+        // A second flush publishes totals, not deltas, and does not double the histograms.
+        r.record(Op::Read, 4096, t0);
+        r.maybe_flush(&s, true);
+        let snap = s.snapshot();
+        assert_eq!((snap.reads, snap.read_latency.count), (2, 2));
     }
 }
