@@ -6,7 +6,8 @@ START_TIMEOUT=${UBD_START_TIMEOUT:-90}
 PASSED=0 FAILED=0 SKIPPED=0 FAILED_NAMES=()
 
 log() { printf '    %s\n' "$*"; }
-fail() { echo "    FAIL: $*" >&2; return 1; }
+# Fails the current case (cases run in a subshell, so this ends just the case).
+fail() { echo "    FAIL: $*" >&2; exit 1; }
 
 # The ublk block devices that exist now.
 ublk_devs() { ls /dev/ublkb* 2>/dev/null || true; }

@@ -306,7 +306,7 @@ case_recover() {
             ((SECONDS < deadline)) || fail "recover did not come up"
             sleep 0.1
         done
-        grep -q "recovered device $id" "$WORK/rec.log"
+        grep -q "recovered device $id" "$WORK/rec.log" || { cat "$WORK/rec.log" >&2; fail "round $round: no recovery"; }
         local rc=0
         wait "$fio_pid" || rc=$?
         ((rc == 0)) || { cat "$WORK/fio-rec.out" >&2; fail "fio across the recovery exited $rc"; }
@@ -325,8 +325,12 @@ case_sigterm_under_load() {
     start_dev --queues 2 --depth 32 loop "$FS/load.img"
     fio --name=load --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randrw --bs=16k --iodepth=32 \
         --numjobs=2 --size=48M --time_based --runtime=60 >"$WORK/fio-load.out" 2>&1 &
-    local fio_pid=$!
-    sleep 2
+    local fio_pid=$! id=${DEV#/dev/ublkb} deadline=$((SECONDS + 60))
+    # Stop only once IO is flowing (fio starts slowly under emulation).
+    until "$UBD" stats "$id" --json 2>/dev/null | grep -qE '"reads": *[0-9]{3,}'; do
+        ((SECONDS < deadline)) || fail "fio never got going"
+        sleep 0.2
+    done
     kill -TERM "$PID"
     sleep 0.2
     kill -TERM "$PID" 2>/dev/null || true
@@ -337,6 +341,7 @@ case_sigterm_under_load() {
     [[ ! -e $DEV ]]
     wait "$fio_pid" || true
     log "stopped under load: $(grep "stopped and deleted" "$LOG" | sed 's/.*received): //')"
+    { grep WARN "$LOG" || true; } | head -n 3 | sed 's/^/    /'
 }
 
 # Many add/start/stop/delete cycles leak nothing; some with fio running during the stop.

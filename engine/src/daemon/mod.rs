@@ -272,9 +272,10 @@ pub fn recover(
     run(live, setup, target, &opts, on_started, on_tick)
 }
 
-/// Waits (up to 10 s) for a device whose daemon died to become recoverable.
+/// Waits (up to 30 s: older kernels notice a dead daemon from a periodic monitor) for a
+/// device whose daemon died to become recoverable.
 fn wait_recoverable(ctrl: &mut Control, dev_id: u32) -> Result<uapi::DevInfo> {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let info = ctrl.dev_info(dev_id)?;
         if info.flags & features::F_USER_RECOVERY == 0 {
@@ -292,7 +293,7 @@ fn wait_recoverable(ctrl: &mut Control, dev_id: u32) -> Result<uapi::DevInfo> {
             uapi::DEV_DEAD => return Err(Error::Config(format!("device {dev_id} is not started"))),
             _ if Instant::now() > deadline => {
                 return Err(Error::Config(format!(
-                    "device {dev_id} did not become recoverable (state {}) within 10 s",
+                    "device {dev_id} did not become recoverable (state {}) within 30 s",
                     info.state
                 )));
             }
