@@ -14,8 +14,8 @@ use ubd_engine::target::Target;
 use crate::size::{human, parse_size};
 use crate::state::{self, DeviceState};
 use crate::{BufMode, DevArgs, RecoveryArg, RingArg};
-use ubd_engine::queue::ring::RingMode;
 use ubd_engine::buf::{BufferChoice, BufferMode};
+use ubd_engine::queue::ring::RingMode;
 
 fn device_options(a: &DevArgs) -> Result<DeviceOptions> {
     let cpus = a.cpus.as_deref().map(ubd_engine::cpus::parse_cpulist).transpose()?;
