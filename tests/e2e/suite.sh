@@ -297,16 +297,19 @@ case_recover() {
         wait "$PID" 2>/dev/null || true
         "$UBD" list | grep -E "^$id +(quiesced|live) .* dead " >/dev/null ||
             fail "device $id not left for recovery: $("$UBD" list)"
-        "$UBD" recover "$id" >"$WORK/rec.out" 2>"$WORK/rec.log" &
+        # Per-round files: the background job's redirections happen after this shell goes on.
+        local out=$WORK/rec$round.out
+        LOG=$WORK/rec$round.log
+        rm -f "$out" "$LOG"
+        "$UBD" recover "$id" >"$out" 2>"$LOG" &
         PID=$!
-        LOG=$WORK/rec.log
         local deadline=$((SECONDS + START_TIMEOUT))
-        until [[ -s $WORK/rec.out ]]; do
-            kill -0 "$PID" 2>/dev/null || { cat "$WORK/rec.log" >&2; fail "recover exited"; }
-            ((SECONDS < deadline)) || fail "recover did not come up"
+        until [[ -s $out ]]; do
+            kill -0 "$PID" 2>/dev/null || { cat "$LOG" >&2; fail "round $round: recover exited"; }
+            ((SECONDS < deadline)) || fail "round $round: recover did not come up"
             sleep 0.1
         done
-        grep -q "recovered device $id" "$WORK/rec.log" || { cat "$WORK/rec.log" >&2; fail "round $round: no recovery"; }
+        grep -q "recovered device $id" "$LOG" || { cat "$LOG" >&2; fail "round $round: no recovery"; }
         local rc=0
         wait "$fio_pid" || rc=$?
         ((rc == 0)) || { cat "$WORK/fio-rec.out" >&2; fail "fio across the recovery exited $rc"; }
