@@ -31,6 +31,15 @@ case_null() {
     fio --name=null --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randrw --bs=4k \
         --iodepth=32 --numjobs=2 --size=64M --io_size=16M --group_reporting >"$WORK/fio.out"
     grep -q "err= 0" "$WORK/fio.out"
+    # Queue threads serve writeback: PR_SET_IO_FLUSHER sets PF_MEMALLOC_NOIO|PF_LOCAL_THROTTLE.
+    local t flags nq=0
+    for t in /proc/"$PID"/task/*; do
+        [[ $(cat "$t/comm") == ubd-q* ]] || continue
+        flags=$(awk '{ print $9 }' "$t/stat")
+        (((flags & 0x180000) == 0x180000)) || fail "$(cat "$t/comm") flags $flags lack PF_MEMALLOC_NOIO|PF_LOCAL_THROTTLE"
+        nq=$((nq + 1))
+    done
+    ((nq == 2)) || fail "found $nq queue threads, want 2"
     # Live stats: published every second while the device serves.
     local id=${DEV#/dev/ublkb} deadline=$((SECONDS + 30))
     until "$UBD" stats "$id" --json >"$WORK/stats.json" 2>/dev/null &&
