@@ -105,7 +105,7 @@ run_case() {
         echo "    FAIL: devices left behind: $left" >&2
         umount -l "$WORK/mnt" 2>/dev/null
         # Ask the daemons to clean up; kill what is still there after that.
-        timeout 60 "$UBD" del --all >/dev/null 2>&1 || true
+        timeout 60 "$UBD" del --all --force >/dev/null 2>&1 || true
         pkill -KILL -f "$UBD" 2>/dev/null || true
         timeout 60 "$UBD" del --all >/dev/null 2>&1 || true
         rc=1

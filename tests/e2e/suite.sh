@@ -172,7 +172,9 @@ case_list_del() {
     local id=${DEV#/dev/ublkb}
     "$UBD" list | grep -E "^$id +live .*alive +loop $WORK/a.img"
     "$UBD" list --json | grep -q '"daemon_alive": true'
-    "$UBD" del "$id"
+    # A device whose daemon is alive is refused without --force.
+    expect_error "device $id is served by running process $PID; stop that process, or use --force" del "$id"
+    "$UBD" del --force "$id"
     local rc=0
     wait "$PID" || rc=$?
     ((rc == 0)) || fail "daemon exited $rc after del"
@@ -184,7 +186,7 @@ case_list_del() {
     start_dev --queues 1 --depth 8 --id 7 null --size 64M
     [[ $DEV == /dev/ublkb7 ]]
     expect_error "device id 7 is already in use" --id 7 null --size 64M
-    "$UBD" del --all
+    "$UBD" del --all --force
     wait "$p1" "$PID"
     [[ -z $(ublk_devs) ]]
     start_dev --queues 1 --depth 8 null --size 64M

@@ -366,20 +366,23 @@ pub fn list(json: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn del(id: Option<u32>, all: bool) -> Result<()> {
+pub fn del(id: Option<u32>, all: bool, force: bool) -> Result<()> {
     let mut ctrl = Control::open()?;
     let ids = if all { Control::list_ids() } else { id.into_iter().collect() };
     for id in ids {
-        del_one(&mut ctrl, id)?;
+        del_one(&mut ctrl, id, force)?;
         println!("deleted device {id}");
     }
     Ok(())
 }
 
-fn del_one(ctrl: &mut Control, id: u32) -> Result<()> {
+fn del_one(ctrl: &mut Control, id: u32, force: bool) -> Result<()> {
     let info = ctrl.dev_info(id)?;
     let pid = info.ublksrv_pid;
     if pid != sys::getpid() && sys::pid_alive(pid) && info.state != uapi::DEV_DEAD {
+        if !force {
+            bail!("device {id} is served by running process {pid}; stop that process, or use --force");
+        }
         // A live daemon serves it: ask it to stop, so that it cleans up after itself.
         sys::send_signal(pid, libc::SIGTERM).with_context(|| format!("signalling daemon {pid} of device {id}"))?;
         let deadline = Instant::now() + Duration::from_secs(30);

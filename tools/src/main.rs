@@ -121,6 +121,9 @@ enum Command {
         /// Delete every ublk device.
         #[arg(long)]
         all: bool,
+        /// Also delete devices whose serving process is alive (it is asked to stop).
+        #[arg(long)]
+        force: bool,
     },
     /// Live per-queue statistics of a device served by ubd-engine (updated every second).
     Stats {
@@ -174,7 +177,7 @@ fn main() -> std::process::ExitCode {
         }
         Command::Null { size, block_size } => cmd::serve_null(&cli.dev, &size, block_size),
         Command::List { json } => cmd::list(json),
-        Command::Del { id, all } => cmd::del(id, all),
+        Command::Del { id, all, force } => cmd::del(id, all, force),
         Command::Features { json } => cmd::features(json),
         Command::Stats { id, json } => cmd::stats(id, json),
         Command::Recover { id } => cmd::recover(&cli.dev, id),
