@@ -34,7 +34,7 @@ $bin list
 lsblk "\$dev"
 echo "== fio: 10 s random read/write with crc32c verification"
 fio --name=try --filename="\$dev" --ioengine=io_uring --direct=1 --rw=randrw --bs=4k --iodepth=32 \
-    --size=64M --time_based --runtime=10 --verify=crc32c --verify_fatal=1 --group_reporting |
+    --size=64M --time_based --runtime=10 --verify=crc32c --verify_fatal=1 --verify_state_save=0 --group_reporting |
     grep -E 'IOPS|err=|verify'
 rc=\${PIPESTATUS[0]}
 kill -TERM \$pid
