@@ -266,15 +266,8 @@ pub struct Params {
 }
 
 impl Params {
-    /// Bytes every kernel since 6.6 knows: up to the end of `zoned`.
+    /// Bytes every kernel since 6.6 knows, and all that is sent: up to the end of `zoned`.
     pub const WIRE_LEN: u32 = (offset_of!(Params, zoned) + size_of::<ParamZoned>()) as u32;
-    /// Bytes up to the end of `seg` (6.15+).
-    pub const WIRE_LEN_SEG: u32 = (offset_of!(Params, seg) + size_of::<ParamSegment>()) as u32;
-
-    /// How many bytes to send for the parameter types set.
-    pub fn wire_len(&self) -> u32 {
-        if self.types & PARAM_TYPE_SEGMENT != 0 { Self::WIRE_LEN_SEG } else { Self::WIRE_LEN }
-    }
 }
 
 // Layout pins: these mirror the C header exactly.
@@ -310,7 +303,7 @@ const _: () = {
     assert!(size_of::<ParamSegment>() == 16);
     assert!(offset_of!(Params, dma) == 108);
     assert!(offset_of!(Params, seg) == 120);
-    assert!(Params::WIRE_LEN_SEG == 136);
+    assert!(size_of::<Params>() == 136);
 };
 
 #[cfg(test)]
