@@ -80,6 +80,9 @@ run_case() {
     # Not `( ... ) || rc=$?`: errexit is ignored inside a subshell on the left of ||.
     (set -eE -o pipefail; trap 'echo "    line $LINENO: $BASH_COMMAND failed" >&2' ERR; "$fn")
     rc=$?
+    # Each case's backing images go with it: the shared ext4 holds 256 MiB, and images
+    # left from earlier cases filled it (later writes then failed with ENOSPC).
+    rm -f "$WORK"/fs/*.img
     # The kernel must not have complained (WARNING, BUG, UBSAN, KASAN, hung task).
     local complaints
     complaints=$(dmesg | grep -E "WARNING:|BUG:|UBSAN:|KASAN:|blocked for more than|Oops" | grep -vxF -f "$WORK/dmesg.seen" 2>/dev/null)
