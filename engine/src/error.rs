@@ -26,6 +26,12 @@ pub enum Error {
     #[error("ublk control command {cmd} for device {dev} failed: {cause}")]
     Ctrl { cmd: &'static str, dev: String, cause: io::Error },
 
+    #[error(
+        "ublk control command {cmd} for device {dev} did not complete within {secs} s (the kernel is \
+         waiting on IO in flight, or on a process that holds /dev/ublkc{dev} open)"
+    )]
+    CtrlTimeout { cmd: &'static str, dev: String, secs: u64 },
+
     #[error("device {dev_id} does not exist")]
     NoDevice { dev_id: u32 },
 
@@ -49,6 +55,7 @@ impl Error {
         match self {
             Error::Open { cause, .. } | Error::Ctrl { cause, .. } | Error::Io { cause, .. } => cause.raw_os_error(),
             Error::NoDevice { .. } => Some(libc::ENODEV),
+            Error::CtrlTimeout { .. } => Some(libc::ETIMEDOUT),
             _ => None,
         }
     }

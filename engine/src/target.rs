@@ -156,6 +156,17 @@ impl IoCtx<'_> {
         self.sq.push_fsync(self.tag, file, datasync, cookie)
     }
 
+    /// A timer: completes with `-ETIME` after `after` (or `-ECANCELED` if the queue
+    /// is torn down first). Fault injection uses it to delay and stall requests.
+    pub fn sleep(&mut self, after: std::time::Duration, cookie: u16) -> Result<(), i32> {
+        self.sq.push_timeout(self.tag, after, cookie)
+    }
+
+    /// The queue this request is on.
+    pub fn tag(&self) -> u16 {
+        self.tag
+    }
+
     pub fn fallocate(&mut self, file: FileSlot, mode: i32, offset: u64, len: u64, cookie: u16) -> Result<(), i32> {
         self.sq.push_fallocate(self.tag, file, mode, offset, len, cookie)
     }

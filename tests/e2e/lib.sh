@@ -75,7 +75,7 @@ expect_error() {
 # run_case NAME FUNCTION: runs one case in a subshell with errexit; afterwards no
 # ublk device may remain (any left is deleted and the case fails).
 run_case() {
-    local name=$1 fn=$2 rc=0
+    local name=$1 fn=$2 rc=0 t0=$SECONDS
     echo "--- case $name"
     # Not `( ... ) || rc=$?`: errexit is ignored inside a subshell on the left of ||.
     (set -eE -o pipefail; trap 'echo "    line $LINENO: $BASH_COMMAND failed" >&2' ERR; "$fn")
@@ -114,13 +114,13 @@ run_case() {
         rc=1
     fi
     if ((rc == 0)); then
-        echo "PASS $name"
+        echo "PASS $name ($((SECONDS - t0)) s)"
         PASSED=$((PASSED + 1))
     elif ((rc == 77)); then
         echo "SKIP $name"
         SKIPPED=$((SKIPPED + 1))
     else
-        echo "FAIL $name"
+        echo "FAIL $name ($((SECONDS - t0)) s)"
         FAILED=$((FAILED + 1))
         FAILED_NAMES+=("$name")
     fi

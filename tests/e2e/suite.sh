@@ -378,8 +378,209 @@ case_cycles() {
     log "$n add/del cycles and 5 with fio running during the stop: nothing left"
 }
 
+# Waits until device ID has served some reads (fio starts slowly under emulation).
+wait_reads() {
+    local id=$1 deadline=$((SECONDS + 60))
+    until "$UBD" stats "$id" --json 2>/dev/null | grep -qE '"reads": *[0-9]{3,}'; do
+        ((SECONDS < deadline)) || fail "fio never got going on device $id"
+        sleep 0.2
+    done
+}
+
+# Waits until process $1 has stopped itself (UBD_DEBUG_PAUSE).
+wait_stopped() {
+    local deadline=$((SECONDS + START_TIMEOUT))
+    until grep -qE '^State:\s+T' "/proc/$1/status" 2>/dev/null; do
+        kill -0 "$1" 2>/dev/null || fail "process $1 exited instead of pausing"
+        ((SECONDS < deadline)) || fail "process $1 never reached its pause point"
+        sleep 0.1
+    done
+}
+
+# The sum of the "N failed" counts in the fault-injection summaries of $LOG.
+injected_failures() {
+    grep -oE 'fault injection: [0-9]+ requests, [0-9]+ failed' "$LOG" | awk '{ s += $5 } END { print s + 0 }'
+}
+
+# Injected errors reach the application with their errno; the rest of the data is intact.
+case_fault_errors() {
+    truncate -s 64M "$FS/f.img"
+    # A byte range whose writes fail with ENOSPC; reads and other writes go through.
+    start_dev --queues 2 --fault range=1M:64K,ops=write,errno=ENOSPC loop "$FS/f.img"
+    dd if=/dev/urandom of="$WORK/blk" bs=4k count=1 status=none
+    dd if="$WORK/blk" of="$DEV" bs=4k seek=256 oflag=direct status=none 2>"$WORK/dd.err" &&
+        fail "a write in the failing range succeeded"
+    grep -q "No space left on device" "$WORK/dd.err" || fail "want ENOSPC, got: $(cat "$WORK/dd.err")"
+    dd if="$WORK/blk" of="$DEV" bs=4k seek=512 oflag=direct status=none
+    cmp <(dd if="$DEV" bs=4k skip=512 count=1 iflag=direct status=none) "$WORK/blk"
+    dd if="$DEV" of=/dev/null bs=4k skip=256 count=1 iflag=direct status=none
+    stop_dev
+    # 5% of reads fail with EIO while fio verifies data written before: fio sees EIO for
+    # the failed reads (some of the injected failures hit udev's reads instead), and
+    # every read that succeeded verifies.
+    start_dev --queues 2 loop "$FS/f.img"
+    local job=(--name=v --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randwrite --bs=16k --iodepth=16
+        --size=16M --verify=crc32c --randseed=7 --verify_state_save=0)
+    fio "${job[@]}" --do_verify=0 >"$WORK/fio.out" 2>&1 || { cat "$WORK/fio.out" >&2; fail "fio write"; }
+    stop_dev
+    start_dev --queues 2 --fault fail=5%,ops=read,seed=3 loop "$FS/f.img"
+    local rc=0
+    fio "${job[@]}" --verify_only --continue_on_error=all --output-format=json >"$WORK/fio.json" 2>"$WORK/fio.err" ||
+        rc=$?
+    stop_dev
+    local injected errs
+    injected=$(injected_failures)
+    read -r errs first < <(python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]; print(j.get("total_err", 0), j.get("first_error", 0))' "$WORK/fio.json")
+    ((injected > 0)) || fail "no failure was injected"
+    ((first == 5)) || fail "fio's first error is $first, want EIO (5)"
+    ((errs > 0 && errs <= injected)) || { cat "$WORK/fio.err" >&2; fail "fio saw $errs errors, $injected were injected"; }
+    # A verify mismatch is reported on stderr even with continue_on_error.
+    ! grep -iE "verify|crc32c|bad (magic|header)" "$WORK/fio.err" || fail "fio found corrupt data"
+    log "fail=5% on reads: $injected injected, fio saw $errs EIO and verified the rest (fio rc $rc)"
+    # A backing filesystem that fills up: the writer gets ENOSPC, what fit is intact.
+    mkdir -p "$WORK/small" && mount -t tmpfs -o size=8M tmpfs "$WORK/small"
+    truncate -s 64M "$WORK/small/b.img"
+    start_dev --queues 1 loop "$WORK/small/b.img"
+    dd if=/dev/urandom of="$WORK/src" bs=1M count=16 status=none
+    dd if="$WORK/src" of="$DEV" bs=1M oflag=direct status=none 2>"$WORK/dd.err" && fail "16M fit in 8M"
+    grep -q "No space left on device" "$WORK/dd.err" || fail "want ENOSPC, got: $(cat "$WORK/dd.err")"
+    cmp <(dd if="$DEV" bs=1M count=4 iflag=direct status=none) <(head -c 4M "$WORK/src")
+    stop_dev
+    umount "$WORK/small"
+    # After all that, a fresh device comes up and serves.
+    start_dev --queues 1 null --size 16M
+    stop_dev
+    log "ENOSPC from a full backing filesystem reached dd; data before it read back intact"
+}
+
+# Delays and stalls slow requests down but lose nothing.
+case_fault_delay_stall() {
+    truncate -s 64M "$FS/d.img"
+    start_dev --queues 1 --fault delay=20ms loop "$FS/d.img"
+    fio --name=d --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k --iodepth=4 --size=1M \
+        --verify=crc32c --verify_fatal=1 --output-format=json >"$WORK/fio.json" 2>"$WORK/fio.err" ||
+        { cat "$WORK/fio.err" >&2; fail "fio with delay"; }
+    local min
+    min=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["jobs"][0]["write"]["lat_ns"]["min"])' "$WORK/fio.json")
+    ((min >= 20000000)) || fail "a write completed in $min ns, under the injected 20 ms"
+    stop_dev
+    # Queue 0 stalls for 3 s in the middle of a verify job on both queues.
+    start_dev --queues 2 --fault stall=300:3s loop "$FS/d.img"
+    fio_verify --rw=randwrite --bs=4k --iodepth=16 --numjobs=2 --size=16M --offset_increment=32M
+    stop_dev
+    grep -qE 'q_id=0|stalled' "$LOG"
+    local stalled
+    stalled=$(grep -oE '[0-9]+ stalled' "$LOG" | awk '{ s += $1 } END { print s + 0 }')
+    ((stalled > 0)) || fail "nothing was stalled"
+    log "delay 20 ms: min write latency $((min / 1000)) us; stall 3 s: $stalled requests held, verify clean"
+}
+
+# A request stuck in the target forever, and a queue thread that panics: the daemon
+# gives up on them, removes the device, and exits; nothing is left behind.
+case_abort() {
+    truncate -s 64M "$FS/a.img"
+    start_dev --queues 2 --stop-timeout 3 --fault stall=50:inf loop "$FS/a.img"
+    fio --name=s --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randread --bs=4k --iodepth=16 \
+        --numjobs=2 --time_based --runtime=60 >/dev/null 2>&1 &
+    local fio_pid=$! deadline=$((SECONDS + 60))
+    until grep -q "stalls for ever" "$LOG"; do
+        ((SECONDS < deadline)) || fail "queue 0 never stalled"
+        sleep 0.1
+    done
+    kill -TERM "$PID"
+    timeout 90 tail --pid="$PID" -f /dev/null || fail "daemon still running 90 s after SIGTERM with a stalled queue"
+    local rc=0
+    wait "$PID" || rc=$?
+    grep -q "aborting them" "$LOG" || { cat "$LOG" >&2; fail "no abort reported"; }
+    [[ ! -e $DEV ]] || fail "$DEV left after the abort"
+    wait "$fio_pid" || true
+    log "stalled queue: SIGTERM → STOP_DEV waited 3 s, aborted; exit $rc, device gone"
+    # A panic on queue 0 under load.
+    start_dev --queues 2 --fault panic=300 loop "$FS/a.img"
+    fio --name=p --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randrw --bs=4k --iodepth=16 \
+        --numjobs=2 --time_based --runtime=60 >/dev/null 2>&1 &
+    fio_pid=$!
+    timeout 90 tail --pid="$PID" -f /dev/null || fail "daemon still running 90 s after a queue panicked"
+    rc=0
+    wait "$PID" || rc=$?
+    ((rc == 1)) || fail "daemon exited $rc after a queue panic, want 1"
+    tail -n1 "$LOG" | grep -q "^error: queue 0: target panicked: fault injection" ||
+        fail "last line: $(tail -n1 "$LOG")"
+    [[ ! -e $DEV ]] || fail "$DEV left after the panic"
+    wait "$fio_pid" || true
+    local last
+    last=$(tail -n1 "$LOG")
+    start_dev --queues 1 null --size 16M
+    stop_dev
+    log "queue panic: exit 1, '$last'; device removed, a new one starts"
+}
+
+# kill -9 in each state of a device's life; afterwards it can be deleted (or recovered).
+case_kill9_states() {
+    truncate -s 64M "$FS/k.img"
+    # Before START_DEV.
+    local out=$WORK/k.out
+    UBD_DEBUG_PAUSE=before-start "$UBD" --queues 2 loop "$FS/k.img" >"$out" 2>"$WORK/k.log" &
+    local pid=$!
+    wait_stopped "$pid"
+    local ids
+    ids=$(ls /sys/class/ublk-char)
+    kill -KILL "$pid"
+    wait "$pid" 2>/dev/null || true
+    local id=${ids#ublkc}
+    timeout 60 "$UBD" del "$id" || fail "del $id after kill -9 before START failed"
+    [[ -z $(ls /dev/ublkc* 2>/dev/null) ]] || fail "left: $(ls /dev/ublkc*)"
+    log "kill -9 before START: del $id done"
+    # While IO runs, then del without recovering.
+    start_dev --queues 2 loop "$FS/k.img"
+    id=${DEV#/dev/ublkb}
+    fio --name=k --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k --iodepth=16 \
+        --time_based --runtime=60 >/dev/null 2>&1 &
+    local fio_pid=$!
+    sleep 2
+    kill -KILL "$PID"
+    wait "$PID" 2>/dev/null || true
+    timeout 60 "$UBD" del "$id" || fail "del $id after kill -9 under IO failed"
+    timeout 60 tail --pid="$fio_pid" -f /dev/null || fail "fio hung after the device was deleted"
+    wait "$fio_pid" || true
+    [[ ! -e $DEV ]]
+    log "kill -9 under IO: del done, fio got its errors and exited"
+    # During recovery: the recovering daemon is killed between START_USER_RECOVERY and
+    # END_USER_RECOVERY; a second recover takes over and no data is lost.
+    start_dev --queues 2 --depth 32 loop "$FS/k.img"
+    id=${DEV#/dev/ublkb}
+    local job=(--name=kr --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k
+        --iodepth=16 --size=32M --verify=crc32c --verify_fatal=1 --randseed=11)
+    fio "${job[@]}" --verify_backlog=128 >"$WORK/fio-kr.out" 2>&1 &
+    fio_pid=$!
+    sleep 1.5
+    kill -KILL "$PID"
+    wait "$PID" 2>/dev/null || true
+    UBD_DEBUG_PAUSE=before-end-recovery "$UBD" recover "$id" >"$out" 2>"$WORK/k.log" &
+    pid=$!
+    wait_stopped "$pid"
+    kill -KILL "$pid"
+    wait "$pid" 2>/dev/null || true
+    LOG=$WORK/k2.log
+    "$UBD" recover "$id" >"$out" 2>"$LOG" &
+    PID=$!
+    local deadline=$((SECONDS + START_TIMEOUT))
+    until [[ -s $out ]]; do
+        kill -0 "$PID" 2>/dev/null || { cat "$LOG" >&2; fail "second recover exited"; }
+        ((SECONDS < deadline)) || fail "second recover did not come up"
+        sleep 0.1
+    done
+    local rc=0
+    wait "$fio_pid" || rc=$?
+    ((rc == 0)) || { cat "$WORK/fio-kr.out" >&2; fail "fio across the two recoveries exited $rc"; }
+    fio "${job[@]}" --verify_only >"$WORK/fio-ver.out" 2>&1 || { cat "$WORK/fio-ver.out" >&2; fail "verify failed"; }
+    stop_dev
+    log "kill -9 during recovery: a second recover took over; fio verify clean"
+}
+
 cases=(features null loop_file loop_file_buffered loop_bdev mkfs_mount discard_flush discard_bdev
-    list_del bad_input hugepages buffer_modes recover sigterm_under_load cycles perf_smoke)
+    list_del bad_input hugepages buffer_modes recover sigterm_under_load fault_errors fault_delay_stall abort
+    kill9_states cycles perf_smoke)
 for c in "${cases[@]}"; do
     [[ -n ${UBD_E2E_ONLY:-} && ! $c =~ $UBD_E2E_ONLY ]] && continue
     run_case "$c" "case_$c"

@@ -46,6 +46,7 @@ fn device_options(a: &DevArgs) -> Result<DeviceOptions> {
             RingArg::Coop => Some(RingMode::CoopTaskrun),
             RingArg::Plain => Some(RingMode::Plain),
         },
+        stop_grace: Duration::from_secs(a.stop_timeout),
     };
     opts.validate()?;
     Ok(opts)
@@ -65,8 +66,9 @@ fn preflight() -> Result<()> {
 pub fn serve_loop(a: &DevArgs, path: &Path, direct: ubd_targets::DirectIo, block_size: Option<u32>) -> Result<()> {
     let opts = device_options(a)?;
     preflight()?;
+    let fault = fault_spec(a)?;
     let t = ubd_targets::LoopTarget::open(path, &ubd_targets::LoopOptions { direct, logical_block_size: block_size })?;
-    serve(Arc::new(t), &opts, None)
+    serve(with_faults(Arc::new(t), fault), &opts, None)
 }
 
 pub fn serve_null(a: &DevArgs, size: &str, block_size: u32) -> Result<()> {
@@ -78,8 +80,23 @@ pub fn serve_null(a: &DevArgs, size: &str, block_size: u32) -> Result<()> {
     if !size.is_multiple_of(u64::from(block_size)) {
         bail!("--size {size} bytes is not a multiple of the {block_size}-byte block size");
     }
+    let fault = fault_spec(a)?;
     preflight()?;
-    serve(Arc::new(ubd_targets::NullTarget::new(size, block_size)), &opts, None)
+    serve(with_faults(Arc::new(ubd_targets::NullTarget::new(size, block_size)), fault), &opts, None)
+}
+
+fn fault_spec(a: &DevArgs) -> Result<Option<ubd_targets::FaultSpec>> {
+    a.fault
+        .as_deref()
+        .map(|s| ubd_targets::FaultSpec::parse(s).map_err(|e| anyhow::anyhow!("--fault: {e}")))
+        .transpose()
+}
+
+fn with_faults(t: Arc<dyn Target>, spec: Option<ubd_targets::FaultSpec>) -> Arc<dyn Target> {
+    match spec {
+        Some(spec) => Arc::new(ubd_targets::FaultTarget::new(t, spec)),
+        None => t,
+    }
 }
 
 /// `recover ID`: re-open the target recorded in the state file and take the device over.
@@ -109,7 +126,7 @@ pub fn recover(a: &DevArgs, id: u32) -> Result<()> {
     };
     let mut opts = device_options(a)?;
     opts.dev_id = Some(id);
-    serve(target, &opts, Some(id))
+    serve(with_faults(target, fault_spec(a)?), &opts, Some(id))
 }
 
 /// Serves a new device, or (with `recover`) takes over an existing one.

@@ -53,6 +53,14 @@ pub struct DevArgs {
     /// io_uring setup of the queue rings (tuning): auto tries defer, then coop, then plain.
     #[arg(long, global = true, value_enum, default_value_t = RingArg::Auto)]
     ring: RingArg,
+    /// On stop, how long requests in flight may take before they are aborted (failed,
+    /// or with recovery re-queued), in seconds.
+    #[arg(long, global = true, value_name = "SECS", default_value_t = 30)]
+    stop_timeout: u64,
+    /// Inject faults (for testing): comma-separated delay=DUR, fail=PCT, range=OFF:LEN,
+    /// ops=read|write|all, errno=NAME, stall=AFTER:DUR|inf, panic=N, seed=N.
+    #[arg(long, global = true, value_name = "SPEC")]
+    fault: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -6,6 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
@@ -14,19 +15,53 @@ use crate::sys::uapi::{self, CtrlCmd, DevInfo, Params};
 
 pub const CONTROL_PATH: &str = "/dev/ublk-control";
 
+/// How long a control command may take before it is reported as hung. START/STOP/DEL
+/// wait on the block layer (partition scan, draining IO, the last close of the char
+/// device); nothing else should take more than a moment.
+pub const CMD_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// An open `/dev/ublk-control` with its own small SQE128 ring.
 ///
-/// Commands are synchronous: each call submits one SQE and waits for its CQE, so the
-/// buffers it points the kernel at live on the caller's stack until completion.
+/// Each command gets a sequence number as `user_data`, and the buffer the kernel is
+/// pointed at is owned here (copied in and out), so that a command that times out
+/// can be abandoned safely: its buffer stays allocated until its completion is seen,
+/// or for the life of the process if it never comes.
 pub struct Control {
     ring: IoUring<squeue::Entry128, cqueue::Entry>,
     file: File,
+    seq: u64,
+    /// Commands submitted whose completion has not been seen, with their buffers.
+    pending: Vec<(u64, Vec<u8>)>,
+    /// Completions seen for commands nobody waits on any more.
+    results: Vec<(u64, i32)>,
 }
 
 impl std::fmt::Debug for Control {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Control").field("fd", &self.file.as_raw_fd()).finish()
+        f.debug_struct("Control").field("fd", &self.file.as_raw_fd()).field("pending", &self.pending.len()).finish()
     }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        // A command still with the kernel may write to its buffer after the ring is
+        // closed (the ring's teardown is asynchronous): those few bytes are leaked.
+        for (_, buf) in self.pending.drain(..) {
+            std::mem::forget(buf);
+        }
+    }
+}
+
+/// A command sent with a `*_begin` method, still to be waited for.
+#[derive(Debug)]
+pub struct PendingCmd(Submitted);
+
+/// A submitted command, for [`Control::wait`].
+#[derive(Debug)]
+struct Submitted {
+    seq: u64,
+    name: &'static str,
+    dev: String,
 }
 
 impl Control {
@@ -44,43 +79,103 @@ impl Control {
             }
         })?;
         let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
-            .build(4)
+            .build(8)
             .map_err(|e| Error::io("creating the control io_uring (SQE128)", e))?;
-        Ok(Self { ring, file })
+        Ok(Self { ring, file, seq: 0, pending: Vec::new(), results: Vec::new() })
     }
 
-    /// Runs one control command. `buf`, when given, is what `addr`/`len` point at.
-    fn exec(&mut self, cmd_op: u32, name: &'static str, mut cmd: CtrlCmd, buf: Option<&mut [u8]>) -> Result<i32> {
-        if let Some(buf) = buf {
-            cmd.addr = buf.as_mut_ptr() as u64;
-            cmd.len = u16::try_from(buf.len()).map_err(|_| Error::Config(format!("{name}: buffer too large")))?;
-        }
+    /// Queues one command and hands it to the kernel. `buf`, when given, is what
+    /// `addr`/`len` point at; it is kept in `self.pending` until the command completes.
+    fn submit(&mut self, cmd_op: u32, name: &'static str, mut cmd: CtrlCmd, buf: Option<&[u8]>) -> Result<Submitted> {
         let dev = if cmd.dev_id == u32::MAX { "(new)".to_string() } else { cmd.dev_id.to_string() };
+        self.seq += 1;
+        let seq = self.seq;
+        let mut owned = buf.map(<[u8]>::to_vec).unwrap_or_default();
+        if buf.is_some() {
+            cmd.addr = owned.as_mut_ptr() as u64;
+            cmd.len = u16::try_from(owned.len()).map_err(|_| Error::Config(format!("{name}: buffer too large")))?;
+        }
         let sqe = opcode::UringCmd80::new(types::Fd(self.file.as_raw_fd()), cmd_op)
             .cmd(cmd.to_cmd80())
             .build()
-            .user_data(u64::from(cmd_op));
-        // SAFETY: the SQE points at `buf` (borrowed for this whole call) and reads the
-        // command inline; we wait for its completion below before returning, so the
-        // buffer outlives the kernel's use of it. The control fd is open (self.file).
+            .user_data(seq);
+        // SAFETY: the SQE names `owned`'s heap memory, which moves into `self.pending`
+        // (moving a Vec does not move its heap buffer) and is freed only after this
+        // command's CQE is seen, or never (Drop leaks what is still pending). The
+        // command itself is inline in the SQE; the control fd is open (self.file).
         unsafe { self.ring.submission().push(&sqe) }
             .map_err(|_| Error::Config("control ring unexpectedly full".into()))?;
+        self.pending.push((seq, owned));
         loop {
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) => {
-                    return Err(Error::Ctrl { cmd: name, dev, cause: e });
-                }
-            }
-            if let Some(cqe) = self.ring.completion().next() {
-                let res = cqe.result();
-                if res < 0 {
-                    return Err(Error::Ctrl { cmd: name, dev, cause: io::Error::from_raw_os_error(-res) });
-                }
-                return Ok(res);
+            match self.ring.submit() {
+                Ok(_) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => return Err(Error::Ctrl { cmd: name, dev, cause: e }),
             }
         }
+        Ok(Submitted { seq, name, dev })
+    }
+
+    /// Waits up to `timeout` for `cmd` to complete. Ok(None) on timeout: the command
+    /// stays pending and may be waited for again. On completion, returns the result
+    /// and the command's buffer.
+    fn wait(&mut self, cmd: &Submitted, timeout: Duration) -> Result<Option<(i32, Vec<u8>)>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let cqes: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
+            self.results.extend(cqes);
+            if let Some(i) = self.results.iter().position(|&(s, _)| s == cmd.seq) {
+                let (_, res) = self.results.swap_remove(i);
+                let buf = self.take_pending(cmd.seq);
+                return Ok(Some((res, buf)));
+            }
+            // Buffers of abandoned commands that have now completed can go.
+            let done: Vec<u64> = self.results.iter().map(|&(s, _)| s).collect();
+            self.pending.retain(|(s, _)| !done.contains(s));
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            let left = deadline - now;
+            let ts = types::Timespec::new().sec(left.as_secs()).nsec(left.subsec_nanos());
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::ETIME | libc::EBUSY)) => {}
+                Err(e) => return Err(Error::Ctrl { cmd: cmd.name, dev: cmd.dev.clone(), cause: e }),
+            }
+        }
+    }
+
+    fn take_pending(&mut self, seq: u64) -> Vec<u8> {
+        match self.pending.iter().position(|(s, _)| *s == seq) {
+            Some(i) => self.pending.swap_remove(i).1,
+            None => Vec::new(),
+        }
+    }
+
+    /// Runs one control command and waits (up to [`CMD_TIMEOUT`]) for it. `buf`, when
+    /// given, is what `addr`/`len` point at, and receives what the kernel wrote there.
+    /// EINTR from the kernel (a wait interrupted) is retried.
+    fn exec(&mut self, cmd_op: u32, name: &'static str, cmd: CtrlCmd, mut buf: Option<&mut [u8]>) -> Result<i32> {
+        for _ in 0..5 {
+            let sub = self.submit(cmd_op, name, cmd, buf.as_deref())?;
+            let Some((res, owned)) = self.wait(&sub, CMD_TIMEOUT)? else {
+                return Err(Error::CtrlTimeout { cmd: name, dev: sub.dev, secs: CMD_TIMEOUT.as_secs() });
+            };
+            if res == -libc::EINTR {
+                continue;
+            }
+            if res < 0 {
+                return Err(Error::Ctrl { cmd: name, dev: sub.dev, cause: io::Error::from_raw_os_error(-res) });
+            }
+            if let Some(b) = buf.as_deref_mut() {
+                let n = b.len().min(owned.len());
+                b[..n].copy_from_slice(&owned[..n]);
+            }
+            return Ok(res);
+        }
+        Err(Error::Ctrl { cmd: name, dev: cmd.dev_id.to_string(), cause: io::Error::from_raw_os_error(libc::EINTR) })
     }
 
     /// Feature bits the running kernel's ublk driver supports.
@@ -164,9 +259,36 @@ impl Control {
     }
 
     pub fn stop_dev(&mut self, dev_id: u32) -> Result<()> {
+        let cmd = self.stop_dev_begin(dev_id)?;
+        self.finish(&cmd, CMD_TIMEOUT)
+    }
+
+    /// Sends STOP_DEV without waiting: it completes once the requests in flight have
+    /// completed and the disk is gone. Wait for it with [`Control::finish`].
+    pub fn stop_dev_begin(&mut self, dev_id: u32) -> Result<PendingCmd> {
         let cmd = CtrlCmd { dev_id, queue_id: u16::MAX, ..Default::default() };
-        self.exec(uapi::CMD_STOP_DEV, "STOP_DEV", cmd, None)?;
-        Ok(())
+        Ok(PendingCmd(self.submit(uapi::CMD_STOP_DEV, "STOP_DEV", cmd, None)?))
+    }
+
+    /// Waits up to `timeout` for `cmd`: Ok(false) if it has not completed yet (it may
+    /// be waited for again), Ok(true) once it has succeeded.
+    pub fn try_finish(&mut self, cmd: &PendingCmd, timeout: Duration) -> Result<bool> {
+        match self.wait(&cmd.0, timeout)? {
+            None => Ok(false),
+            Some((res, _)) if res < 0 => {
+                Err(Error::Ctrl { cmd: cmd.0.name, dev: cmd.0.dev.clone(), cause: io::Error::from_raw_os_error(-res) })
+            }
+            Some(_) => Ok(true),
+        }
+    }
+
+    /// Like [`Control::try_finish`], with a timeout error if it does not complete.
+    pub fn finish(&mut self, cmd: &PendingCmd, timeout: Duration) -> Result<()> {
+        if self.try_finish(cmd, timeout)? {
+            Ok(())
+        } else {
+            Err(Error::CtrlTimeout { cmd: cmd.0.name, dev: cmd.0.dev.clone(), secs: timeout.as_secs() })
+        }
     }
 
     /// DEL_DEV: waits until `/dev/ublkcN` is closed by everyone.

@@ -31,12 +31,36 @@ pub(crate) struct Live {
     pub(crate) cdev: Option<Arc<OwnedFd>>,
     pub(crate) queues: Vec<QueueHandle>,
     pub(crate) events: Option<Receiver<QueueEvent>>,
+    /// How long STOP_DEV may wait for requests in flight before they are aborted.
+    pub(crate) stop_grace: Duration,
+    /// A queue thread failed: its requests will never complete, so teardown aborts
+    /// the queues at once instead of waiting for them to drain.
+    pub(crate) queue_failed: bool,
+    /// The device was created with USER_RECOVERY.
+    pub(crate) recoverable: bool,
+    /// Counters of the queues joined so far, and the first failure joining them.
+    joined: Vec<Arc<QueueStats>>,
+    join_err: Option<Error>,
     done: bool,
 }
 
 impl Live {
     pub(crate) fn new(ctrl: Control, dev_id: u32, on_exit: OnExit) -> Self {
-        Self { ctrl, dev_id, started: false, on_exit, cdev: None, queues: Vec::new(), events: None, done: false }
+        Self {
+            ctrl,
+            dev_id,
+            started: false,
+            on_exit,
+            cdev: None,
+            queues: Vec::new(),
+            events: None,
+            stop_grace: Duration::from_secs(30),
+            queue_failed: false,
+            recoverable: false,
+            joined: Vec::new(),
+            join_err: None,
+            done: false,
+        }
     }
 
     /// Waits until every queue has fetched its tags, or one fails.
@@ -46,6 +70,7 @@ impl Live {
             let Some(events) = &self.events else { return Err(Error::Config("no queue events".into())) };
             match events.recv_timeout(Duration::from_secs(60)) {
                 Ok(QueueEvent::Ready(r)) => reports.push(r),
+                Ok(QueueEvent::TargetFailed { q_id, msg }) => return Err(Error::Queue { q_id, msg }),
                 Ok(QueueEvent::Exited { q_id, result }) => {
                     return Err(Error::Queue {
                         q_id,
@@ -82,7 +107,17 @@ impl Live {
             }
             let Some(events) = &self.events else { return Err(Error::Config("no queue events".into())) };
             match events.try_recv() {
-                Ok(QueueEvent::Exited { q_id, result: Err(msg) }) => return Err(Error::Queue { q_id, msg }),
+                Ok(QueueEvent::Exited { q_id, result: Err(msg) }) => {
+                    // The thread is gone with requests the kernel waits for. With recovery
+                    // the device is left for `recover` (no IO is lost); else it is removed.
+                    self.queue_failed = true;
+                    if self.recoverable {
+                        self.on_exit = OnExit::Leave;
+                    }
+                    return Err(Error::Queue { q_id, msg });
+                }
+                // The queue fails every request from now on: a normal stop drains it.
+                Ok(QueueEvent::TargetFailed { q_id, msg }) => return Err(Error::Queue { q_id, msg }),
                 Ok(QueueEvent::Exited { q_id, result: Ok(()) }) => {
                     return Ok(format!("queue {q_id} was stopped by the kernel (device stopped from outside)"));
                 }
@@ -99,25 +134,29 @@ impl Live {
         let mut first_err = None;
         tracing::debug!(dev_id = self.dev_id, started = self.started, "teardown: STOP_DEV");
         let delete = self.on_exit == OnExit::Delete;
-        if delete
-            && self.started
-            && let Err(e) = self.ctrl.stop_dev(self.dev_id)
-            && e.raw_os_error() != Some(libc::ENODEV)
-        {
-            first_err.get_or_insert(e);
+        if self.queue_failed {
+            // A queue thread died with requests the kernel will wait for forever: stop
+            // serving at once. Once the char device is closed the kernel fails those
+            // requests, or with recovery re-queues them, and STOP_DEV can finish.
+            tracing::warn!(dev_id = self.dev_id, "a queue thread failed: aborting the queues");
+            self.abort_queues();
+        }
+        if delete && self.started {
+            match self.stop_dev() {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {}
+                Err(e) => _ = first_err.get_or_insert(e),
+            }
         }
         tracing::debug!(dev_id = self.dev_id, "teardown: waking queues");
         for q in &self.queues {
             q.wake();
         }
-        let mut stats = Vec::new();
-        for q in self.queues.drain(..) {
-            stats.push(q.stats);
-            if q.join.join().is_err() {
-                first_err.get_or_insert(Error::Queue { q_id: q.q_id, msg: "queue thread panicked".into() });
-            }
-        }
+        self.join_queues();
         self.cdev = None;
+        if let Some(e) = self.join_err.take() {
+            first_err.get_or_insert(e);
+        }
         if delete {
             tracing::debug!(dev_id = self.dev_id, "teardown: DEL_DEV");
             match self.ctrl.del_dev(self.dev_id) {
@@ -133,7 +172,44 @@ impl Live {
         }
         match first_err {
             Some(e) => Err(e),
-            None => Ok(stats),
+            None => Ok(std::mem::take(&mut self.joined)),
+        }
+    }
+}
+
+impl Live {
+    /// STOP_DEV: waits `stop_grace` for the requests in flight; then the queues are
+    /// aborted and the char device closed, so that the kernel fails (or re-queues)
+    /// what is left, and STOP_DEV gets a last `CMD_TIMEOUT`.
+    fn stop_dev(&mut self) -> Result<()> {
+        let cmd = self.ctrl.stop_dev_begin(self.dev_id)?;
+        if self.ctrl.try_finish(&cmd, self.stop_grace)? {
+            return Ok(());
+        }
+        tracing::warn!(
+            dev_id = self.dev_id,
+            "STOP_DEV has waited {} s for requests in flight: aborting them",
+            self.stop_grace.as_secs()
+        );
+        self.abort_queues();
+        self.ctrl.finish(&cmd, crate::ctrl::CMD_TIMEOUT)
+    }
+
+    /// Tells every queue to give up and exit, joins them, and closes the char device.
+    fn abort_queues(&mut self) {
+        for q in &self.queues {
+            q.abort();
+        }
+        self.join_queues();
+        self.cdev = None;
+    }
+
+    fn join_queues(&mut self) {
+        for q in self.queues.drain(..) {
+            self.joined.push(q.stats);
+            if q.join.join().is_err() {
+                self.join_err.get_or_insert(Error::Queue { q_id: q.q_id, msg: "queue thread panicked".into() });
+            }
         }
     }
 }

@@ -42,6 +42,9 @@ pub struct DeviceOptions {
     pub recovery: Recovery,
     /// Queue ring flags (None: the best the kernel accepts), for tuning studies.
     pub ring: Option<RingMode>,
+    /// On stop, how long requests in flight may take to complete before the queues
+    /// give up on them (the kernel then fails them, or re-queues them for recovery).
+    pub stop_grace: Duration,
 }
 
 /// What the kernel does with a device whose daemon dies.
@@ -89,6 +92,7 @@ impl Default for DeviceOptions {
             buffer: BufferChoice::Auto,
             recovery: Recovery::Reissue,
             ring: None,
+            stop_grace: Duration::from_secs(30),
         }
     }
 }
@@ -325,15 +329,10 @@ fn run(
     let dev_id = info.dev_id;
     let char_path = PathBuf::from(format!("/dev/ublkc{dev_id}"));
     wait_for_node(&char_path)?;
-    let cdev: Arc<OwnedFd> = Arc::new(
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&char_path)
-            .map_err(|e| Error::Open { path: char_path.clone(), cause: e })?
-            .into(),
-    );
+    let cdev: Arc<OwnedFd> = Arc::new(open_char_dev(&char_path)?);
     live.cdev = Some(Arc::clone(&cdev));
+    live.stop_grace = opts.stop_grace;
+    live.recoverable = info.flags & features::F_USER_RECOVERY != 0;
     let (tx, rx) = mpsc::channel();
     live.events = Some(rx);
     for q_id in 0..info.nr_hw_queues {
@@ -365,6 +364,7 @@ fn run(
     // Only `live` and the queue threads may keep the char device open: DEL_DEV waits for the last close.
     drop(cdev);
     let reports = live.wait_ready()?;
+    debug_pause(if recovered { "before-end-recovery" } else { "before-start" });
     if recovered {
         live.ctrl.end_user_recovery(dev_id, sys::getpid())?;
         // Recovered and serving: from now on a clean stop removes the device.
@@ -396,6 +396,38 @@ fn run(
     let queue_stats = live.teardown()?;
     let stats = clock.sample(&queue_stats, true);
     Ok(ServeSummary { dev_id, reason, stats })
+}
+
+/// Opens `/dev/ublkcN`. The driver allows one opener at a time, and udev may hold the
+/// node for a moment after it appears (EBUSY): that is retried for up to 10 s.
+fn open_char_dev(path: &Path) -> Result<OwnedFd> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match OpenOptions::new().read(true).write(true).open(path) {
+            Ok(f) => return Ok(f.into()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                return Err(Error::Config(format!(
+                    "{} is held open by another process (EBUSY for 10 s): is another ublk server using it?",
+                    path.display()
+                )));
+            }
+            Err(e) => return Err(Error::Open { path: path.into(), cause: e }),
+        }
+    }
+}
+
+/// Test hook: with `UBD_DEBUG_PAUSE=<point>` the daemon stops itself (SIGSTOP) at that
+/// point, so that a test can kill it there. Points: `before-start` (queues ready,
+/// START_DEV not sent), `before-end-recovery` (START_USER_RECOVERY done, queues
+/// ready, END_USER_RECOVERY not sent).
+fn debug_pause(point: &str) {
+    if std::env::var("UBD_DEBUG_PAUSE").is_ok_and(|p| p == point) {
+        tracing::warn!("UBD_DEBUG_PAUSE: stopping at {point}");
+        sys::stop_self();
+    }
 }
 
 fn wait_for_node(path: &Path) -> Result<()> {

@@ -61,6 +61,8 @@ pub enum QueueEvent {
     Ready(QueueReport),
     /// The thread ended; Err if it failed (before or after Ready).
     Exited { q_id: u16, result: Result<(), String> },
+    /// The target panicked: the queue fails every request from now on.
+    TargetFailed { q_id: u16, msg: String },
 }
 
 /// The control thread's handle on a running queue thread.
@@ -75,12 +77,26 @@ pub struct QueueHandle {
 impl QueueHandle {
     /// Asks the thread to finish (once nothing is in flight) and exit.
     pub fn wake(&self) {
+        self.signal(WAKE_STOP);
+    }
+
+    /// Asks the thread to exit now, giving up on requests still in the target (the
+    /// kernel fails or, with recovery, re-queues them once the thread is gone).
+    pub fn abort(&self) {
+        self.signal(WAKE_ABORT);
+    }
+
+    fn signal(&self, value: u64) {
         use std::os::fd::AsFd;
-        if let Err(e) = crate::sys::eventfd_signal(self.wake.as_fd()) {
+        if let Err(e) = crate::sys::eventfd_add(self.wake.as_fd(), value) {
             tracing::warn!(q_id = self.q_id, "cannot wake queue thread: {e}");
         }
     }
 }
+
+/// Wake-up values added to a queue's eventfd (a read returns their sum).
+const WAKE_STOP: u64 = 1;
+const WAKE_ABORT: u64 = 1 << 32;
 
 /// Starts queue thread `cfg.q_id`. The thread sends `Ready` once its tags are fetched
 /// and `Exited` when it ends, whatever the reason (a panic included).
@@ -98,28 +114,25 @@ pub fn spawn(
     let join = std::thread::Builder::new()
         .name(format!("ubd-q{q_id}"))
         .spawn(move || {
-            let mut guard = ExitGuard { q_id, events: events.clone(), sent: false };
-            let result = run(cfg, &*target, &cdev, wake_thread, &stats_thread, &events).map_err(|e| e.to_string());
-            guard.sent = true;
+            let run = std::panic::AssertUnwindSafe(|| run(cfg, &*target, &cdev, wake_thread, &stats_thread, &events));
+            let result = match std::panic::catch_unwind(run) {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(payload) => Err(format!("queue thread panicked: {}", panic_message(&*payload))),
+            };
             let _ = events.send(QueueEvent::Exited { q_id, result });
         })
         .map_err(|e| Error::io(format!("spawning queue thread {q_id}"), e))?;
     Ok(QueueHandle { q_id, join, wake, stats })
 }
 
-/// Reports a panic as an exit, so the control thread never waits on a dead queue.
-struct ExitGuard {
-    q_id: u16,
-    events: Sender<QueueEvent>,
-    sent: bool,
-}
-
-impl Drop for ExitGuard {
-    fn drop(&mut self) {
-        if !self.sent {
-            let _ =
-                self.events.send(QueueEvent::Exited { q_id: self.q_id, result: Err("queue thread panicked".into()) });
-        }
+/// The text of a panic, for the one-line error.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s
+    } else {
+        "(no message)"
     }
 }
 
@@ -183,6 +196,10 @@ fn run(
         cmds_inflight: 0,
         in_target: 0,
         stopping: false,
+        aborting: false,
+        poisoned: None,
+        events: events.clone(),
+        tag_sqes: vec![0; usize::from(cfg.depth)],
         errors_seen: 0,
         stats,
         recorder: Recorder::default(),
@@ -218,6 +235,14 @@ struct Queue<'a> {
     cmds_inflight: u32,
     in_target: u32,
     stopping: bool,
+    /// Told to abort: give up on requests still in the target and exit now.
+    aborting: bool,
+    /// The target panicked (message): it is not called again, and every request on
+    /// this queue fails with EIO until the device is stopped.
+    poisoned: Option<String>,
+    events: Sender<QueueEvent>,
+    /// Target SQEs in flight per tag.
+    tag_sqes: Vec<u16>,
     errors_seen: u64,
     stats: &'a QueueStats,
     recorder: Recorder,
@@ -239,6 +264,9 @@ impl Queue<'_> {
     }
 
     fn done(&self) -> bool {
+        if self.aborting {
+            return true;
+        }
         if self.sq.target_inflight > 0 || self.sq.aux_inflight > 0 || self.in_target > 0 {
             return false;
         }
@@ -263,6 +291,15 @@ impl Queue<'_> {
             self.recorder.maybe_flush(self.stats, false);
         }
         self.recorder.maybe_flush(self.stats, true);
+        if self.aborting && (self.in_target > 0 || self.sq.target_inflight > 0 || self.sq.aux_inflight > 0) {
+            tracing::warn!(
+                q_id = self.q_id,
+                "aborting with {} requests in the target ({} target SQEs in flight): the kernel fails them",
+                self.in_target,
+                self.sq.target_inflight
+            );
+            self.sq.abandon_buffers();
+        }
         tracing::debug!(q_id = self.q_id, cmds = self.cmds_inflight, stopping = self.stopping, "queue loop done");
         Ok(())
     }
@@ -273,9 +310,17 @@ impl Queue<'_> {
             return;
         };
         match kind {
+            Kind::Wake if self.sq.wake_value() >= WAKE_ABORT => {
+                tracing::debug!(q_id = self.q_id, "wake-up: aborting");
+                self.aborting = true;
+            }
             Kind::Wake => {
                 tracing::debug!(q_id = self.q_id, "wake-up: stopping");
                 self.stopping = true;
+                // Armed again, for an abort.
+                if self.sq.push_wake().is_err() {
+                    tracing::warn!(q_id = self.q_id, "cannot re-arm the wake-up read");
+                }
             }
             Kind::Ublk => self.on_ublk(tag, res),
             Kind::Target => self.on_target(tag, cookie, res),
@@ -304,8 +349,7 @@ impl Queue<'_> {
                     Ok(req) => {
                         self.slots[idx] = Slot::InTarget(req);
                         self.in_target += 1;
-                        let mut io = IoCtx { sq: &mut self.sq, tag };
-                        if let Disposition::Done(r) = self.target.submit(&req, &mut io) {
+                        if let Disposition::Done(r) = self.call_target(tag, |t, io| t.submit(&req, io)) {
                             self.commit(tag, r);
                         }
                     }
@@ -337,9 +381,48 @@ impl Queue<'_> {
             tracing::error!(q_id = self.q_id, tag, "target completion for a tag not in the target");
             return;
         };
-        let mut io = IoCtx { sq: &mut self.sq, tag };
-        if let Disposition::Done(r) = self.target.complete(&req, cookie, res, &mut io) {
+        let idx = usize::from(tag);
+        self.tag_sqes[idx] = self.tag_sqes[idx].saturating_sub(1);
+        if self.poisoned.is_some() {
+            // The target is not called again; the request fails once none of its SQEs
+            // is in flight (they may still use its buffer).
+            if self.tag_sqes[idx] == 0 {
+                self.commit(tag, -libc::EIO);
+            }
+            return;
+        }
+        if let Disposition::Done(r) = self.call_target(tag, |t, io| t.complete(&req, cookie, res, io)) {
             self.commit(tag, r);
+        }
+    }
+
+    /// Calls into the target for `tag`. A panic there poisons the queue: the request
+    /// fails with EIO (once its SQEs are done), as does every later one, and the
+    /// control thread is told so that it stops the device.
+    fn call_target(
+        &mut self,
+        tag: u16,
+        f: impl FnOnce(&mut dyn QueueTarget, &mut IoCtx<'_>) -> Disposition,
+    ) -> Disposition {
+        if self.poisoned.is_some() {
+            return Disposition::Done(-libc::EIO);
+        }
+        let before = self.sq.target_inflight;
+        let target = &mut *self.target;
+        let mut io = IoCtx { sq: &mut self.sq, tag };
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(target, &mut io)));
+        let pushed = self.sq.target_inflight.saturating_sub(before);
+        let idx = usize::from(tag);
+        self.tag_sqes[idx] = self.tag_sqes[idx].saturating_add(u16::try_from(pushed).unwrap_or(u16::MAX));
+        match out {
+            Ok(d) => d,
+            Err(payload) => {
+                let msg = format!("target panicked: {}", panic_message(&*payload));
+                tracing::error!(q_id = self.q_id, "{msg}; failing every request on this queue");
+                let _ = self.events.send(QueueEvent::TargetFailed { q_id: self.q_id, msg: msg.clone() });
+                self.poisoned = Some(msg);
+                if self.tag_sqes[idx] == 0 { Disposition::Done(-libc::EIO) } else { Disposition::Pending }
+            }
         }
     }
 

@@ -32,7 +32,11 @@ pub struct SqWriter {
     /// Per-tag buffers (copy mode only).
     bufs: Option<Region>,
     wake_fd: OwnedFd,
-    wake_buf: Box<u64>,
+    /// Where the wake-up read lands. Leaked on purpose: a read may still be armed when
+    /// the ring is closed, and the ring's teardown in the kernel is asynchronous.
+    wake_buf: &'static mut u64,
+    /// Per-tag timeout values for `push_timeout` (read by the kernel at submission).
+    timeouts: Vec<types::Timespec>,
     q_id: u16,
     depth: u16,
     buf_size: u32,
@@ -51,6 +55,16 @@ pub struct SqWriter {
 impl std::fmt::Debug for SqWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SqWriter").field("q_id", &self.q_id).field("mode", &self.mode).finish()
+    }
+}
+
+impl Drop for SqWriter {
+    fn drop(&mut self) {
+        // Dropped with target IO in flight (an abort, a panic): the ring's teardown in
+        // the kernel is asynchronous, so the buffers that IO uses must stay mapped.
+        if self.target_inflight > 0 {
+            self.abandon_buffers();
+        }
     }
 }
 
@@ -137,7 +151,8 @@ impl SqWriter {
             ring,
             bufs: bufs.region,
             wake_fd,
-            wake_buf: Box::new(0),
+            wake_buf: Box::leak(Box::new(0)),
+            timeouts: vec![types::Timespec::new(); usize::from(depth)],
             q_id,
             depth,
             buf_size,
@@ -223,6 +238,11 @@ impl SqWriter {
         unsafe { self.push(&sqe) }
     }
 
+    /// What the last wake-up read returned (the sum of the values signalled).
+    pub(crate) fn wake_value(&self) -> u64 {
+        *self.wake_buf
+    }
+
     /// Arms the wake-up read on the eventfd.
     pub fn push_wake(&mut self) -> Result<(), i32> {
         let ptr: *mut u64 = &raw mut *self.wake_buf;
@@ -231,8 +251,8 @@ impl SqWriter {
             0,
             0,
         ));
-        // SAFETY: `wake_buf` is heap memory owned by self (stable address), dropped after
-        // the ring; `wake_fd` is open for the life of self.
+        // SAFETY: `wake_buf` is leaked heap memory (valid forever); `wake_fd` is open
+        // for the life of self, and the ring (declared first) is closed before it.
         unsafe { self.push(&sqe) }
     }
 
@@ -313,6 +333,29 @@ impl SqWriter {
         unsafe { self.push(&sqe.user_data(tag::encode(Kind::Target, tag, cookie))) }?;
         self.target_inflight += 1;
         Ok(())
+    }
+
+    /// A timer for `tag`: completes (with -ETIME) after `after`. Names no memory past
+    /// submission: the kernel copies the timespec when it prepares the SQE.
+    pub(crate) fn push_timeout(&mut self, tag: u16, after: std::time::Duration, cookie: u16) -> Result<(), i32> {
+        let Some(ts) = self.timeouts.get_mut(usize::from(tag)) else { return Err(-libc::EINVAL) };
+        *ts = types::Timespec::new().sec(after.as_secs()).nsec(after.subsec_nanos());
+        let ptr: *const types::Timespec = ts;
+        let sqe = opcode::Timeout::new(ptr).count(0).build().user_data(tag::encode(Kind::Target, tag, cookie));
+        // SAFETY: `ptr` is this tag's slot in `self.timeouts`, which is never resized and
+        // lives as long as the ring; a tag has one timer at a time, so the slot is not
+        // rewritten before the SQE is submitted (the kernel copies it then).
+        unsafe { self.push(&sqe) }?;
+        self.target_inflight += 1;
+        Ok(())
+    }
+
+    /// The queue gives up with target IO possibly still in flight: the copy buffers it
+    /// may read into or write from are never unmapped.
+    pub(crate) fn abandon_buffers(&mut self) {
+        if let Some(region) = self.bufs.take() {
+            std::mem::forget(region);
+        }
     }
 
     /// Submits everything queued, waiting for at least `want` completions.

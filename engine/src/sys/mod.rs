@@ -96,10 +96,20 @@ pub fn eventfd() -> io::Result<OwnedFd> {
 }
 
 pub fn eventfd_signal(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let one: u64 = 1;
+    eventfd_add(fd, 1)
+}
+
+/// Adds `value` to an eventfd's counter.
+pub fn eventfd_add(fd: BorrowedFd<'_>, value: u64) -> io::Result<()> {
     // SAFETY: writes 8 bytes from a live local u64 to an open eventfd.
-    let n = unsafe { libc::write(fd.as_raw_fd(), (&raw const one).cast(), 8) };
+    let n = unsafe { libc::write(fd.as_raw_fd(), (&raw const value).cast(), 8) };
     if n == 8 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Stops the whole process (SIGSTOP) until a SIGCONT or SIGKILL.
+pub fn stop_self() {
+    // SAFETY: raise has no memory-safety preconditions.
+    unsafe { libc::raise(libc::SIGSTOP) };
 }
 
 /// Does a process with this pid exist?
