@@ -427,6 +427,25 @@ mod tests {
         assert!((9_000..11_000).contains(&n), "{n} of 100000 failed, want about 10%");
     }
 
+    proptest::proptest! {
+        #[test]
+        fn parse_never_panics(text in "[a-z=,:%0-9.]{0,40}") {
+            let _ = FaultSpec::parse(&text);
+        }
+
+        #[test]
+        fn parses_generated_specs(ms in 0u64..10_000, pct in 0u32..=100, off in 0u64..1 << 30, len in 1u64..1 << 20,
+                                  after in 0u64..1_000_000, seed: u64) {
+            let text = format!("delay={ms}ms,fail={pct}%,range={off}:{len},stall={after}:inf,seed={seed}");
+            let s = FaultSpec::parse(&text).unwrap();
+            proptest::prop_assert_eq!(s.delay, Some(Duration::from_millis(ms)));
+            proptest::prop_assert_eq!(s.fail_ppm, pct * 10_000);
+            proptest::prop_assert_eq!(s.range, Some((off, len)));
+            proptest::prop_assert_eq!(s.stall, Some((after, None)));
+            proptest::prop_assert_eq!(s.seed, seed);
+        }
+    }
+
     struct Never;
     impl QueueTarget for Never {
         fn submit(&mut self, _: &IoRequest, _: &mut IoCtx<'_>) -> Disposition {

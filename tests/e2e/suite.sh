@@ -291,7 +291,7 @@ available_modes() {
 # kill -9 the daemon in the middle of a verified random-write job, `recover`, let fio
 # finish, then verify everything again: no verify error, in every buffer mode.
 case_recover() {
-    local modes round=0 rounds=${UBD_RECOVER_ROUNDS:-4}
+    local modes round=0 rounds=${UBD_RECOVER_ROUNDS:-10}
     mapfile -t modes < <(available_modes)
     truncate -s 64M "$FS/rec.img"
     while ((round < rounds)); do
@@ -360,12 +360,12 @@ case_sigterm_under_load() {
 
 # Many add/start/stop/delete cycles leak nothing; some with fio running during the stop.
 case_cycles() {
-    local i n=${UBD_CYCLES:-50}
+    local i n=${UBD_CYCLES:-100} nf=${UBD_FIO_CYCLES:-20}
     for ((i = 0; i < n; i++)); do
         start_dev --queues 1 --depth 4 null --size 16M >/dev/null
         stop_dev
     done
-    for ((i = 0; i < 5; i++)); do
+    for ((i = 0; i < nf; i++)); do
         start_dev --queues 2 --depth 16 null --size 64M >/dev/null
         fio --name=c --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randread --bs=4k --iodepth=16 \
             --time_based --runtime=30 >/dev/null 2>&1 &
@@ -375,7 +375,7 @@ case_cycles() {
     done
     [[ -z $(ublk_devs) ]]
     [[ -z $(ls /dev/ublkc* 2>/dev/null) ]] || fail "char devices left: $(ls /dev/ublkc*)"
-    log "$n add/del cycles and 5 with fio running during the stop: nothing left"
+    log "$n add/del cycles and $nf with fio running during the stop: nothing left"
 }
 
 # Waits until device ID has served some reads (fio starts slowly under emulation).
