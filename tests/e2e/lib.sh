@@ -36,6 +36,24 @@ start_dev() {
     log "started $DEV (pid $PID): ubd-engine $*"
 }
 
+# start_recover ID: runs `ubd-engine recover ID` in the background and waits for it
+# to print the device path. Sets PID and LOG (fresh files: a background job's
+# redirections may happen after this shell goes on).
+start_recover() {
+    local id=$1 out
+    out=$(mktemp "$WORK/rout.XXXXXX")
+    LOG=$(mktemp "$WORK/rlog.XXXXXX")
+    "$UBD" recover "$id" >"$out" 2>"$LOG" &
+    PID=$!
+    local deadline=$((SECONDS + START_TIMEOUT))
+    until [[ -s $out ]]; do
+        kill -0 "$PID" 2>/dev/null || { cat "$LOG" >&2; fail "recover $id exited"; }
+        ((SECONDS < deadline)) || fail "recover $id did not come up in ${START_TIMEOUT}s"
+        sleep 0.1
+    done
+    grep -q "recovered device $id" "$LOG" || { cat "$LOG" >&2; fail "recover $id: no recovery reported"; }
+}
+
 # stop_dev [SIGNAL]: signals the daemon, waits for it, checks exit 0 and no device left.
 stop_dev() {
     local sig=${1:-TERM} rc=0

@@ -308,19 +308,7 @@ case_recover() {
         wait "$PID" 2>/dev/null || true
         "$UBD" list | grep -E "^$id +(quiesced|live) .* dead " >/dev/null ||
             fail "device $id not left for recovery: $("$UBD" list)"
-        # Per-round files: the background job's redirections happen after this shell goes on.
-        local out=$WORK/rec$round.out
-        LOG=$WORK/rec$round.log
-        rm -f "$out" "$LOG"
-        "$UBD" recover "$id" >"$out" 2>"$LOG" &
-        PID=$!
-        local deadline=$((SECONDS + START_TIMEOUT))
-        until [[ -s $out ]]; do
-            kill -0 "$PID" 2>/dev/null || { cat "$LOG" >&2; fail "round $round: recover exited"; }
-            ((SECONDS < deadline)) || fail "round $round: recover did not come up"
-            sleep 0.1
-        done
-        grep -q "recovered device $id" "$LOG" || { cat "$LOG" >&2; fail "round $round: no recovery"; }
+        start_recover "$id"
         local rc=0
         wait "$fio_pid" || rc=$?
         ((rc == 0)) || { cat "$WORK/fio-rec.out" >&2; fail "fio across the recovery exited $rc"; }
@@ -561,15 +549,7 @@ case_kill9_states() {
     wait_stopped "$pid"
     kill -KILL "$pid"
     wait "$pid" 2>/dev/null || true
-    LOG=$WORK/k2.log
-    "$UBD" recover "$id" >"$out" 2>"$LOG" &
-    PID=$!
-    local deadline=$((SECONDS + START_TIMEOUT))
-    until [[ -s $out ]]; do
-        kill -0 "$PID" 2>/dev/null || { cat "$LOG" >&2; fail "second recover exited"; }
-        ((SECONDS < deadline)) || fail "second recover did not come up"
-        sleep 0.1
-    done
+    start_recover "$id"
     local rc=0
     wait "$fio_pid" || rc=$?
     ((rc == 0)) || { cat "$WORK/fio-kr.out" >&2; fail "fio across the two recoveries exited $rc"; }

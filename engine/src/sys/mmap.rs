@@ -106,22 +106,54 @@ pub struct Region {
 unsafe impl Send for Region {}
 
 impl Region {
-    /// Maps `len` bytes, trying hugetlb, then THP, then small pages. `allow_huge`
-    /// false goes straight to small pages.
+    /// Maps `len` bytes, trying hugetlb, then THP, then small pages (`allow_huge` false
+    /// goes straight to small pages), populated and locked in memory (mlock) so that
+    /// request data never waits on a page fault or swap. If locking is refused (a
+    /// memlock limit), the pages are populated anyway and a warning says so.
     pub fn new(len: usize, allow_huge: bool) -> io::Result<Self> {
         if len == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "zero-length region"));
         }
+        let region = Self::map(len, allow_huge)?;
+        // SAFETY: locks exactly the mapping we own; mlock faults its pages in (with
+        // MADV_HUGEPAGE already set, as huge pages where the kernel can).
+        if unsafe { libc::mlock(region.ptr.as_ptr().cast(), region.len) } != 0 {
+            let e = io::Error::last_os_error();
+            tracing::warn!("cannot lock {} bytes of IO buffers in memory ({e}); they may be swapped", region.len);
+            // SAFETY: MADV_POPULATE_WRITE on our own mapping only faults pages in.
+            if unsafe { libc::madvise(region.ptr.as_ptr().cast(), region.len, libc::MADV_POPULATE_WRITE) } != 0 {
+                tracing::debug!("MADV_POPULATE_WRITE failed: {}", io::Error::last_os_error());
+            }
+        }
+        Ok(region)
+    }
+
+    fn map(len: usize, allow_huge: bool) -> io::Result<Self> {
         if allow_huge {
             let huge_len = len.next_multiple_of(HUGE);
             if let Ok(ptr) = Self::mmap_anon(huge_len, libc::MAP_HUGETLB) {
                 return Ok(Self { ptr, len: huge_len, kind: PageKind::Hugetlb });
             }
-            if let Ok(ptr) = Self::mmap_anon(huge_len, 0) {
-                let aligned = (ptr.as_ptr() as usize).is_multiple_of(HUGE);
-                // SAFETY: advice on a mapping we own, over exactly its length.
+            // THP: a 2 MiB-aligned range (over-allocate, trim), advised before any page
+            // is touched, so that the first faults already allocate huge pages.
+            if let Ok(raw) = Self::mmap_anon(huge_len + HUGE, 0) {
+                let start = raw.as_ptr() as usize;
+                let aligned = start.next_multiple_of(HUGE);
+                let (head, tail) = (aligned - start, HUGE - (aligned - start));
+                // SAFETY: both trims unmap parts of the mapping just made, outside
+                // [aligned, aligned + huge_len), which is what this Region keeps.
+                unsafe {
+                    if head > 0 {
+                        libc::munmap(raw.as_ptr().cast(), head);
+                    }
+                    if tail > 0 {
+                        libc::munmap((aligned + huge_len) as *mut libc::c_void, tail);
+                    }
+                }
+                let ptr = NonNull::new(aligned as *mut u8).ok_or_else(|| io::Error::other("null mapping"))?;
+                // SAFETY: advice on the mapping we own, over exactly its length.
                 let r = unsafe { libc::madvise(ptr.as_ptr().cast(), huge_len, libc::MADV_HUGEPAGE) };
-                let kind = if r == 0 && aligned { PageKind::Thp } else { PageKind::Small };
+                let kind = if r == 0 { PageKind::Thp } else { PageKind::Small };
                 return Ok(Self { ptr, len: huge_len, kind });
             }
         }
@@ -129,7 +161,10 @@ impl Region {
         Ok(Self { ptr, len, kind: PageKind::Small })
     }
 
+    /// A private anonymous mapping; hugetlb ones are populated at once (so that a
+    /// shortage of reserved pages fails here, not at first use).
     fn mmap_anon(len: usize, extra: libc::c_int) -> io::Result<NonNull<u8>> {
+        let populate = if extra & libc::MAP_HUGETLB != 0 { libc::MAP_POPULATE } else { 0 };
         // SAFETY: a fresh private anonymous mapping; no existing memory is affected
         // and the result is checked below.
         let p = unsafe {
@@ -137,7 +172,7 @@ impl Region {
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE | extra,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | populate | extra,
                 -1,
                 0,
             )
@@ -211,6 +246,9 @@ mod tests {
         let last = r.len() - 1;
         r.as_mut_slice()[last] = 1;
         assert!(matches!(r.kind(), PageKind::Hugetlb | PageKind::Thp | PageKind::Small));
+        if r.kind() != PageKind::Small {
+            assert!((r.as_ptr() as usize).is_multiple_of(HUGE), "huge-page region not 2 MiB aligned");
+        }
         Region::new(0, true).unwrap_err();
     }
 }
