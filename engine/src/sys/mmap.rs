@@ -140,15 +140,14 @@ impl Region {
                 let start = raw.as_ptr() as usize;
                 let aligned = start.next_multiple_of(HUGE);
                 let (head, tail) = (aligned - start, HUGE - (aligned - start));
-                // SAFETY: both trims unmap parts of the mapping just made, outside
-                // [aligned, aligned + huge_len), which is what this Region keeps.
-                unsafe {
-                    if head > 0 {
-                        libc::munmap(raw.as_ptr().cast(), head);
-                    }
-                    if tail > 0 {
-                        libc::munmap((aligned + huge_len) as *mut libc::c_void, tail);
-                    }
+                if head > 0 {
+                    // SAFETY: unmaps the part of the new mapping below `aligned`, which
+                    // this Region does not keep.
+                    unsafe { libc::munmap(raw.as_ptr().cast(), head) };
+                }
+                if tail > 0 {
+                    // SAFETY: unmaps the part of the new mapping past aligned + huge_len.
+                    unsafe { libc::munmap((aligned + huge_len) as *mut libc::c_void, tail) };
                 }
                 let ptr = NonNull::new(aligned as *mut u8).ok_or_else(|| io::Error::other("null mapping"))?;
                 // SAFETY: advice on the mapping we own, over exactly its length.
