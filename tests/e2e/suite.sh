@@ -556,6 +556,28 @@ case_kill9_states() {
     fio "${job[@]}" --verify_only >"$WORK/fio-ver.out" 2>&1 || { cat "$WORK/fio-ver.out" >&2; fail "verify failed"; }
     stop_dev
     log "kill -9 during recovery: a second recover took over; fio verify clean"
+    # With --recovery fail-io (6.13+), IO to a device without a daemon fails at once (EIO,
+    # or EREMOTEIO on 7.2)
+    # instead of waiting; after recover it works again.
+    if [[ $("$UBD" features --json) == *'"USER_RECOVERY_FAIL_IO"'* ]]; then
+        start_dev --queues 1 --recovery fail-io loop "$FS/k.img"
+        id=${DEV#/dev/ublkb}
+        dd if="$DEV" of="$WORK/before" bs=64k count=16 iflag=direct status=none
+        kill -KILL "$PID"
+        wait "$PID" 2>/dev/null || true
+        local deadline=$((SECONDS + 30))
+        until "$UBD" list | grep -qE "^$id +fail-io "; do
+            ((SECONDS < deadline)) || fail "device $id never reached fail-io: $("$UBD" list)"
+            sleep 0.1
+        done
+        timeout 30 dd if="$DEV" of=/dev/null bs=4k count=1 iflag=direct status=none 2>"$WORK/dd.err" &&
+            fail "a read without a daemon succeeded in fail-io mode"
+        grep -qE "(Input/output|Remote I/O) error" "$WORK/dd.err" || fail "want an IO error without a daemon, got: $(cat "$WORK/dd.err")"
+        start_recover "$id"
+        cmp <(dd if="$DEV" bs=64k count=16 iflag=direct status=none) "$WORK/before"
+        stop_dev
+        log "fail-io: EIO while no daemon, data intact after recover"
+    fi
 }
 
 cases=(features null loop_file loop_file_buffered loop_bdev mkfs_mount discard_flush discard_bdev
