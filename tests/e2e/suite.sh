@@ -556,9 +556,8 @@ case_kill9_states() {
     fio "${job[@]}" --verify_only >"$WORK/fio-ver.out" 2>&1 || { cat "$WORK/fio-ver.out" >&2; fail "verify failed"; }
     stop_dev
     log "kill -9 during recovery: a second recover took over; fio verify clean"
-    # With --recovery fail-io (6.13+), IO to a device without a daemon fails at once (EIO,
-    # or EREMOTEIO on 7.2)
-    # instead of waiting; after recover it works again.
+    # With --recovery fail-io (6.13+), IO to a device without a daemon fails at once
+    # (EIO, or EREMOTEIO on 7.2) instead of waiting; after recover it works again.
     if [[ $("$UBD" features --json) == *'"USER_RECOVERY_FAIL_IO"'* ]]; then
         start_dev --queues 1 --recovery fail-io loop "$FS/k.img"
         id=${DEV#/dev/ublkb}
