@@ -501,6 +501,29 @@ case_abort() {
     start_dev --queues 1 null --size 16M
     stop_dev
     log "queue panic: exit 1, '$last'; device removed, a new one starts"
+    # A queue thread that dies itself (not in its target): with recovery on, the device
+    # is left for `recover`, and no write in flight is lost.
+    UBD_DEBUG_QUEUE_PANIC=1500 start_dev --queues 1 --depth 32 loop "$FS/a.img"
+    local id=${DEV#/dev/ublkb}
+    local job=(--name=qd --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k
+        --iodepth=16 --size=32M --verify=crc32c --verify_fatal=1 --randseed=5 --verify_state_save=0)
+    fio "${job[@]}" --verify_backlog=128 >"$WORK/fio-qd.out" 2>&1 &
+    fio_pid=$!
+    timeout 90 tail --pid="$PID" -f /dev/null || fail "daemon still running 90 s after its queue thread died"
+    rc=0
+    wait "$PID" || rc=$?
+    ((rc == 1)) || fail "daemon exited $rc after its queue thread died, want 1"
+    last=$(tail -n1 "$LOG")
+    [[ $last == "error: queue 0: queue thread panicked: UBD_DEBUG_QUEUE_PANIC"* ]] || fail "last line: $last"
+    grep -q "recover $id" "$LOG" || fail "no hint to recover"
+    "$UBD" list | grep -E "^$id +(quiesced|live) .* dead " >/dev/null || fail "device $id not recoverable: $("$UBD" list)"
+    start_recover "$id"
+    rc=0
+    wait "$fio_pid" || rc=$?
+    ((rc == 0)) || { cat "$WORK/fio-qd.out" >&2; fail "fio across the queue death exited $rc"; }
+    fio "${job[@]}" --verify_only >"$WORK/fio-ver.out" 2>&1 || { cat "$WORK/fio-ver.out" >&2; fail "verify failed"; }
+    stop_dev
+    log "queue thread death: exit 1, device left recoverable; recover, fio verify clean"
 }
 
 # kill -9 in each state of a device's life; afterwards it can be deleted (or recovered).

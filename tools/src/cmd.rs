@@ -169,9 +169,8 @@ fn serve(target: Arc<dyn Target>, opts: &DeviceOptions, recover: Option<u32>) ->
         None => daemon::serve(target, opts, on_started, on_tick),
         Some(id) => daemon::recover(id, target, opts, on_started, on_tick),
     };
-    // The state file outlives a device left for recovery; it goes with the device.
-    let kept = result.is_err() && recover.is_some();
-    if let Some(id) = dev_id.filter(|_| !kept) {
+    // The state file goes with the device: one left for recovery keeps it.
+    if let Some(id) = dev_id.filter(|id| !Control::list_ids().contains(id)) {
         state::remove(id);
     }
     let summary = result?;

@@ -125,6 +125,12 @@ pub fn spawn(
     Ok(QueueHandle { q_id, join, wake, stats })
 }
 
+/// Test hook: `UBD_DEBUG_QUEUE_PANIC=N` makes queue 0's thread (not its target) panic
+/// at its N-th request, to test what a dying queue thread leaves behind.
+fn debug_panic_after() -> Option<u64> {
+    std::env::var("UBD_DEBUG_QUEUE_PANIC").ok()?.parse().ok()
+}
+
 /// The text of a panic, for the one-line error.
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
     if let Some(s) = payload.downcast_ref::<&str>() {
@@ -200,6 +206,7 @@ fn run(
         poisoned: None,
         events: events.clone(),
         tag_sqes: vec![0; usize::from(cfg.depth)],
+        panic_after: if q_id == 0 { debug_panic_after() } else { None },
         errors_seen: 0,
         stats,
         recorder: Recorder::default(),
@@ -243,6 +250,8 @@ struct Queue<'a> {
     events: Sender<QueueEvent>,
     /// Target SQEs in flight per tag.
     tag_sqes: Vec<u16>,
+    /// Test hook (`UBD_DEBUG_QUEUE_PANIC=N`): the thread itself dies at the N-th request.
+    panic_after: Option<u64>,
     errors_seen: u64,
     stats: &'a QueueStats,
     recorder: Recorder,
@@ -343,6 +352,10 @@ impl Queue<'_> {
         let idx = usize::from(tag);
         match res {
             uapi::IO_RES_OK => {
+                if let Some(n) = self.panic_after.as_mut() {
+                    *n = n.saturating_sub(1);
+                    assert!(*n > 0, "UBD_DEBUG_QUEUE_PANIC: queue thread {} dies as asked", self.q_id);
+                }
                 self.started[idx] = Instant::now();
                 let desc = self.descs.get(tag);
                 match decode_request(tag, &desc, self.buf_size, self.dev_size) {
