@@ -8,7 +8,8 @@
 # options:
 #   --systems LIST     comma list of: engine-auto-reg, engine-zero-copy, engine-copy,
 #                      engine-null, rublk-z, rublk, rublk-null, kloop
-#                      (default engine-auto-reg,rublk-z,kloop)
+#                      (default engine-auto-reg,rublk-z,kloop); NAME+fifo runs the
+#                      server's threads SCHED_FIFO 1
 #   --workloads LIST   job names from perf/jobs (default randread-4k-qd64-2j,randrw-16k-70-30-qd32)
 #   --runtime SEC      fio seconds per measurement (default 4)
 #   --engine PATH      ubd-engine (default target/release/ubd-engine)
@@ -90,6 +91,11 @@ EVENTS=$(IFS=,; echo "${ev_ok[*]}")
 
 server_pid="" dev="" eng_pid=""
 start() {
+    local fifo=0
+    if [[ $1 == *+fifo ]]; then
+        fifo=1
+        set -- "${1%+fifo}"
+    fi
     case $1 in
     engine-* | engineb-*)
         local mode=${1#engine-} bin=$engine
@@ -128,12 +134,14 @@ start() {
         ;;
     esac
     [[ -b $dev ]] || { echo "profile.sh: $1 gave no device" >&2; exit 1; }
+    # NAME+fifo: the server's threads run SCHED_FIFO priority 1 (an experiment).
+    if ((fifo)) && [[ -n $server_pid ]]; then chrt -f -a -p 1 "$server_pid" >/dev/null; fi
     if [[ $1 != kloop ]]; then
         "$engine" list --json >"$out/$1.list.json" 2>/dev/null || true
     fi
 }
 stop() {
-    case $1 in
+    case ${1%+fifo} in
     engine*) kill -TERM "$eng_pid"; wait "$eng_pid" || true ;;
     rublk*) "$rublk" del -n 900 >/dev/null 2>&1 || true ;;
     kloop) losetup -d "$dev" ;;
