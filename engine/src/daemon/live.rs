@@ -134,10 +134,25 @@ impl Live {
         let mut first_err = None;
         tracing::debug!(dev_id = self.dev_id, started = self.started, "teardown: STOP_DEV");
         let delete = self.on_exit == OnExit::Delete;
+        if self.queue_failed && !delete {
+            // A queue thread died, and the device is to be recovered: the other queues
+            // are not stopped one by one but left to end with the process, all at once,
+            // which the kernel handles as any daemon crash (tested with kill -9): it
+            // re-queues what was in flight for the next daemon. Stopping them in turn
+            // was seen to leave 6.12's driver waiting, the device never recoverable.
+            tracing::warn!(
+                dev_id = self.dev_id,
+                "a queue thread died: the device is left for recovery: run `ubd-engine recover {}`",
+                self.dev_id
+            );
+            self.queues.clear();
+            self.cdev = None;
+            return Ok(Vec::new());
+        }
         if self.queue_failed {
             // A queue thread died with requests the kernel will wait for forever: stop
             // serving at once. Once the char device is closed the kernel fails those
-            // requests, or with recovery re-queues them, and STOP_DEV can finish.
+            // requests, and STOP_DEV can finish.
             tracing::warn!(dev_id = self.dev_id, "a queue thread failed: aborting the queues");
             self.abort_queues();
         }

@@ -333,6 +333,9 @@ fn run(
     live.cdev = Some(Arc::clone(&cdev));
     live.stop_grace = opts.stop_grace;
     live.recoverable = info.flags & features::F_USER_RECOVERY != 0;
+    if live.recoverable {
+        queue::crash_on_queue_panic(dev_id);
+    }
     let (tx, rx) = mpsc::channel();
     live.events = Some(rx);
     for q_id in 0..info.nr_hw_queues {

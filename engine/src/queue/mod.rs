@@ -94,6 +94,44 @@ impl QueueHandle {
     }
 }
 
+thread_local! {
+    /// Set while a queue thread is inside its target (a panic there is caught).
+    static IN_TARGET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Device whose queue threads end the process if they panic outside the target
+/// (u32::MAX: none).
+static CRASH_DEV: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(u32::MAX);
+static CRASH_HOOK: std::sync::Once = std::sync::Once::new();
+
+/// For a device with recovery: a queue thread that panics outside its target ends the
+/// whole process at once, as a crash would. The kernel then keeps the device, with the
+/// requests in flight, for `ubd-engine recover`. (Unwinding instead closes that queue's
+/// ring while the other queues still run; 6.12's driver was seen to never quiesce the
+/// device after that, leaving it neither recoverable nor deletable.)
+#[allow(clippy::print_stderr, reason = "the process's last line, printed just before _exit")]
+pub fn crash_on_queue_panic(dev_id: u32) {
+    use std::sync::atomic::Ordering::Relaxed;
+    CRASH_DEV.store(dev_id, Relaxed);
+    CRASH_HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            previous(info);
+            let dev = CRASH_DEV.load(Relaxed);
+            let name = std::thread::current().name().unwrap_or("").to_string();
+            if dev != u32::MAX && name.starts_with("ubd-q") && !IN_TARGET.with(std::cell::Cell::get) {
+                // The process ends here, so this is its last word, in the CLI's format.
+                eprintln!(
+                    "error: queue thread {name} panicked: {}; device {dev} is left for recovery: run `ubd-engine recover {dev}`",
+                    panic_message(info.payload())
+                );
+                // SAFETY: _exit ends the process at once; nothing runs after it.
+                unsafe { libc::_exit(1) };
+            }
+        }));
+    });
+}
+
 /// Wake-up values added to a queue's eventfd (a read returns their sum).
 const WAKE_STOP: u64 = 1;
 const WAKE_ABORT: u64 = 1 << 32;
@@ -423,7 +461,9 @@ impl Queue<'_> {
         let before = self.sq.target_inflight;
         let target = &mut *self.target;
         let mut io = IoCtx { sq: &mut self.sq, tag };
+        IN_TARGET.with(|t| t.set(true));
         let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(target, &mut io)));
+        IN_TARGET.with(|t| t.set(false));
         let pushed = self.sq.target_inflight.saturating_sub(before);
         let idx = usize::from(tag);
         self.tag_sqes[idx] = self.tag_sqes[idx].saturating_add(u16::try_from(pushed).unwrap_or(u16::MAX));
