@@ -292,11 +292,8 @@ case_batch_io() {
         check_roundtrip "$FS/batch.img"
         log "io protocol batch, buffer mode $mode: loop (brd and file) verified"
     done
-    # A recover of a batch device is refused (not supported yet).
-    start_dev --queues 1 --depth 16 --io-protocol batch null --size 64M
-    local id=${DEV#/dev/ublkb}
-    expect_error "uses io protocol batch" recover "$id"
-    stop_dev
+    # kill -9 under a verified write job, recover (PREP + FETCH again), verify.
+    recover_rounds "${UBD_RECOVER_ROUNDS:-3}" --io-protocol batch
 }
 
 # The perf toolkit end to end: a tiny `ubd-perf compare` (one 1-second cell per system).
@@ -319,12 +316,18 @@ available_modes() {
 # kill -9 the daemon in the middle of a verified random-write job, `recover`, let fio
 # finish, then verify everything again: no verify error, in every buffer mode.
 case_recover() {
-    local modes round=0 rounds=${UBD_RECOVER_ROUNDS:-10}
+    recover_rounds "${UBD_RECOVER_ROUNDS:-10}"
+}
+
+# recover_rounds N [ENGINE ARGS...]: N kill -9 / recover rounds, cycling buffer modes.
+recover_rounds() {
+    local modes round=0 rounds=$1
+    shift
     mapfile -t modes < <(available_modes)
     truncate -s 64M "$FS/rec.img"
     while ((round < rounds)); do
         local mode=${modes[round % ${#modes[@]}]}
-        start_dev --queues 2 --depth 32 --buffer-mode "$mode" loop "$FS/rec.img"
+        start_dev --queues 2 --depth 32 --buffer-mode "$mode" "$@" loop "$FS/rec.img"
         local id=${DEV#/dev/ublkb}
         local job=(--name=rec --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k
             --iodepth=16 --size=32M --verify=crc32c --verify_fatal=1 --randseed=$round)
@@ -345,7 +348,7 @@ case_recover() {
         stop_dev
         round=$((round + 1))
     done
-    log "$rounds recoveries (modes: ${modes[*]}): fio verify clean across each kill -9 and after"
+    log "$rounds recoveries (modes: ${modes[*]}; $*): fio verify clean across each kill -9 and after"
 }
 
 # SIGTERM while fio runs: the daemon stops the device and exits 0, with no device left;

@@ -236,7 +236,8 @@ pub fn serve(
 }
 
 /// Takes over device `dev_id`, whose daemon died, for `target` (which must have the
-/// device's geometry): START_USER_RECOVERY, fetch every tag again, END_USER_RECOVERY,
+/// device's geometry): START_USER_RECOVERY, fetch every tag again (batch devices: PREP_IO_CMDS
+/// and a new FETCH_IO_CMDS), END_USER_RECOVERY,
 /// then serve as [`serve`] does. Requests that were in flight are re-issued (or were
 /// failed, with FAIL_IO). If recovery fails, the device is left as it was, recoverable.
 pub fn recover(
@@ -249,11 +250,6 @@ pub fn recover(
     block_stop_signals()?;
     let mut ctrl = Control::open()?;
     let kernel_features = ctrl.features()?;
-    if ctrl.dev_info(dev_id)?.flags & features::F_BATCH_IO != 0 {
-        return Err(Error::Config(format!(
-            "device {dev_id} uses io protocol batch (BATCH_IO), which `recover` does not support yet"
-        )));
-    }
     let info = wait_recoverable(&mut ctrl, dev_id)?;
     let params = ctrl.get_params(dev_id)?;
     let size = target.info().dev_size;
