@@ -13,8 +13,9 @@ use ubd_engine::target::Target;
 
 use crate::size::{human, parse_size};
 use crate::state::{self, DeviceState};
-use crate::{BufMode, DevArgs, RecoveryArg, RingArg};
+use crate::{BufMode, DevArgs, IoProtocolArg, RecoveryArg, RingArg};
 use ubd_engine::buf::{BufferChoice, BufferMode};
+use ubd_engine::queue::IoProtocol;
 use ubd_engine::queue::ring::RingMode;
 
 fn device_options(a: &DevArgs) -> Result<DeviceOptions> {
@@ -45,6 +46,10 @@ fn device_options(a: &DevArgs) -> Result<DeviceOptions> {
             RingArg::Defer => Some(RingMode::DeferTaskrun),
             RingArg::Coop => Some(RingMode::CoopTaskrun),
             RingArg::Plain => Some(RingMode::Plain),
+        },
+        io_protocol: match a.io_protocol {
+            IoProtocolArg::PerTag => IoProtocol::PerTag,
+            IoProtocolArg::Batch => IoProtocol::Batch,
         },
         stop_grace: Duration::from_secs(a.stop_timeout),
     };
@@ -264,7 +269,7 @@ fn report_started(
         .collect();
     let ring = q0.map_or_else(String::new, |q| serde_json::to_string(&q.ring).unwrap_or_default().replace('"', ""));
     tracing::info!(
-        "{} serving {name} {} ({}, {}-byte blocks): {} queues x depth {}, max IO {}, queue CPUs [{}], ring {ring}",
+        "{} serving {name} {} ({}, {}-byte blocks): {} queues x depth {}, max IO {}, queue CPUs [{}], ring {ring}, io protocol {}",
         dev.block_path.display(),
         describe.get("path").and_then(|p| p.as_str()).unwrap_or(""),
         human(info.dev_size),
@@ -273,6 +278,7 @@ fn report_started(
         dev.queue_depth,
         human(u64::from(dev.max_io_buf_bytes)),
         cpus.join(" "),
+        dev.io_protocol,
     );
     let buffers = match q0.and_then(|q| q.pages.map(|p| (p, q.fixed_buffers))) {
         Some((pages, fixed)) => format!("buffers {pages}{}", if fixed { " (registered)" } else { " (not registered)" }),

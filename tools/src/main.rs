@@ -50,6 +50,10 @@ pub struct DevArgs {
     /// it over and re-issues in-flight IO), fail-io (IO fails until recovered, 6.13+), off.
     #[arg(long, global = true, value_enum, default_value_t = RecoveryArg::Reissue)]
     recovery: RecoveryArg,
+    /// How queues fetch and commit requests: per-tag (FETCH/COMMIT_AND_FETCH per request,
+    /// any kernel) or batch (UBLK_F_BATCH_IO: multishot fetch, batched commits, 7.0+).
+    #[arg(long, global = true, value_enum, default_value_t = IoProtocolArg::PerTag)]
+    io_protocol: IoProtocolArg,
     /// io_uring setup of the queue rings (tuning): auto tries defer, then coop, then plain.
     #[arg(long, global = true, value_enum, default_value_t = RingArg::Auto)]
     ring: RingArg,
@@ -61,6 +65,12 @@ pub struct DevArgs {
     /// ops=read|write|all, errno=NAME, stall=AFTER:DUR|inf, panic=N, seed=N.
     #[arg(long, global = true, value_name = "SPEC")]
     fault: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum IoProtocolArg {
+    PerTag,
+    Batch,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

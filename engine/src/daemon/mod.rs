@@ -17,7 +17,7 @@ use crate::buf::{BufferChoice, BufferMode, resolve};
 use crate::ctrl::{Control, params::build_params};
 use crate::error::{Error, Result};
 use crate::queue::ring::RingMode;
-use crate::queue::{self, QueueConfig, QueueReport};
+use crate::queue::{self, IoProtocol, QueueConfig, QueueReport};
 use crate::sys::{self, features, uapi};
 use crate::target::Target;
 pub use clock::DeviceStats;
@@ -42,6 +42,8 @@ pub struct DeviceOptions {
     pub recovery: Recovery,
     /// Queue ring flags (None: the best the kernel accepts), for tuning studies.
     pub ring: Option<RingMode>,
+    /// Per-tag commands, or UBLK_F_BATCH_IO (7.0+).
+    pub io_protocol: IoProtocol,
     /// On stop, how long requests in flight may take to complete before the queues
     /// give up on them (the kernel then fails them, or re-queues them for recovery).
     pub stop_grace: Duration,
@@ -92,6 +94,7 @@ impl Default for DeviceOptions {
             buffer: BufferChoice::Auto,
             recovery: Recovery::Reissue,
             ring: None,
+            io_protocol: IoProtocol::PerTag,
             stop_grace: Duration::from_secs(30),
         }
     }
@@ -152,6 +155,7 @@ pub struct StartedDevice {
     pub buffer_mode: BufferMode,
     /// Why this buffer mode.
     pub buffer_reason: String,
+    pub io_protocol: IoProtocol,
     pub recovery: Recovery,
     /// The device existed and this process took it over (`recover`).
     pub recovered: bool,
@@ -190,6 +194,13 @@ pub fn serve(
     let kernel_features = ctrl.features()?;
     let (buffer_mode, buffer_reason) = resolve(opts.buffer, kernel_features)?;
     let want_recovery = opts.recovery.dev_flags();
+    let want_batch = if opts.io_protocol == IoProtocol::Batch { features::F_BATCH_IO } else { 0 };
+    if kernel_features & want_batch != want_batch {
+        return Err(Error::Config(format!(
+            "io protocol batch needs the ublk feature BATCH_IO (Linux 7.0+), which this kernel does not offer (it offers: {})",
+            features::feature_names(kernel_features).join(" ")
+        )));
+    }
     if kernel_features & want_recovery != want_recovery {
         return Err(Error::Config(format!(
             "recovery mode {:?} needs ublk features {} that this kernel does not offer",
@@ -203,7 +214,7 @@ pub fn serve(
         max_io_buf_bytes: opts.max_io_buf_bytes,
         dev_id: opts.dev_id.unwrap_or(u32::MAX),
         ublksrv_pid: sys::getpid(),
-        flags: features::F_CMD_IOCTL_ENCODE | buffer_mode.dev_flag() | want_recovery,
+        flags: features::F_CMD_IOCTL_ENCODE | buffer_mode.dev_flag() | want_recovery | want_batch,
         ..Default::default()
     };
     ctrl.add_dev(&mut info).map_err(|e| match (e.raw_os_error(), opts.dev_id) {
@@ -212,11 +223,11 @@ pub fn serve(
     })?;
     let mut live = Live::new(ctrl, info.dev_id, OnExit::Delete);
     tracing::debug!(dev_id = info.dev_id, ?info, "device added");
-    let wanted = buffer_mode.dev_flag() | want_recovery;
+    let wanted = buffer_mode.dev_flag() | want_recovery | want_batch;
     if info.flags & wanted != wanted {
         return Err(Error::Config(format!(
-            "the kernel refused buffer mode {buffer_mode} or recovery {:?} (device flags {:#x})",
-            opts.recovery, info.flags
+            "the kernel refused buffer mode {buffer_mode}, recovery {:?} or io protocol {} (device flags {:#x})",
+            opts.recovery, opts.io_protocol, info.flags
         )));
     }
     live.ctrl.set_params(info.dev_id, &params)?;
@@ -225,7 +236,8 @@ pub fn serve(
 }
 
 /// Takes over device `dev_id`, whose daemon died, for `target` (which must have the
-/// device's geometry): START_USER_RECOVERY, fetch every tag again, END_USER_RECOVERY,
+/// device's geometry): START_USER_RECOVERY, fetch every tag again (batch devices: PREP_IO_CMDS
+/// and a new FETCH_IO_CMDS), END_USER_RECOVERY,
 /// then serve as [`serve`] does. Requests that were in flight are re-issued (or were
 /// failed, with FAIL_IO). If recovery fails, the device is left as it was, recoverable.
 pub fn recover(
@@ -326,6 +338,7 @@ fn run(
     mut on_tick: impl FnMut(&DeviceStats),
 ) -> Result<ServeSummary> {
     let Setup { info, kernel_features, buffer_mode, buffer_reason, recovered } = setup;
+    let io_protocol = if info.flags & features::F_BATCH_IO != 0 { IoProtocol::Batch } else { IoProtocol::PerTag };
     let dev_id = info.dev_id;
     let char_path = PathBuf::from(format!("/dev/ublkc{dev_id}"));
     wait_for_node(&char_path)?;
@@ -359,6 +372,7 @@ fn run(
             dev_size: target.info().dev_size,
             buffer_mode,
             ring: opts.ring,
+            protocol: io_protocol,
         };
         let handle = queue::spawn(cfg, Arc::clone(&target), Arc::clone(&cdev), tx.clone())?;
         live.queues.push(handle);
@@ -390,6 +404,7 @@ fn run(
         pid: sys::getpid(),
         buffer_mode,
         buffer_reason,
+        io_protocol,
         recovery: Recovery::from_dev_flags(info.flags),
         recovered,
     };

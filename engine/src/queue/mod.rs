@@ -38,6 +38,35 @@ pub struct QueueConfig {
     pub buffer_mode: BufferMode,
     /// Ring flags (None: the best the kernel accepts).
     pub ring: Option<RingMode>,
+    /// How requests are fetched and committed.
+    pub protocol: IoProtocol,
+}
+
+/// How a queue fetches and commits requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IoProtocol {
+    /// FETCH_REQ / COMMIT_AND_FETCH_REQ, one command per tag (every kernel).
+    #[default]
+    PerTag,
+    /// UBLK_F_BATCH_IO (7.0+): one PREP_IO_CMDS, a multishot FETCH_IO_CMDS that
+    /// delivers many tags per completion, one COMMIT_IO_CMDS per pass.
+    Batch,
+}
+
+impl IoProtocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            IoProtocol::PerTag => "per-tag",
+            IoProtocol::Batch => "batch",
+        }
+    }
+}
+
+impl std::fmt::Display for IoProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// How a queue came up, for the startup report.
@@ -213,7 +242,8 @@ fn run(
             .map_err(|e| qerr(format!("allocating {total} bytes of buffers: {e}")))?;
         Some(r)
     };
-    let bufs = RingSetup { ring: cfg.ring, mode: cfg.buffer_mode, region };
+    let batch = cfg.protocol == IoProtocol::Batch;
+    let bufs = RingSetup { ring: cfg.ring, mode: cfg.buffer_mode, region, batch };
     let mut setup = QueueSetup::default();
     let qt = target.open_queue(q_id, &mut setup).map_err(|e| qerr(format!("opening {} target: {e}", target.name())))?;
     let sq = SqWriter::new(q_id, cfg.depth, cfg.buf_size, bufs, wake, cdev.as_raw_fd(), &setup.fds)
@@ -249,8 +279,11 @@ fn run(
         stats,
         recorder: Recorder::default(),
         started: vec![Instant::now(); usize::from(cfg.depth)],
+        fetch_armed: false,
+        fetched: Vec::with_capacity(usize::from(cfg.depth)),
     };
-    q.arm().map_err(|errno| qerr(format!("submitting FETCH_REQ: {}", std::io::Error::from_raw_os_error(-errno))))?;
+    let what = if batch { "PREP_IO_CMDS / FETCH_IO_CMDS" } else { "FETCH_REQ" };
+    q.arm().map_err(|errno| qerr(format!("submitting {what}: {}", std::io::Error::from_raw_os_error(-errno))))?;
     let _ = events.send(QueueEvent::Ready(report));
     q.serve().map_err(|e| qerr(format!("io_uring_enter: {e}")))
 }
@@ -295,11 +328,28 @@ struct Queue<'a> {
     recorder: Recorder,
     /// When each tag's current request was delivered.
     started: Vec<Instant>,
+    /// Batch mode: the multishot FETCH_IO_CMDS is with the kernel.
+    fetch_armed: bool,
+    /// Batch mode: scratch list of the tags of one fetch completion.
+    fetched: Vec<u16>,
 }
 
 impl Queue<'_> {
     /// FETCH_REQ for every tag plus the wake-up read, submitted at once.
     fn arm(&mut self) -> Result<(), i32> {
+        if self.sq.is_batch() {
+            // PREP first (and alone): the tags must be prepared before the fetch.
+            let res = self.sq.prep_all()?;
+            if res < 0 {
+                return Err(res);
+            }
+            self.slots.fill(Slot::Fetching);
+            self.sq.push_fetch()?;
+            self.fetch_armed = true;
+            self.sq.push_wake()?;
+            self.sq.submit(0).map_err(|e| -e.raw_os_error().unwrap_or(libc::EIO))?;
+            return Ok(());
+        }
         for tag in 0..self.depth {
             self.sq.push_ublk(tag, None)?;
             self.slots[usize::from(tag)] = Slot::Fetching;
@@ -317,12 +367,19 @@ impl Queue<'_> {
         if self.sq.target_inflight > 0 || self.sq.aux_inflight > 0 || self.in_target > 0 {
             return false;
         }
+        if self.sq.is_batch() {
+            // Commits queued or in flight name memory of ours: wait for them.
+            return !self.sq.commits_busy() && (!self.fetch_armed || self.stopping);
+        }
         self.cmds_inflight == 0 || self.stopping
     }
 
     fn serve(&mut self) -> std::io::Result<()> {
         let mut cqes = Vec::with_capacity(usize::from(self.depth) * 2 + 1);
         while !self.done() {
+            if let Err(errno) = self.sq.flush_commits() {
+                tracing::error!(q_id = self.q_id, "cannot queue COMMIT_IO_CMDS: errno {}", -errno);
+            }
             // With statistics not yet published, wake up in time to publish them.
             let sqes = if self.recorder.dirty() {
                 self.sq.submit_wait_timeout(stats::FLUSH_INTERVAL)?
@@ -331,8 +388,8 @@ impl Queue<'_> {
             };
             cqes.clear();
             self.sq.reap(&mut cqes);
-            for &(ud, res) in &cqes {
-                self.handle(ud, res);
+            for &(ud, res, flags) in &cqes {
+                self.handle(ud, res, flags);
             }
             self.recorder.record_pass(cqes.len() as u64, sqes as u64, u64::from(self.in_target));
             self.recorder.maybe_flush(self.stats, false);
@@ -351,7 +408,7 @@ impl Queue<'_> {
         Ok(())
     }
 
-    fn handle(&mut self, user_data: u64, res: i32) {
+    fn handle(&mut self, user_data: u64, res: i32, cqe_flags: u32) {
         let Some((kind, tag, cookie)) = tag::decode(user_data) else {
             tracing::error!(q_id = self.q_id, user_data, "CQE with unknown user_data");
             return;
@@ -370,6 +427,21 @@ impl Queue<'_> {
                 }
             }
             Kind::Ublk => self.on_ublk(tag, res),
+            Kind::Fetch => self.on_fetch(res, cqe_flags),
+            Kind::Commit => match self.sq.on_commit(cookie, res) {
+                ring::CommitOutcome::Done => {}
+                ring::CommitOutcome::Refused { tag, errno } => {
+                    tracing::error!(
+                        q_id = self.q_id,
+                        tag,
+                        "COMMIT_IO_CMDS refused the tag: {}",
+                        std::io::Error::from_raw_os_error(-errno)
+                    );
+                    if let Some(slot) = self.slots.get_mut(usize::from(tag)) {
+                        *slot = Slot::Dead;
+                    }
+                }
+            },
             Kind::Target => self.on_target(tag, cookie, res),
             Kind::Aux => {
                 self.sq.aux_inflight -= 1;
@@ -385,34 +457,73 @@ impl Queue<'_> {
         }
     }
 
+    /// A multishot FETCH_IO_CMDS completion: new requests on the tags it names.
+    fn on_fetch(&mut self, res: i32, cqe_flags: u32) {
+        let mut tags = std::mem::take(&mut self.fetched);
+        self.sq.take_fetched(res, cqe_flags, &mut tags);
+        for &tag in &tags {
+            match self.slots.get(usize::from(tag)) {
+                Some(Slot::Fetching) => self.start_request(tag),
+                other => {
+                    tracing::error!(q_id = self.q_id, tag, ?other, "fetched a tag the kernel does not own");
+                }
+            }
+        }
+        self.fetched = tags;
+        if io_uring::cqueue::more(cqe_flags) {
+            return;
+        }
+        self.fetch_armed = false;
+        match res {
+            uapi::IO_RES_ABORT => tracing::debug!(q_id = self.q_id, "FETCH_IO_CMDS aborted: the device is going away"),
+            _ if self.stopping || self.aborting => {}
+            r if r >= 0 || r == -libc::ENOBUFS => {
+                tracing::debug!(q_id = self.q_id, res, "FETCH_IO_CMDS ended; armed again");
+                match self.sq.push_fetch() {
+                    Ok(()) => self.fetch_armed = true,
+                    Err(errno) => tracing::error!(q_id = self.q_id, "cannot re-arm FETCH_IO_CMDS: errno {}", -errno),
+                }
+            }
+            r => tracing::error!(
+                q_id = self.q_id,
+                "FETCH_IO_CMDS failed: {}; no more requests on this queue",
+                std::io::Error::from_raw_os_error(-r)
+            ),
+        }
+    }
+
+    /// A request arrived on `tag`: decode it and hand it to the target.
+    fn start_request(&mut self, tag: u16) {
+        let idx = usize::from(tag);
+        if let Some(n) = self.panic_after.as_mut() {
+            *n = n.saturating_sub(1);
+            assert!(*n > 0, "UBD_DEBUG_QUEUE_PANIC: queue thread {} dies as asked", self.q_id);
+        }
+        self.started[idx] = Instant::now();
+        let desc = self.descs.get(tag);
+        match decode_request(tag, &desc, self.buf_size, self.dev_size) {
+            Ok(req) => {
+                self.slots[idx] = Slot::InTarget(req);
+                self.in_target += 1;
+                if let Disposition::Done(r) = self.call_target(tag, |t, io| t.submit(&req, io)) {
+                    self.commit(tag, r);
+                }
+            }
+            Err(errno) => {
+                self.recorder.count_bad_request();
+                tracing::warn!(q_id = self.q_id, tag, ?desc, "rejecting malformed request");
+                self.slots[idx] = Slot::InTarget(IoRequest { tag, op: Op::Flush, flags: 0, offset: 0, len: 0 });
+                self.in_target += 1;
+                self.commit(tag, errno);
+            }
+        }
+    }
+
     fn on_ublk(&mut self, tag: u16, res: i32) {
         self.cmds_inflight -= 1;
         let idx = usize::from(tag);
         match res {
-            uapi::IO_RES_OK => {
-                if let Some(n) = self.panic_after.as_mut() {
-                    *n = n.saturating_sub(1);
-                    assert!(*n > 0, "UBD_DEBUG_QUEUE_PANIC: queue thread {} dies as asked", self.q_id);
-                }
-                self.started[idx] = Instant::now();
-                let desc = self.descs.get(tag);
-                match decode_request(tag, &desc, self.buf_size, self.dev_size) {
-                    Ok(req) => {
-                        self.slots[idx] = Slot::InTarget(req);
-                        self.in_target += 1;
-                        if let Disposition::Done(r) = self.call_target(tag, |t, io| t.submit(&req, io)) {
-                            self.commit(tag, r);
-                        }
-                    }
-                    Err(errno) => {
-                        self.recorder.count_bad_request();
-                        tracing::warn!(q_id = self.q_id, tag, ?desc, "rejecting malformed request");
-                        self.slots[idx] = Slot::InTarget(IoRequest { tag, op: Op::Flush, flags: 0, offset: 0, len: 0 });
-                        self.in_target += 1;
-                        self.commit(tag, errno);
-                    }
-                }
-            }
+            uapi::IO_RES_OK => self.start_request(tag),
             uapi::IO_RES_ABORT => self.slots[idx] = Slot::Dead,
             other => {
                 tracing::error!(
@@ -504,6 +615,16 @@ impl Queue<'_> {
             if res < 0 {
                 self.log_error(&req, res);
             }
+        }
+        if self.sq.is_batch() {
+            match self.sq.queue_commit(tag, res) {
+                Ok(()) => self.slots[idx] = Slot::Fetching,
+                Err(errno) => {
+                    tracing::error!(q_id = self.q_id, tag, "cannot queue COMMIT_IO_CMDS: errno {}", -errno);
+                    self.slots[idx] = Slot::Dead;
+                }
+            }
+            return;
         }
         match self.sq.push_ublk(tag, Some(res)) {
             Ok(()) => {

@@ -8,7 +8,7 @@ use io_uring::{IoUring, opcode, squeue, types};
 use super::tag::{self, Kind};
 use crate::buf::BufferMode;
 use crate::sys::mmap::{PageKind, Region};
-use crate::sys::uapi::{self, IoCmd};
+use crate::sys::uapi::{self, BatchIo, ElemHeader, IoCmd};
 use crate::target::FileSlot;
 
 /// How the ring was set up (reported at startup).
@@ -50,6 +50,97 @@ pub struct SqWriter {
     pub(crate) target_inflight: u32,
     /// Buffer (un)registration commands in flight.
     pub(crate) aux_inflight: u32,
+    /// UBLK_F_BATCH_IO: fetched-tag buffers and commit element arrays.
+    batch: Option<Batch>,
+}
+
+/// The provided-buffer group the multishot FETCH_IO_CMDS picks its tag buffers from.
+const FETCH_BGID: u16 = 0;
+/// `IORING_URING_CMD_MULTISHOT` (sqe->uring_cmd_flags).
+const URING_CMD_MULTISHOT: u32 = 1 << 1;
+/// Bytes of one provided-buffer ring entry (`struct io_uring_buf`).
+const BUF_RING_ENTRY: usize = 16;
+
+/// UBLK_F_BATCH_IO state of one queue.
+///
+/// The fetch side: a provided-buffer ring of `nbufs` buffers of `tag_buf_bytes` each
+/// (one region: ring entries, then the buffers). Each fetch CQE carries at least one
+/// tag and at most `depth` tags are outstanding, so `nbufs >= depth` buffers never run
+/// out as long as each is given back before the next `io_uring_enter` (it is).
+///
+/// The commit side: elements appended during a pass, sent as one COMMIT_IO_CMDS at its
+/// end; each array sent stays in `inflight` (indexed by the SQE's cookie) until its CQE.
+struct Batch {
+    /// `ublk_batch_io.flags` of PREP and COMMIT (HAS_BUF_ADDR in copy mode).
+    flags: u16,
+    elem_bytes: usize,
+    mem: Region,
+    nbufs: u16,
+    tag_buf_bytes: usize,
+    /// Our copy of the ring's tail.
+    tail: u16,
+    pending: Vec<u8>,
+    inflight: Vec<Option<Vec<u8>>>,
+    /// Spare element arrays (reused to avoid an allocation per pass).
+    spare: Vec<Vec<u8>>,
+    /// Commit SQEs pushed whose CQE has not been reaped.
+    commits_inflight: u32,
+}
+
+impl Batch {
+    fn ring_bytes(&self) -> usize {
+        (usize::from(self.nbufs) * BUF_RING_ENTRY).next_multiple_of(64)
+    }
+
+    fn buf_offset(&self, bid: u16) -> usize {
+        self.ring_bytes() + usize::from(bid) * self.tag_buf_bytes
+    }
+
+    /// Puts buffer `bid` at the ring's tail and publishes the new tail.
+    fn provide(&mut self, bid: u16) {
+        let slot = usize::from(self.tail & (self.nbufs - 1)) * BUF_RING_ENTRY;
+        let addr = self.mem.as_ptr() as u64 + self.buf_offset(bid) as u64;
+        let len = self.tag_buf_bytes as u32;
+        let ring = self.mem.as_mut_slice();
+        ring[slot..slot + 8].copy_from_slice(&addr.to_ne_bytes());
+        ring[slot + 8..slot + 12].copy_from_slice(&len.to_ne_bytes());
+        ring[slot + 12..slot + 14].copy_from_slice(&bid.to_ne_bytes());
+        self.tail = self.tail.wrapping_add(1);
+        // The tail is the `resv` field of entry 0 (byte 14); the region is page aligned.
+        let tail_ptr = self.mem.as_ptr().wrapping_add(14).cast::<u16>();
+        // SAFETY: `tail_ptr` is inside the region, 2-byte aligned, and only read by the
+        // kernel (atomically) and written by this thread.
+        let tail = unsafe { std::sync::atomic::AtomicU16::from_ptr(tail_ptr) };
+        tail.store(self.tail, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// What a COMMIT_IO_CMDS completion meant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CommitOutcome {
+    /// Every element was taken (or the rest is queued again).
+    Done,
+    /// The kernel refused the element for `tag` (with `-errno`); it was dropped.
+    Refused { tag: u16, errno: i32 },
+}
+
+/// Splits a commit's element array after its CQE: the elements to send again, and the
+/// tag the kernel refused (the first element, when it took none) with its error.
+pub(crate) fn commit_leftover(
+    elems: &[u8],
+    elem_bytes: usize,
+    res: i32,
+) -> (std::ops::Range<usize>, Option<(u16, i32)>) {
+    match usize::try_from(res) {
+        Ok(done) if done >= elems.len() => (elems.len()..elems.len(), None),
+        // A partial commit: the element at `done` was refused; it is sent again (and is
+        // then refused alone, with its error).
+        Ok(done) => ((done - done % elem_bytes)..elems.len(), None),
+        Err(_) => {
+            let refused = uapi::batch_elem_tag(elems, 0).map(|t| (t, res));
+            (elem_bytes.min(elems.len())..elems.len(), refused)
+        }
+    }
 }
 
 impl std::fmt::Debug for SqWriter {
@@ -60,6 +151,14 @@ impl std::fmt::Debug for SqWriter {
 
 impl Drop for SqWriter {
     fn drop(&mut self) {
+        // The ring's teardown is asynchronous: commit arrays and fetch buffers the kernel
+        // may still read or write are never freed.
+        if let Some(b) = self.batch.take() {
+            std::mem::forget(b.mem);
+            for v in b.inflight.into_iter().flatten() {
+                std::mem::forget(v);
+            }
+        }
         // Dropped with target IO in flight (an abort, a panic): the ring's teardown in
         // the kernel is asynchronous, so the buffers that IO uses must stay mapped.
         if self.target_inflight > 0 {
@@ -101,6 +200,8 @@ pub struct RingSetup {
     pub mode: BufferMode,
     /// Copy mode: the per-tag buffer memory (depth * buf_size bytes).
     pub region: Option<Region>,
+    /// UBLK_F_BATCH_IO: PREP/FETCH/COMMIT_IO_CMDS instead of per-tag commands.
+    pub batch: bool,
 }
 
 impl SqWriter {
@@ -147,6 +248,7 @@ impl SqWriter {
         if bufs.mode.is_zero_copy() != bufs.region.is_none() {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "copy mode needs a buffer region, and only it"));
         }
+        let batch = if bufs.batch { Some(Self::setup_batch(&ring, depth, bufs.mode)?) } else { None };
         Ok(Self {
             ring,
             bufs: bufs.region,
@@ -162,7 +264,206 @@ impl SqWriter {
             ring_mode,
             target_inflight: 0,
             aux_inflight: 0,
+            batch,
         })
+    }
+
+    /// Allocates and registers the provided-buffer ring for fetched tags.
+    fn setup_batch(ring: &IoUring, depth: u16, mode: BufferMode) -> io::Result<Batch> {
+        let nbufs = depth.next_power_of_two().max(8);
+        let tag_buf_bytes = 2 * usize::from(depth.min(64));
+        let ring_bytes = (usize::from(nbufs) * BUF_RING_ENTRY).next_multiple_of(64);
+        let mem = Region::new(ring_bytes + usize::from(nbufs) * tag_buf_bytes, false)?;
+        // SAFETY: the ring memory is page aligned (mmap), sized for `nbufs` entries, and
+        // outlives the registration: it is never unmapped (see Drop), and the ring is
+        // closed before anything else could reuse it.
+        unsafe { ring.submitter().register_buf_ring_with_flags(mem.as_ptr() as u64, nbufs, FETCH_BGID, 0) }?;
+        let flags = if mode == BufferMode::Copy { uapi::BATCH_F_HAS_BUF_ADDR } else { 0 };
+        let mut b = Batch {
+            flags,
+            elem_bytes: uapi::batch_elem_bytes(flags),
+            mem,
+            nbufs,
+            tag_buf_bytes,
+            tail: 0,
+            pending: Vec::new(),
+            inflight: Vec::new(),
+            spare: Vec::new(),
+            commits_inflight: 0,
+        };
+        for bid in 0..nbufs {
+            b.provide(bid);
+        }
+        Ok(b)
+    }
+
+    pub fn is_batch(&self) -> bool {
+        self.batch.is_some()
+    }
+
+    /// Commit elements queued or in flight (batch mode).
+    pub(crate) fn commits_busy(&self) -> bool {
+        self.batch.as_ref().is_some_and(|b| !b.pending.is_empty() || b.commits_inflight > 0)
+    }
+
+    /// The element for `tag`: buffer-table slot = tag (AUTO_BUF_REG), the buffer
+    /// address in copy mode.
+    fn batch_elem(&self, tag: u16, result: i32, out: &mut Vec<u8>, flags: u16) {
+        let elem = ElemHeader { tag, buf_index: tag, result };
+        uapi::push_batch_elem(out, flags, elem, self.buf_addr(tag) as u64);
+    }
+
+    fn batch_cmd(&self, op: u32, flags: u16, nr_elem: u16, elem_bytes: u8) -> opcode::UringCmd16 {
+        let cmd = BatchIo { q_id: self.q_id, flags, nr_elem, elem_bytes, ..Default::default() };
+        opcode::UringCmd16::new(types::Fixed(0), op).cmd(cmd.to_bytes())
+    }
+
+    /// PREP_IO_CMDS for every tag, waiting for its completion (nothing else may be in
+    /// flight). Returns the command's result.
+    pub fn prep_all(&mut self) -> Result<i32, i32> {
+        let Some(b) = &self.batch else { return Err(-libc::EINVAL) };
+        let flags = b.flags;
+        let elem_bytes = b.elem_bytes;
+        let mut elems = Vec::with_capacity(usize::from(self.depth) * elem_bytes);
+        for tag in 0..self.depth {
+            self.batch_elem(tag, 0, &mut elems, flags);
+        }
+        let sqe = self
+            .batch_cmd(uapi::IO_PREP_IO_CMDS, flags, self.depth, elem_bytes as u8)
+            .addr(Some(elems.as_ptr() as u64))
+            .build()
+            .user_data(tag::encode(Kind::Commit, 0, u16::MAX));
+        // SAFETY: `elems` lives until the CQE is reaped below (the function waits for it).
+        unsafe { self.push(&sqe) }?;
+        let mut cqes = Vec::new();
+        while cqes.is_empty() {
+            self.submit(1).map_err(|e| -e.raw_os_error().unwrap_or(libc::EIO))?;
+            self.reap(&mut cqes);
+        }
+        drop(elems);
+        Ok(cqes[0].1)
+    }
+
+    /// Arms the multishot FETCH_IO_CMDS: tags arrive in buffers of group FETCH_BGID.
+    pub fn push_fetch(&mut self) -> Result<(), i32> {
+        let sqe = self
+            .batch_cmd(uapi::IO_FETCH_IO_CMDS, 0, self.depth, 2)
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT)
+            .user_data(tag::encode(Kind::Fetch, 0, 0));
+        // The builder has no multishot or buffer-group setter: patch the raw SQE
+        // (uring_cmd_flags at byte 28, buf_group at byte 40 of struct io_uring_sqe).
+        // SAFETY: `Entry` is `repr(C)` around the 64-byte `io_uring_sqe`, plain integers.
+        let mut raw: [u8; 64] = unsafe { std::mem::transmute::<squeue::Entry, [u8; 64]>(sqe) };
+        let cmd_flags = u32::from_ne_bytes([raw[28], raw[29], raw[30], raw[31]]) | URING_CMD_MULTISHOT;
+        raw[28..32].copy_from_slice(&cmd_flags.to_ne_bytes());
+        raw[40..42].copy_from_slice(&FETCH_BGID.to_ne_bytes());
+        // SAFETY: any 64 bytes are a valid `io_uring_sqe` (integers and unions of them).
+        let sqe = unsafe { std::mem::transmute::<[u8; 64], squeue::Entry>(raw) };
+        // SAFETY: the command names no memory but the registered buffer group, whose
+        // memory is never freed while the ring exists.
+        unsafe { self.push(&sqe) }
+    }
+
+    /// The tags of a fetch CQE (`res` bytes in buffer `flags >> 16`) into `out`; the
+    /// buffer is given back to the ring.
+    pub fn take_fetched(&mut self, res: i32, cqe_flags: u32, out: &mut Vec<u16>) {
+        out.clear();
+        let Some(b) = &mut self.batch else { return };
+        let Some(bid) = io_uring::cqueue::buffer_select(cqe_flags) else { return };
+        if bid >= b.nbufs {
+            tracing::error!(q_id = self.q_id, bid, "fetch CQE names an unknown buffer");
+            return;
+        }
+        let len = usize::try_from(res).unwrap_or(0).min(b.tag_buf_bytes);
+        let off = b.buf_offset(bid);
+        let bytes = &b.mem.as_slice()[off..off + len];
+        out.extend(bytes.chunks_exact(2).map(|c| u16::from_ne_bytes([c[0], c[1]])));
+        b.provide(bid);
+    }
+
+    /// Queues the commit of `tag` with `result` (sent at the end of the pass by
+    /// `flush_commits`). In zero-copy mode a registered request buffer is unregistered first.
+    pub fn queue_commit(&mut self, tag: u16, result: i32) -> Result<(), i32> {
+        if self.registered.get(usize::from(tag)).copied().unwrap_or(false) {
+            let sqe = self.io_cmd(uapi::IO_UNREGISTER_IO_BUF, tag, 0, u64::from(tag), Kind::Aux);
+            // SAFETY: the command is inline and names no user memory.
+            unsafe { self.push(&sqe) }?;
+            self.aux_inflight += 1;
+            self.registered[usize::from(tag)] = false;
+        }
+        let Some(b) = &mut self.batch else { return Err(-libc::EINVAL) };
+        let flags = b.flags;
+        let mut pending = std::mem::take(&mut b.pending);
+        self.batch_elem(tag, result, &mut pending, flags);
+        if let Some(b) = &mut self.batch {
+            b.pending = pending;
+        }
+        Ok(())
+    }
+
+    /// Sends the queued commit elements as COMMIT_IO_CMDS (at most `depth` per SQE).
+    pub fn flush_commits(&mut self) -> Result<(), i32> {
+        loop {
+            let Some(b) = &mut self.batch else { return Ok(()) };
+            if b.pending.is_empty() {
+                return Ok(());
+            }
+            let max = usize::from(self.depth) * b.elem_bytes;
+            let mut elems = std::mem::take(&mut b.pending);
+            if elems.len() > max {
+                let mut rest = b.spare.pop().unwrap_or_default();
+                rest.clear();
+                rest.extend_from_slice(&elems[max..]);
+                elems.truncate(max);
+                b.pending = rest;
+            } else {
+                let mut next = b.spare.pop().unwrap_or_default();
+                next.clear();
+                b.pending = next;
+            }
+            let nr = (elems.len() / b.elem_bytes) as u16;
+            let (flags, elem_bytes) = (b.flags, b.elem_bytes as u8);
+            let slot = match b.inflight.iter().position(Option::is_none) {
+                Some(i) => i,
+                None => {
+                    b.inflight.push(None);
+                    b.inflight.len() - 1
+                }
+            };
+            let addr = elems.as_ptr() as u64;
+            b.inflight[slot] = Some(elems);
+            b.commits_inflight += 1;
+            let sqe = self
+                .batch_cmd(uapi::IO_COMMIT_IO_CMDS, flags, nr, elem_bytes)
+                .addr(Some(addr))
+                .build()
+                .user_data(tag::encode(Kind::Commit, 0, slot as u16));
+            // SAFETY: the array is kept in `inflight[slot]` (a heap buffer that does not
+            // move) until this SQE's CQE is reaped, and leaked if the ring goes first.
+            unsafe { self.push(&sqe) }?;
+        }
+    }
+
+    /// Handles a COMMIT_IO_CMDS completion: unconsumed elements are queued again.
+    pub(crate) fn on_commit(&mut self, slot: u16, res: i32) -> CommitOutcome {
+        let Some(b) = &mut self.batch else { return CommitOutcome::Done };
+        let Some(elems) = b.inflight.get_mut(usize::from(slot)).and_then(Option::take) else {
+            tracing::error!(q_id = self.q_id, slot, "completion of an unknown commit");
+            return CommitOutcome::Done;
+        };
+        b.commits_inflight -= 1;
+        let (again, refused) = commit_leftover(&elems, b.elem_bytes, res);
+        if !again.is_empty() {
+            b.pending.extend_from_slice(&elems[again]);
+        }
+        let mut elems = elems;
+        elems.clear();
+        b.spare.push(elems);
+        match refused {
+            Some((tag, errno)) => CommitOutcome::Refused { tag, errno },
+            None => CommitOutcome::Done,
+        }
     }
 
     pub fn fixed_buffers(&self) -> bool {
@@ -386,7 +687,36 @@ impl SqWriter {
     }
 
     /// Moves all available CQEs into `out` as (user_data, result).
-    pub fn reap(&mut self, out: &mut Vec<(u64, i32)>) {
-        out.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+    pub fn reap(&mut self, out: &mut Vec<(u64, i32, u32)>) {
+        out.extend(self.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn elems(tags: &[u16], flags: u16) -> Vec<u8> {
+        let mut v = Vec::new();
+        for &tag in tags {
+            uapi::push_batch_elem(&mut v, flags, ElemHeader { tag, buf_index: tag, result: 0 }, 0x1000);
+        }
+        v
+    }
+
+    #[test]
+    fn commit_leftovers() {
+        for flags in [0, uapi::BATCH_F_HAS_BUF_ADDR] {
+            let eb = uapi::batch_elem_bytes(flags);
+            let v = elems(&[4, 5, 6], flags);
+            // All taken.
+            assert_eq!(commit_leftover(&v, eb, v.len() as i32), (v.len()..v.len(), None));
+            // One taken: the rest goes again, starting with the one refused.
+            assert_eq!(commit_leftover(&v, eb, eb as i32), (eb..v.len(), None));
+            // None taken: the first is dropped (refused), the rest goes again.
+            assert_eq!(commit_leftover(&v, eb, -libc::EBUSY), (eb..v.len(), Some((4, -libc::EBUSY))));
+            let one = elems(&[9], flags);
+            assert_eq!(commit_leftover(&one, eb, -libc::EINVAL), (eb..eb, Some((9, -libc::EINVAL))));
+        }
     }
 }

@@ -12,6 +12,10 @@ pub enum Kind {
     Wake = 3,
     /// REGISTER_IO_BUF / UNREGISTER_IO_BUF (zero-copy mode).
     Aux = 4,
+    /// The multishot FETCH_IO_CMDS (batch mode).
+    Fetch = 5,
+    /// PREP_IO_CMDS / COMMIT_IO_CMDS (batch mode); the cookie names the element array.
+    Commit = 6,
 }
 
 pub fn encode(kind: Kind, tag: u16, cookie: u16) -> u64 {
@@ -24,6 +28,8 @@ pub fn decode(user_data: u64) -> Option<(Kind, u16, u16)> {
         2 => Kind::Target,
         3 => Kind::Wake,
         4 => Kind::Aux,
+        5 => Kind::Fetch,
+        6 => Kind::Commit,
         _ => return None,
     };
     let tag = (user_data & 0xffff) as u16;
@@ -38,8 +44,8 @@ mod tests {
 
     proptest! {
         #[test]
-        fn roundtrip(tag: u16, cookie: u16, k in 0usize..4) {
-            let kind = [Kind::Ublk, Kind::Target, Kind::Wake, Kind::Aux][k];
+        fn roundtrip(tag: u16, cookie: u16, k in 0usize..6) {
+            let kind = [Kind::Ublk, Kind::Target, Kind::Wake, Kind::Aux, Kind::Fetch, Kind::Commit][k];
             prop_assert_eq!(decode(encode(kind, tag, cookie)), Some((kind, tag, cookie)));
         }
     }

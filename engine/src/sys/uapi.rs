@@ -44,6 +44,13 @@ pub const IO_COMMIT_AND_FETCH_REQ: u32 = io_iowr(0x21);
 pub const IO_NEED_GET_DATA: u32 = io_iowr(0x22);
 pub const IO_REGISTER_IO_BUF: u32 = io_iowr(0x23);
 pub const IO_UNREGISTER_IO_BUF: u32 = io_iowr(0x24);
+// Per-queue batch commands (UBLK_F_BATCH_IO, 7.0+); the command area is a `BatchIo`.
+pub const IO_PREP_IO_CMDS: u32 = ioc(IOC_READ | IOC_WRITE, b'u', 0x25, size_of::<BatchIo>());
+pub const IO_COMMIT_IO_CMDS: u32 = ioc(IOC_READ | IOC_WRITE, b'u', 0x26, size_of::<BatchIo>());
+pub const IO_FETCH_IO_CMDS: u32 = ioc(IOC_READ | IOC_WRITE, b'u', 0x27, size_of::<BatchIo>());
+
+/// `ublk_batch_io.flags`: each element carries an 8-byte buffer address (copy mode).
+pub const BATCH_F_HAS_BUF_ADDR: u16 = 1 << 1;
 
 /// FETCH/COMMIT completion results.
 pub const IO_RES_OK: i32 = 0;
@@ -169,6 +176,61 @@ impl IoCmd {
     }
 }
 
+/// `struct ublk_batch_io`: the 16-byte command area of PREP/COMMIT/FETCH_IO_CMDS.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BatchIo {
+    pub q_id: u16,
+    pub flags: u16,
+    pub nr_elem: u16,
+    pub elem_bytes: u8,
+    pub reserved: u8,
+    pub reserved2: u64,
+}
+
+impl BatchIo {
+    pub fn to_bytes(self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[0..2].copy_from_slice(&self.q_id.to_ne_bytes());
+        b[2..4].copy_from_slice(&self.flags.to_ne_bytes());
+        b[4..6].copy_from_slice(&self.nr_elem.to_ne_bytes());
+        b[6] = self.elem_bytes;
+        b[7] = self.reserved;
+        b[8..16].copy_from_slice(&self.reserved2.to_ne_bytes());
+        b
+    }
+}
+
+/// `struct ublk_elem_header`: the start of each PREP/COMMIT element.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ElemHeader {
+    pub tag: u16,
+    /// AUTO_BUF_REG: the buffer-table slot for the request's pages.
+    pub buf_index: u16,
+    pub result: i32,
+}
+
+/// Bytes per element for these `ublk_batch_io.flags` (zone LBAs are not used).
+pub const fn batch_elem_bytes(flags: u16) -> usize {
+    size_of::<ElemHeader>() + if flags & BATCH_F_HAS_BUF_ADDR != 0 { 8 } else { 0 }
+}
+
+/// Appends one element (header, then the buffer address if `flags` says so) to `out`.
+pub fn push_batch_elem(out: &mut Vec<u8>, flags: u16, elem: ElemHeader, buf_addr: u64) {
+    out.extend_from_slice(&elem.tag.to_ne_bytes());
+    out.extend_from_slice(&elem.buf_index.to_ne_bytes());
+    out.extend_from_slice(&elem.result.to_ne_bytes());
+    if flags & BATCH_F_HAS_BUF_ADDR != 0 {
+        out.extend_from_slice(&buf_addr.to_ne_bytes());
+    }
+}
+
+/// The tag of the element at byte `at` of an element array.
+pub fn batch_elem_tag(buf: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_ne_bytes([*buf.get(at)?, *buf.get(at + 1)?]))
+}
+
 impl CtrlCmd {
     /// The 80-byte command area of an SQE128 with this command at its start.
     pub fn to_cmd80(self) -> [u8; 80] {
@@ -288,6 +350,16 @@ const _: () = {
     assert!(size_of::<IoCmd>() == 16);
     assert!(offset_of!(IoCmd, result) == 4);
     assert!(offset_of!(IoCmd, addr) == 8);
+    assert!(size_of::<BatchIo>() == 16);
+    assert!(offset_of!(BatchIo, flags) == 2);
+    assert!(offset_of!(BatchIo, nr_elem) == 4);
+    assert!(offset_of!(BatchIo, elem_bytes) == 6);
+    assert!(offset_of!(BatchIo, reserved2) == 8);
+    assert!(size_of::<ElemHeader>() == 8);
+    assert!(offset_of!(ElemHeader, buf_index) == 2);
+    assert!(offset_of!(ElemHeader, result) == 4);
+    assert!(batch_elem_bytes(0) == 8);
+    assert!(batch_elem_bytes(BATCH_F_HAS_BUF_ADDR) == 16);
     assert!(size_of::<ParamBasic>() == 32);
     assert!(offset_of!(ParamBasic, max_sectors) == 8);
     assert!(offset_of!(ParamBasic, dev_sectors) == 16);
@@ -318,6 +390,9 @@ mod tests {
         assert_eq!(IO_NEED_GET_DATA, 0xc010_7522);
         assert_eq!(IO_REGISTER_IO_BUF, 0xc010_7523);
         assert_eq!(IO_UNREGISTER_IO_BUF, 0xc010_7524);
+        assert_eq!(IO_PREP_IO_CMDS, 0xc010_7525);
+        assert_eq!(IO_COMMIT_IO_CMDS, 0xc010_7526);
+        assert_eq!(IO_FETCH_IO_CMDS, 0xc010_7527);
         assert_eq!(CMD_GET_QUEUE_AFFINITY, 0x8020_7501);
         assert_eq!(CMD_GET_DEV_INFO, 0x8020_7502);
         assert_eq!(CMD_ADD_DEV, 0xc020_7504);
@@ -355,6 +430,35 @@ mod tests {
         assert_eq!(u64::from_ne_bytes(b[8..16].try_into().unwrap()), 0xdead_beef);
         assert_eq!(u64::from_ne_bytes(b[16..24].try_into().unwrap()), 42);
         assert!(b[26..].iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn batch_encoding() {
+        let h = BatchIo { q_id: 3, flags: BATCH_F_HAS_BUF_ADDR, nr_elem: 0x0102, elem_bytes: 16, ..Default::default() };
+        let b = h.to_bytes();
+        assert_eq!(u16::from_ne_bytes([b[0], b[1]]), 3);
+        assert_eq!(u16::from_ne_bytes([b[2], b[3]]), 2);
+        assert_eq!(u16::from_ne_bytes([b[4], b[5]]), 0x0102);
+        assert_eq!(b[6], 16);
+        assert!(b[7..].iter().all(|&x| x == 0));
+
+        let mut v = Vec::new();
+        push_batch_elem(&mut v, 0, ElemHeader { tag: 7, buf_index: 7, result: -5 }, 0xdead);
+        assert_eq!(v.len(), batch_elem_bytes(0));
+        assert_eq!(batch_elem_tag(&v, 0), Some(7));
+        assert_eq!(u16::from_ne_bytes([v[2], v[3]]), 7);
+        assert_eq!(i32::from_ne_bytes(v[4..8].try_into().unwrap()), -5);
+
+        let mut v = Vec::new();
+        for tag in [1u16, 2] {
+            let e = ElemHeader { tag, buf_index: 0, result: 4096 };
+            push_batch_elem(&mut v, BATCH_F_HAS_BUF_ADDR, e, 0x1000 * u64::from(tag));
+        }
+        assert_eq!(v.len(), 2 * batch_elem_bytes(BATCH_F_HAS_BUF_ADDR));
+        assert_eq!(batch_elem_tag(&v, 16), Some(2));
+        assert_eq!(i32::from_ne_bytes(v[20..24].try_into().unwrap()), 4096);
+        assert_eq!(u64::from_ne_bytes(v[24..32].try_into().unwrap()), 0x2000);
+        assert_eq!(batch_elem_tag(&v, 32), None);
     }
 
     #[test]
