@@ -406,11 +406,11 @@ wait_reads() {
     done
 }
 
-# Waits until process $1 has stopped itself (UBD_DEBUG_PAUSE).
+# Waits until process $1 has stopped itself (UBD_DEBUG_PAUSE); $2 is its log.
 wait_stopped() {
     local deadline=$((SECONDS + START_TIMEOUT))
     until grep -qE '^State:\s+T' "/proc/$1/status" 2>/dev/null; do
-        kill -0 "$1" 2>/dev/null || fail "process $1 exited instead of pausing"
+        kill -0 "$1" 2>/dev/null || { cat "$2" >&2; fail "process $1 exited instead of pausing"; }
         ((SECONDS < deadline)) || fail "process $1 never reached its pause point"
         sleep 0.1
     done
@@ -563,7 +563,7 @@ case_kill9_states() {
     local out=$WORK/k.out
     UBD_DEBUG_PAUSE=before-start "$UBD" --queues 2 loop "$FS/k.img" >"$out" 2>"$WORK/k.log" &
     local pid=$!
-    wait_stopped "$pid"
+    wait_stopped "$pid" "$WORK/k.log"
     local ids
     ids=$(ls /sys/class/ublk-char)
     kill -KILL "$pid"
@@ -599,7 +599,7 @@ case_kill9_states() {
     wait "$PID" 2>/dev/null || true
     UBD_DEBUG_PAUSE=before-end-recovery "$UBD" recover "$id" >"$out" 2>"$WORK/k.log" &
     pid=$!
-    wait_stopped "$pid"
+    wait_stopped "$pid" "$WORK/k.log"
     kill -KILL "$pid"
     wait "$pid" 2>/dev/null || true
     start_recover "$id"

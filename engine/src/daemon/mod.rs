@@ -268,7 +268,17 @@ pub fn recover(
     } else {
         BufferMode::Copy
     };
-    ctrl.start_user_recovery(dev_id)?;
+    // The dead daemon's rings are torn down asynchronously; until they let go of
+    // /dev/ublkcN the kernel answers EBUSY.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match ctrl.start_user_recovery(dev_id) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            r => break r?,
+        }
+    }
     let live = Live::new(ctrl, dev_id, OnExit::Leave);
     let opts = DeviceOptions {
         queues: info.nr_hw_queues,
