@@ -162,11 +162,6 @@ impl IoCtx<'_> {
         self.sq.push_timeout(self.tag, after, cookie)
     }
 
-    /// The queue this request is on.
-    pub fn tag(&self) -> u16 {
-        self.tag
-    }
-
     pub fn fallocate(&mut self, file: FileSlot, mode: i32, offset: u64, len: u64, cookie: u16) -> Result<(), i32> {
         self.sq.push_fallocate(self.tag, file, mode, offset, len, cookie)
     }

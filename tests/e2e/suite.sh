@@ -358,12 +358,9 @@ case_sigterm_under_load() {
     start_dev --queues 2 --depth 32 loop "$FS/load.img"
     fio --name=load --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randrw --bs=16k --iodepth=32 \
         --numjobs=2 --size=48M --time_based --runtime=60 >"$WORK/fio-load.out" 2>&1 &
-    local fio_pid=$! id=${DEV#/dev/ublkb} deadline=$((SECONDS + 60))
-    # Stop only once IO is flowing (fio starts slowly under emulation).
-    until "$UBD" stats "$id" --json 2>/dev/null | grep -qE '"reads": *[0-9]{3,}'; do
-        ((SECONDS < deadline)) || fail "fio never got going"
-        sleep 0.2
-    done
+    local fio_pid=$!
+    # Stop only once IO is flowing.
+    wait_reads "${DEV#/dev/ublkb}"
     kill -TERM "$PID"
     sleep 0.2
     kill -TERM "$PID" 2>/dev/null || true

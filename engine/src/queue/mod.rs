@@ -271,7 +271,7 @@ fn run(
         in_target: 0,
         stopping: false,
         aborting: false,
-        poisoned: None,
+        poisoned: false,
         events: events.clone(),
         tag_sqes: vec![0; usize::from(cfg.depth)],
         panic_after: if q_id == 0 { debug_panic_after() } else { None },
@@ -315,9 +315,9 @@ struct Queue<'a> {
     stopping: bool,
     /// Told to abort: give up on requests still in the target and exit now.
     aborting: bool,
-    /// The target panicked (message): it is not called again, and every request on
-    /// this queue fails with EIO until the device is stopped.
-    poisoned: Option<String>,
+    /// The target panicked: it is not called again, and every request on this queue
+    /// fails with EIO until the device is stopped.
+    poisoned: bool,
     events: Sender<QueueEvent>,
     /// Target SQEs in flight per tag.
     tag_sqes: Vec<u16>,
@@ -545,7 +545,7 @@ impl Queue<'_> {
         };
         let idx = usize::from(tag);
         self.tag_sqes[idx] = self.tag_sqes[idx].saturating_sub(1);
-        if self.poisoned.is_some() {
+        if self.poisoned {
             // The target is not called again; the request fails once none of its SQEs
             // is in flight (they may still use its buffer).
             if self.tag_sqes[idx] == 0 {
@@ -566,7 +566,7 @@ impl Queue<'_> {
         tag: u16,
         f: impl FnOnce(&mut dyn QueueTarget, &mut IoCtx<'_>) -> Disposition,
     ) -> Disposition {
-        if self.poisoned.is_some() {
+        if self.poisoned {
             return Disposition::Done(-libc::EIO);
         }
         let before = self.sq.target_inflight;
@@ -583,8 +583,8 @@ impl Queue<'_> {
             Err(payload) => {
                 let msg = format!("target panicked: {}", panic_message(&*payload));
                 tracing::error!(q_id = self.q_id, "{msg}; failing every request on this queue");
-                let _ = self.events.send(QueueEvent::TargetFailed { q_id: self.q_id, msg: msg.clone() });
-                self.poisoned = Some(msg);
+                let _ = self.events.send(QueueEvent::TargetFailed { q_id: self.q_id, msg });
+                self.poisoned = true;
                 if self.tag_sqes[idx] == 0 { Disposition::Done(-libc::EIO) } else { Disposition::Pending }
             }
         }

@@ -95,10 +95,6 @@ pub fn eventfd() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-pub fn eventfd_signal(fd: BorrowedFd<'_>) -> io::Result<()> {
-    eventfd_add(fd, 1)
-}
-
 /// Adds `value` to an eventfd's counter.
 pub fn eventfd_add(fd: BorrowedFd<'_>, value: u64) -> io::Result<()> {
     // SAFETY: writes 8 bytes from a live local u64 to an open eventfd.
@@ -236,7 +232,7 @@ mod tests {
     fn eventfd_roundtrip_and_pid_checks() {
         let fd = eventfd().unwrap();
         use std::os::fd::AsFd;
-        eventfd_signal(fd.as_fd()).unwrap();
+        eventfd_add(fd.as_fd(), 1).unwrap();
         let mut buf = [0u8; 8];
         let f = std::fs::File::from(fd);
         use std::io::Read;
