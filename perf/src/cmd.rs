@@ -148,7 +148,11 @@ fn sample_line(s: &Sample) -> String {
 /// Runs the compare matrix and writes its files; shared by compare and regress.
 fn measure(m: &MatrixArgs, cmd: &str) -> Result<(Results, PathBuf)> {
     let s = setup(&m.common, cmd, 3, false)?;
-    let mut all = systems::default_systems(&s.caps, s.env.rublk.is_some(), s.env.ublksrv.is_some());
+    let variants = m.variant.iter().map(|v| systems::parse_variant(v)).collect::<Result<Vec<_>>>()?;
+    let mut all = systems::with_variants(
+        systems::default_systems(&s.caps, s.env.rublk.is_some(), s.env.ublksrv.is_some()),
+        &variants,
+    );
     // Drop what cannot run here, unless asked for by name (then it fails clearly).
     let asked = |x: &System| m.systems.contains(&x.name);
     all.retain(|x| (s.ublk || !x.needs_ublk() || asked(x)) && (s.engine || !x.name.starts_with("engine-") || asked(x)));

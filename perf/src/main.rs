@@ -87,6 +87,10 @@ pub struct MatrixArgs {
     /// CPU list for the engine's queue threads (ubd-engine --cpus).
     #[arg(long, value_name = "LIST")]
     cpus: Option<String>,
+    /// Measure an engine variant too (repeatable): NAME=ARGS adds SYSTEM@NAME after each
+    /// engine system, run with the extra ubd-engine ARGS, e.g. batch='--io-protocol batch'.
+    #[arg(long, value_name = "NAME=ARGS")]
+    variant: Vec<String>,
 }
 
 #[derive(Debug, Args)]

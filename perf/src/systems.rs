@@ -28,8 +28,8 @@ pub enum Kind {
     EngineNull,
     /// `rublk add loop`, `-z` (auto buffer registration) when set.
     RublkLoop { autoreg: bool },
-    /// `rublk add null`.
-    RublkNull,
+    /// `rublk add null`, with `-u` (user copy: no data copied) or `-z` when given.
+    RublkNull { flag: Option<&'static str> },
     /// ublksrv's `ublk add -t loop|null`.
     Ublksrv { target: &'static str },
 }
@@ -39,11 +39,13 @@ pub enum Kind {
 pub struct System {
     pub name: String,
     pub kind: Kind,
+    /// Extra `ubd-engine` arguments (engine systems of a `--variant`).
+    pub extra: Vec<String>,
 }
 
 impl System {
     pub fn new(name: &str, kind: Kind) -> Self {
-        System { name: name.to_string(), kind }
+        System { name: name.to_string(), kind, extra: Vec::new() }
     }
 
     /// Whether the system needs the ublk driver.
@@ -141,11 +143,51 @@ pub fn default_systems(caps: &EngineCaps, rublk: bool, ublksrv: bool) -> Vec<Sys
         if caps.has("AUTO_BUF_REG") {
             v.push(System::new("rublk-loop-autoreg", Kind::RublkLoop { autoreg: true }));
         }
-        v.push(System::new("rublk-null", Kind::RublkNull));
+        v.push(System::new("rublk-null", Kind::RublkNull { flag: None }));
+        v.push(System::new("rublk-null-usercopy", Kind::RublkNull { flag: Some("-u") }));
+        if caps.has("AUTO_BUF_REG") {
+            v.push(System::new("rublk-null-autoreg", Kind::RublkNull { flag: Some("-z") }));
+        }
     }
     if ublksrv {
         v.push(System::new("ublksrv-loop", Kind::Ublksrv { target: "loop" }));
         v.push(System::new("ublksrv-null", Kind::Ublksrv { target: "null" }));
+    }
+    v
+}
+
+/// An engine variant: `NAME=ARGS`, extra `ubd-engine` arguments (split at spaces).
+pub fn parse_variant(s: &str) -> Result<(String, Vec<String>)> {
+    let (name, args) = s.split_once('=').ok_or_else(|| anyhow!("--variant {s:?}: expected NAME=ARGS"))?;
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        bail!("--variant {s:?}: the name must be letters, digits, - or _");
+    }
+    let args: Vec<String> = args.split_whitespace().map(str::to_string).collect();
+    if args.is_empty() {
+        bail!("--variant {s:?}: no engine arguments after =");
+    }
+    Ok((name.to_string(), args))
+}
+
+/// After each engine system, the same system once per variant, named `SYSTEM@NAME`.
+pub fn with_variants(all: Vec<System>, variants: &[(String, Vec<String>)]) -> Vec<System> {
+    let mut v = Vec::with_capacity(all.len() * (1 + variants.len()));
+    for s in all {
+        let engine = matches!(s.kind, Kind::EngineLoop { .. } | Kind::EngineNull);
+        let copies: Vec<System> = if engine {
+            variants
+                .iter()
+                .map(|(name, args)| System {
+                    name: format!("{}@{name}", s.name),
+                    kind: s.kind.clone(),
+                    extra: args.clone(),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        v.push(s);
+        v.extend(copies);
     }
     v
 }
@@ -300,6 +342,7 @@ pub fn start(sys: &System, env: &Env, eo: &EngineOpts) -> Result<Running> {
     let log = env.log_dir.join(format!("{}.log", sys.name));
     let engine_cmd = |mode: Option<&str>| {
         let mut c = Command::new(&env.engine);
+        c.args(&sys.extra);
         if let Some(cpus) = &eo.cpus {
             c.args(["--cpus", cpus]);
         }
@@ -352,11 +395,12 @@ pub fn start(sys: &System, env: &Env, eo: &EngineOpts) -> Result<Running> {
             }
             start_rublk(c, bin)
         }
-        Kind::RublkNull => {
+        Kind::RublkNull { flag } => {
             let bin = rublk()?;
             let mut c = Command::new(&bin);
             c.args(["add", "null"]);
             qd(&mut c);
+            c.args(flag);
             start_rublk(c, bin)
         }
         Kind::Ublksrv { target } => {
@@ -412,7 +456,9 @@ mod tests {
                 "engine-null",
                 "rublk-loop",
                 "rublk-loop-autoreg",
-                "rublk-null"
+                "rublk-null",
+                "rublk-null-usercopy",
+                "rublk-null-autoreg"
             ]
         );
         parse_features(b"nope").unwrap_err();
@@ -423,14 +469,31 @@ mod tests {
         let caps = EngineCaps::from_parts("--buffer-mode", vec![]);
         let all = default_systems(&caps, true, true);
         let s = select(all.clone(), &["kloop".into(), "rublk*".into()]).unwrap();
-        assert_eq!(names(&s), ["kloop", "rublk-loop", "rublk-null"]);
+        assert_eq!(names(&s), ["kloop", "rublk-loop", "rublk-null", "rublk-null-usercopy"]);
         let s = select(all.clone(), &["ublksrv*".into()]).unwrap();
         assert_eq!(names(&s), ["ublksrv-loop", "ublksrv-null"]);
         assert_eq!(select(all.clone(), &[]).unwrap().len(), all.len());
         let e = select(all, &["nvme".into()]).unwrap_err().to_string();
         assert!(e.contains("unknown system \"nvme\""), "{e}");
         assert!(!System::new("raw", Kind::Raw).needs_ublk());
-        assert!(System::new("x", Kind::RublkNull).needs_ublk());
+        assert!(System::new("x", Kind::RublkNull { flag: None }).needs_ublk());
+    }
+
+    #[test]
+    fn variants_follow_each_engine_system() {
+        let v = parse_variant("off64=--offload 64K").unwrap();
+        assert_eq!(v, ("off64".to_string(), vec!["--offload".to_string(), "64K".to_string()]));
+        for bad in ["x", "=--a", "a b=--c", "n="] {
+            parse_variant(bad).unwrap_err();
+        }
+        let caps = EngineCaps::from_parts("--buffer-mode", vec![]);
+        let all = with_variants(default_systems(&caps, false, false), &[v]);
+        assert_eq!(
+            names(&all),
+            ["raw", "kloop", "engine-loop-copy", "engine-loop-copy@off64", "engine-null", "engine-null@off64"]
+        );
+        assert_eq!(all[3].extra, ["--offload", "64K"]);
+        assert!(all[2].extra.is_empty());
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::process::{Command, ExitCode};
 use anyhow::{Context, Result, anyhow};
 
 use crate::cmd::{absolute, engine_path, out_dir};
-use crate::{Cmd, Common};
+use crate::{Cmd, Common, CompareArgs, RegressArgs};
 
 /// Options consumed here, and whether each takes a value.
 const OWN: [(&str, bool); 5] =
@@ -106,8 +106,11 @@ pub fn reexec(cmd: &Cmd) -> Result<ExitCode> {
     let workloads = if common.workloads.is_empty() { 5 } else { common.workloads.len() as u64 };
     let cells = if let Cmd::Sweep(a) = cmd {
         (a.queues.len() * a.depth.len() * a.cpus.len().max(1) * a.buffer_mode.len().max(3)) as u64
+    } else if let Cmd::Compare(CompareArgs { m }) | Cmd::Regress(RegressArgs { m, .. }) = cmd {
+        // Up to 11 systems, and 4 more (the engine's) per variant.
+        11 + 4 * m.variant.len() as u64
     } else {
-        9
+        11
     };
     let timeout = 300 + rounds * workloads * cells * (u64::from(common.runtime + common.ramp) * 3 + 10);
     c.args(["--timeout", &timeout.to_string(), "--"]);

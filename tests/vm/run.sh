@@ -83,6 +83,16 @@ if [[ -z $vmlinuz || ! -x $VNG ]]; then
 fi
 [[ -n $vmlinuz ]] || die "unknown kernel '$kernel'; known: $(awk '{printf "%s=%s ", $1, $2}' "$KERNELS_TXT")"
 
+# One VM at a time: two TCG guests on a small host starve each other (and spoil
+# any measurement). UBD_VM_PARALLEL=1 skips the lock.
+if [[ ${UBD_VM_PARALLEL:-0} != 1 ]]; then
+    exec 8>"$UBD_CACHE/.vm.lock"
+    if ! flock -n 8; then
+        echo "run.sh: another VM is running; waiting for it" >&2
+        flock 8
+    fi
+fi
+
 # Per-run dir in the shared dir: the guest script and its exit status.
 mkdir -p "$shared"
 shared=$(cd "$shared" && pwd -P)

@@ -19,7 +19,8 @@ use ubd_engine::queue::IoProtocol;
 use ubd_engine::queue::ring::RingMode;
 
 fn device_options(a: &DevArgs) -> Result<DeviceOptions> {
-    let cpus = a.cpus.as_deref().map(ubd_engine::cpus::parse_cpulist).transpose()?;
+    let unpinned = a.cpus.as_deref() == Some("any");
+    let cpus = a.cpus.as_deref().filter(|_| !unpinned).map(ubd_engine::cpus::parse_cpulist).transpose()?;
     let queues = a.queues.unwrap_or_else(|| cpus.as_ref().map_or(1, |c| u16::try_from(c.len()).unwrap_or(u16::MAX)));
     let max_io = parse_size(&a.max_io_size).map_err(anyhow::Error::msg).context("--max-io-size")?;
     let max_io = u32::try_from(max_io).context("--max-io-size is too large")?;
@@ -29,6 +30,7 @@ fn device_options(a: &DevArgs) -> Result<DeviceOptions> {
         max_io_buf_bytes: max_io,
         dev_id: a.id,
         cpus,
+        unpinned,
         huge_pages: !a.no_hugepages,
         buffer: match a.buffer_mode {
             BufMode::Auto => BufferChoice::Auto,
@@ -50,6 +52,16 @@ fn device_options(a: &DevArgs) -> Result<DeviceOptions> {
         io_protocol: match a.io_protocol {
             IoProtocolArg::PerTag => IoProtocol::PerTag,
             IoProtocolArg::Batch => IoProtocol::Batch,
+        },
+        offload_min: match a.offload.as_str() {
+            "off" => None,
+            s => Some(
+                parse_size(s)
+                    .ok()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| anyhow::anyhow!("--offload {s:?}: expected a size such as 64K, or off"))?,
+            ),
         },
         stop_grace: Duration::from_secs(a.stop_timeout),
     };

@@ -54,6 +54,10 @@ pub struct DevArgs {
     /// any kernel) or batch (UBLK_F_BATCH_IO: multishot fetch, batched commits, 7.0+).
     #[arg(long, global = true, value_enum, default_value_t = IoProtocolArg::PerTag)]
     io_protocol: IoProtocolArg,
+    /// Target reads and writes of at least SIZE run on io_uring's worker threads
+    /// (IOSQE_ASYNC), so their copies use other CPUs too; off runs all on the queue thread.
+    #[arg(long, global = true, value_name = "SIZE|off", default_value = "off")]
+    offload: String,
     /// io_uring setup of the queue rings (tuning): auto tries defer, then coop, then plain.
     #[arg(long, global = true, value_enum, default_value_t = RingArg::Auto)]
     ring: RingArg,

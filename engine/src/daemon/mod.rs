@@ -36,6 +36,8 @@ pub struct DeviceOptions {
     /// CPUs for the queue threads: queue i runs on `cpus[i % len]`. None: each queue
     /// runs on the CPUs the kernel maps to it (GET_QUEUE_AFFINITY).
     pub cpus: Option<Vec<usize>>,
+    /// Leave the queue threads unpinned (the scheduler places them); `cpus` is then None.
+    pub unpinned: bool,
     /// Try hugepage-backed buffers.
     pub huge_pages: bool,
     pub buffer: BufferChoice,
@@ -44,6 +46,10 @@ pub struct DeviceOptions {
     pub ring: Option<RingMode>,
     /// Per-tag commands, or UBLK_F_BATCH_IO (7.0+).
     pub io_protocol: IoProtocol,
+    /// Target reads and writes of at least this many bytes go to io_uring's worker
+    /// threads (IOSQE_ASYNC) instead of running inline on the queue thread, so their
+    /// data copies can run on other CPUs. None: everything runs inline.
+    pub offload_min: Option<u32>,
     /// On stop, how long requests in flight may take to complete before the queues
     /// give up on them (the kernel then fails them, or re-queues them for recovery).
     pub stop_grace: Duration,
@@ -90,11 +96,13 @@ impl Default for DeviceOptions {
             max_io_buf_bytes: 512 << 10,
             dev_id: None,
             cpus: None,
+            unpinned: false,
             huge_pages: true,
             buffer: BufferChoice::Auto,
             recovery: Recovery::Reissue,
             ring: None,
             io_protocol: IoProtocol::PerTag,
+            offload_min: None,
             stop_grace: Duration::from_secs(30),
         }
     }
@@ -364,6 +372,7 @@ fn run(
     for q_id in 0..info.nr_hw_queues {
         let cpus = match &opts.cpus {
             Some(list) => Some(vec![list[usize::from(q_id) % list.len()]]),
+            None if opts.unpinned => None,
             None => match live.ctrl.queue_affinity(dev_id, q_id) {
                 Ok(set) if !set.is_empty() => Some(set),
                 Ok(_) => None,
@@ -383,6 +392,7 @@ fn run(
             buffer_mode,
             ring: opts.ring,
             protocol: io_protocol,
+            offload_min: opts.offload_min,
         };
         let handle = queue::spawn(cfg, Arc::clone(&target), Arc::clone(&cdev), tx.clone())?;
         live.queues.push(handle);

@@ -40,6 +40,8 @@ pub struct QueueConfig {
     pub ring: Option<RingMode>,
     /// How requests are fetched and committed.
     pub protocol: IoProtocol,
+    /// Target IO of at least this many bytes is punted to io_uring's workers.
+    pub offload_min: Option<u32>,
 }
 
 /// How a queue fetches and commits requests.
@@ -243,7 +245,7 @@ fn run(
         Some(r)
     };
     let batch = cfg.protocol == IoProtocol::Batch;
-    let bufs = RingSetup { ring: cfg.ring, mode: cfg.buffer_mode, region, batch };
+    let bufs = RingSetup { ring: cfg.ring, mode: cfg.buffer_mode, region, batch, offload_min: cfg.offload_min };
     let mut setup = QueueSetup::default();
     let qt = target.open_queue(q_id, &mut setup).map_err(|e| qerr(format!("opening {} target: {e}", target.name())))?;
     let sq = SqWriter::new(q_id, cfg.depth, cfg.buf_size, bufs, wake, cdev.as_raw_fd(), &setup.fds)

@@ -52,6 +52,8 @@ pub struct SqWriter {
     pub(crate) aux_inflight: u32,
     /// UBLK_F_BATCH_IO: fetched-tag buffers and commit element arrays.
     batch: Option<Batch>,
+    /// Target IO of at least this many bytes gets IOSQE_ASYNC (u32::MAX: none).
+    offload_min: u32,
 }
 
 /// The provided-buffer group the multishot FETCH_IO_CMDS picks its tag buffers from.
@@ -202,6 +204,8 @@ pub struct RingSetup {
     pub region: Option<Region>,
     /// UBLK_F_BATCH_IO: PREP/FETCH/COMMIT_IO_CMDS instead of per-tag commands.
     pub batch: bool,
+    /// Target reads/writes of at least this many bytes get IOSQE_ASYNC.
+    pub offload_min: Option<u32>,
 }
 
 impl SqWriter {
@@ -265,6 +269,7 @@ impl SqWriter {
             target_inflight: 0,
             aux_inflight: 0,
             batch,
+            offload_min: bufs.offload_min.unwrap_or(u32::MAX),
         })
     }
 
@@ -602,6 +607,9 @@ impl SqWriter {
                 (true, false) => opcode::Write::new(fd, ptr, len).offset(offset).rw_flags(rw_flags).build(),
             }
         };
+        // Large IO goes to io-wq: its copy then runs on whichever CPU is free, not
+        // serially on this queue's one CPU (a single submitter loads a single queue).
+        let sqe = if len >= self.offload_min { sqe.flags(squeue::Flags::ASYNC) } else { sqe };
         // SAFETY: copy mode: the range is inside this tag's buffer (checked above), which
         // lives as long as the ring. Zero-copy modes: the kernel owns the registered
         // request pages, and the request is not committed (so they stay registered)
