@@ -43,7 +43,7 @@ case_null() {
     # Live stats: published every second while the device serves.
     local id=${DEV#/dev/ublkb} deadline=$((SECONDS + 30))
     until "$UBD" stats "$id" --json >"$WORK/stats.json" 2>/dev/null &&
-        python3 -c 'import json,sys; s=json.load(open(sys.argv[1]))["stats"]; t=s["total"]; sys.exit(0 if t["reads"] > 1000 and t["read_latency"]["count"] > 1000 and len(s["queues"]) == 2 else 1)' "$WORK/stats.json"; do
+        python3 -c 'import json,sys; s=json.load(open(sys.argv[1]))["stats"]; t=s["total"]; sys.exit(0 if t["reads"] > 1000 and t["read_latency"]["count"] > 1000 and len(s["queues"]) == 2 and all("batch" not in q for q in [t] + s["queues"]) else 1)' "$WORK/stats.json"; do
         ((SECONDS < deadline)) || fail "stats never showed the fio reads: $(cat "$WORK/stats.json")"
         sleep 0.2
     done
@@ -284,8 +284,11 @@ case_batch_io() {
         grep -q "io protocol batch" "$LOG"
         fio_verify --rw=randwrite --bsrange=4k-128k --iodepth=32 --numjobs=2 --offset_increment=64M --size=24M
         fio_verify --rw=randrw --rwmixread=30 --bs=4k --iodepth=1 --size=4M
+        check_batch_stats 32
         check_roundtrip /dev/ram0
         grep -q "errors 0" "$LOG"
+        grep -qE "batch io: [1-9][0-9]* fetch CQEs, [0-9.]+ requests per fetch \(max [1-9][0-9]*\); [1-9][0-9]* commits" "$LOG" ||
+            { cat "$LOG" >&2; fail "no batch io summary at shutdown"; }
         truncate -s 64M "$FS/batch.img"
         start_dev --queues 2 --depth 16 --buffer-mode "$mode" --io-protocol batch loop "$FS/batch.img"
         fio_verify --rw=randwrite --bsrange=4k-128k --iodepth=16 --numjobs=2 --offset_increment=24M --size=16M
@@ -294,6 +297,40 @@ case_batch_io() {
     done
     # kill -9 under a verified write job, recover (PREP + FETCH again), verify.
     recover_rounds "${UBD_RECOVER_ROUNDS:-3}" --io-protocol batch
+}
+
+# check_batch_stats DEPTH: with fio reading from the batch device $DEV, `stats --json`
+# shows the batch counters on every queue and in total: fetch completions and commits
+# counted, at least one request per fetch and one element per commit on average, and
+# never more in one than the queue depth. The text form shows them too.
+check_batch_stats() {
+    local depth=$1 id=${DEV#/dev/ublkb} deadline=$((SECONDS + 30)) rc=0
+    fio --name=batchstats --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randread --bs=4k \
+        --iodepth=32 --numjobs=2 --size=32M --time_based --runtime=3 >"$WORK/fio-bstats.out" 2>&1 &
+    local fio_pid=$!
+    until "$UBD" stats "$id" --json >"$WORK/bstats.json" 2>/dev/null &&
+        python3 -c '
+import json, sys
+s = json.load(open(sys.argv[1]))["stats"]
+depth = int(sys.argv[2])
+def ok(b, need):
+    if b is None:
+        return False
+    f, c = b["requests_per_fetch"], b["elements_per_commit"]
+    if f["max"] > depth or c["max"] > depth:
+        sys.exit("more than the depth in one fetch or commit: %s" % b)
+    return not need or (f["count"] > 0 and c["count"] > 0 and f["mean"] >= 1 and c["mean"] >= 1 and s["total"]["reads"] > 100)
+sys.exit(0 if all(ok(q.get("batch"), False) for q in s["queues"]) and ok(s["total"].get("batch"), True) else 1)
+' "$WORK/bstats.json" "$depth"; do
+        ((SECONDS < deadline)) || fail "stats never showed batch fetches and commits: $(cat "$WORK/bstats.json")"
+        sleep 0.2
+    done
+    wait "$fio_pid" || rc=$?
+    ((rc == 0)) || { cat "$WORK/fio-bstats.out" >&2; fail "fio under stats exited $rc"; }
+    "$UBD" stats "$id" >"$WORK/bstats.txt"
+    grep -qE "^QUEUE +FETCHES +REQ/FET" "$WORK/bstats.txt" || fail "no batch table in: $(cat "$WORK/bstats.txt")"
+    log "batch stats: $(python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1]))["stats"]["total"]["batch"]))' "$WORK/bstats.json")"
+    sed 's/^/      /' "$WORK/bstats.txt"
 }
 
 # The perf toolkit end to end: a tiny `ubd-perf compare` (one 1-second cell per system).

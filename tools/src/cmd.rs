@@ -207,6 +207,18 @@ fn serve(target: Arc<dyn Target>, opts: &DeviceOptions, recover: Option<u32>) ->
         t.cqes_per_pass(),
         t.sqes_per_submit(),
     );
+    if let Some(b) = &t.batch {
+        let (f, c) = (&b.requests_per_fetch, &b.elements_per_commit);
+        tracing::info!(
+            "batch io: {} fetch CQEs, {:.1} requests per fetch (max {}); {} commits, {:.1} elements per commit (max {})",
+            f.count,
+            f.mean,
+            f.max,
+            c.count,
+            c.mean,
+            c.max
+        );
+    }
     for (what, l) in [("read", &t.read_latency), ("write", &t.write_latency), ("other", &t.other_latency)] {
         if l.count > 0 {
             tracing::info!(
@@ -264,7 +276,28 @@ pub fn stats(id: u32, json: bool) -> Result<()> {
             q.write_latency.p99_us,
         );
     }
+    if s.total.batch.is_some() {
+        print_batch_stats(&s);
+    }
     Ok(())
+}
+
+/// The batch protocol's table: requests per FETCH_IO_CMDS completion and elements
+/// per COMMIT_IO_CMDS, per queue and in total.
+fn print_batch_stats(s: &DeviceStats) {
+    println!(
+        "{:<6} {:>10} {:>9} {:>9} {:>10} {:>9} {:>9}",
+        "QUEUE", "FETCHES", "REQ/FET", "MAX", "COMMITS", "ELEM/COM", "MAX"
+    );
+    let rows = s.queues.iter().enumerate().map(|(i, q)| (i.to_string(), q)).chain([("total".to_string(), &s.total)]);
+    for (name, q) in rows {
+        let Some(b) = &q.batch else { continue };
+        let (f, c) = (&b.requests_per_fetch, &b.elements_per_commit);
+        println!(
+            "{:<6} {:>10} {:>9.1} {:>9} {:>10} {:>9.1} {:>9}",
+            name, f.count, f.mean, f.max, c.count, c.mean, c.max
+        );
+    }
 }
 
 fn report_started(

@@ -178,7 +178,7 @@ pub fn spawn(
     let q_id = cfg.q_id;
     let wake = crate::sys::eventfd().map_err(|e| Error::io("creating eventfd", e))?;
     let wake_thread = wake.try_clone().map_err(|e| Error::io("dup eventfd", e))?;
-    let stats = Arc::new(QueueStats::default());
+    let stats = Arc::new(QueueStats::new(cfg.protocol == IoProtocol::Batch));
     let stats_thread = Arc::clone(&stats);
     let join = std::thread::Builder::new()
         .name(format!("ubd-q{q_id}"))
@@ -379,7 +379,8 @@ impl Queue<'_> {
     fn serve(&mut self) -> std::io::Result<()> {
         let mut cqes = Vec::with_capacity(usize::from(self.depth) * 2 + 1);
         while !self.done() {
-            if let Err(errno) = self.sq.flush_commits() {
+            let recorder = &mut self.recorder;
+            if let Err(errno) = self.sq.flush_commits(|elements| recorder.record_commit(elements)) {
                 tracing::error!(q_id = self.q_id, "cannot queue COMMIT_IO_CMDS: errno {}", -errno);
             }
             // With statistics not yet published, wake up in time to publish them.
@@ -463,6 +464,7 @@ impl Queue<'_> {
     fn on_fetch(&mut self, res: i32, cqe_flags: u32) {
         let mut tags = std::mem::take(&mut self.fetched);
         self.sq.take_fetched(res, cqe_flags, &mut tags);
+        self.recorder.record_fetch(tags.len());
         for &tag in &tags {
             match self.slots.get(usize::from(tag)) {
                 Some(Slot::Fetching) => self.start_request(tag),

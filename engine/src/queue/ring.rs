@@ -407,8 +407,9 @@ impl SqWriter {
         Ok(())
     }
 
-    /// Sends the queued commit elements as COMMIT_IO_CMDS (at most `depth` per SQE).
-    pub fn flush_commits(&mut self) -> Result<(), i32> {
+    /// Sends the queued commit elements as COMMIT_IO_CMDS (at most `depth` per SQE),
+    /// calling `sent` with the element count of each command queued.
+    pub fn flush_commits(&mut self, mut sent: impl FnMut(u16)) -> Result<(), i32> {
         loop {
             let Some(b) = &mut self.batch else { return Ok(()) };
             if b.pending.is_empty() {
@@ -447,6 +448,7 @@ impl SqWriter {
             // SAFETY: the array is kept in `inflight[slot]` (a heap buffer that does not
             // move) until this SQE's CQE is reaped, and leaked if the ring goes first.
             unsafe { self.push(&sqe) }?;
+            sent(nr);
         }
     }
 

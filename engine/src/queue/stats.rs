@@ -3,9 +3,13 @@
 //!
 //! Latency is measured from the FETCH completion that delivers a request to the
 //! moment its COMMIT is queued: the time the request spends in the engine and target.
+//!
+//! Queues on the batch protocol (UBLK_F_BATCH_IO) also count how many requests each
+//! FETCH_IO_CMDS completion delivers and how many elements each COMMIT_IO_CMDS carries
+//! ([`BatchSnapshot`]); their snapshots have `batch: None` on the per-tag protocol.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -71,11 +75,99 @@ pub struct QueueStats {
     /// Requests being served by the target now, and the most seen.
     pub inflight: AtomicU64,
     pub inflight_max: AtomicU64,
+    /// The queue uses the batch protocol: the fields below are meaningful.
+    pub batch: AtomicBool,
+    /// Batch protocol: FETCH_IO_CMDS completions that delivered requests, the requests
+    /// they delivered, and the most in one.
+    pub fetch_cqes: AtomicU64,
+    pub fetched: AtomicU64,
+    pub fetched_max: AtomicU64,
+    /// Batch protocol: COMMIT_IO_CMDS sent, the elements they carried, and the most in one.
+    pub commits: AtomicU64,
+    pub committed: AtomicU64,
+    pub committed_max: AtomicU64,
     latency: Mutex<Latency>,
 }
 
 /// How often a queue publishes its statistics (at most; only while it has news).
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Events of a variable size (requests in a fetch completion, elements in a commit):
+/// how many, their sizes summed, and the largest.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SizeCounter {
+    pub count: u64,
+    pub total: u64,
+    pub max: u64,
+}
+
+impl SizeCounter {
+    /// One event of size `n`.
+    pub fn add(&mut self, n: u64) {
+        self.count += 1;
+        self.total = self.total.saturating_add(n);
+        self.max = self.max.max(n);
+    }
+
+    /// Another counter's events, as if they had been added here.
+    pub fn merge(&mut self, o: &SizeCounter) {
+        self.count = self.count.saturating_add(o.count);
+        self.total = self.total.saturating_add(o.total);
+        self.max = self.max.max(o.max);
+    }
+
+    /// Mean size (0 with no events).
+    pub fn mean(&self) -> f64 {
+        if self.count == 0 { 0.0 } else { self.total as f64 / self.count as f64 }
+    }
+
+    fn summary(&self) -> SizeSummary {
+        SizeSummary { count: self.count, total: self.total, mean: self.mean(), max: self.max }
+    }
+}
+
+/// A [`SizeCounter`] with its mean, as shown by `stats --json`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SizeSummary {
+    /// Events (fetch completions, or commits sent).
+    pub count: u64,
+    /// Their sizes summed (requests delivered, or elements committed).
+    pub total: u64,
+    /// total / count (0 with no events).
+    pub mean: f64,
+    pub max: u64,
+}
+
+impl SizeSummary {
+    fn counter(&self) -> SizeCounter {
+        SizeCounter { count: self.count, total: self.total, max: self.max }
+    }
+}
+
+/// Batch protocol statistics of a queue (or of several together).
+#[derive(Debug, Default, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BatchSnapshot {
+    /// Requests (tags) delivered per FETCH_IO_CMDS completion. Completions that
+    /// delivered none (the end of a multishot fetch) are not counted.
+    pub requests_per_fetch: SizeSummary,
+    /// Elements (completed requests) per COMMIT_IO_CMDS sent; a partial commit's rest,
+    /// sent again, counts as another commit.
+    pub elements_per_commit: SizeSummary,
+}
+
+impl BatchSnapshot {
+    /// Adds another queue's counts (means are recomputed from the sums).
+    pub fn merge(&mut self, o: &BatchSnapshot) {
+        for (a, b) in [
+            (&mut self.requests_per_fetch, &o.requests_per_fetch),
+            (&mut self.elements_per_commit, &o.elements_per_commit),
+        ] {
+            let mut c = a.counter();
+            c.merge(&b.counter());
+            *a = c.summary();
+        }
+    }
+}
 
 /// Plain counters kept by the queue thread (no atomic operation per request).
 #[derive(Debug, Default, Clone, Copy)]
@@ -94,6 +186,8 @@ struct Counters {
     sqes: u64,
     inflight: u64,
     inflight_max: u64,
+    fetch: SizeCounter,
+    commit: SizeCounter,
 }
 
 /// The queue thread's side: its own counters and histograms, published into the
@@ -146,6 +240,19 @@ impl Recorder {
         self.c.bad_requests += 1;
     }
 
+    /// Batch protocol: a FETCH_IO_CMDS completion delivered `requests` tags (one that
+    /// delivered none is not counted).
+    pub fn record_fetch(&mut self, requests: usize) {
+        if requests > 0 {
+            self.c.fetch.add(requests as u64);
+        }
+    }
+
+    /// Batch protocol: a COMMIT_IO_CMDS carrying `elements` was queued for submission.
+    pub fn record_commit(&mut self, elements: u16) {
+        self.c.commit.add(u64::from(elements));
+    }
+
     /// One loop pass: CQEs handled, SQEs submitted, requests in the target now.
     pub fn record_pass(&mut self, cqes: u64, sqes: u64, inflight: u64) {
         let c = &mut self.c;
@@ -177,6 +284,12 @@ impl Recorder {
             (&shared.sqes, c.sqes),
             (&shared.inflight, c.inflight),
             (&shared.inflight_max, c.inflight_max),
+            (&shared.fetch_cqes, c.fetch.count),
+            (&shared.fetched, c.fetch.total),
+            (&shared.fetched_max, c.fetch.max),
+            (&shared.commits, c.commit.count),
+            (&shared.committed, c.commit.total),
+            (&shared.committed_max, c.commit.max),
         ] {
             a.store(v, Relaxed);
         }
@@ -244,12 +357,35 @@ pub struct StatsSnapshot {
     pub sqes: u64,
     pub inflight: u64,
     pub inflight_max: u64,
+    /// Batch protocol queues only (absent from the JSON of per-tag queues).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<BatchSnapshot>,
     pub read_latency: LatencySummary,
     pub write_latency: LatencySummary,
     pub other_latency: LatencySummary,
 }
 
 impl QueueStats {
+    /// Statistics of a queue; `batch`: it uses the batch protocol.
+    pub fn new(batch: bool) -> Self {
+        Self { batch: AtomicBool::new(batch), ..Self::default() }
+    }
+
+    fn batch_snapshot(&self) -> Option<BatchSnapshot> {
+        if !self.batch.load(Relaxed) {
+            return None;
+        }
+        let counter = |count: &AtomicU64, total: &AtomicU64, max: &AtomicU64| SizeCounter {
+            count: count.load(Relaxed),
+            total: total.load(Relaxed),
+            max: max.load(Relaxed),
+        };
+        Some(BatchSnapshot {
+            requests_per_fetch: counter(&self.fetch_cqes, &self.fetched, &self.fetched_max).summary(),
+            elements_per_commit: counter(&self.commits, &self.committed, &self.committed_max).summary(),
+        })
+    }
+
     pub fn snapshot(&self) -> StatsSnapshot {
         let lat = self.latency.lock().map(|l| l.clone()).unwrap_or_default();
         StatsSnapshot {
@@ -267,6 +403,7 @@ impl QueueStats {
             sqes: self.sqes.load(Relaxed),
             inflight: self.inflight.load(Relaxed),
             inflight_max: self.inflight_max.load(Relaxed),
+            batch: self.batch_snapshot(),
             read_latency: LatencySummary::of(&lat.read),
             write_latency: LatencySummary::of(&lat.write),
             other_latency: LatencySummary::of(&lat.other),
@@ -296,6 +433,9 @@ impl QueueStats {
             t.sqes += s.sqes;
             t.inflight += s.inflight;
             t.inflight_max += s.inflight_max;
+            if let Some(b) = &s.batch {
+                t.batch.get_or_insert_default().merge(b);
+            }
         }
         t.read_latency = LatencySummary::of(&lat.read);
         t.write_latency = LatencySummary::of(&lat.write);
@@ -351,5 +491,111 @@ mod tests {
         r.maybe_flush(&s, true);
         let snap = s.snapshot();
         assert_eq!((snap.reads, snap.read_latency.count), (2, 2));
+        // A per-tag queue has no batch statistics.
+        assert_eq!((snap.batch, total.batch), (None, None));
+    }
+
+    #[test]
+    fn size_counter_arithmetic() {
+        let mut c = SizeCounter::default();
+        assert_eq!((c.count, c.mean(), c.max), (0, 0.0, 0));
+        for n in [1, 4, 7] {
+            c.add(n);
+        }
+        assert_eq!(c, SizeCounter { count: 3, total: 12, max: 7 });
+        assert_eq!(c.mean(), 4.0);
+        let mut d = SizeCounter::default();
+        d.add(20);
+        c.merge(&d);
+        assert_eq!(c, SizeCounter { count: 4, total: 32, max: 20 });
+        assert_eq!(c.mean(), 8.0);
+        // Merging nothing changes nothing; sums saturate instead of wrapping.
+        c.merge(&SizeCounter::default());
+        assert_eq!(c, SizeCounter { count: 4, total: 32, max: 20 });
+        let mut big = SizeCounter { count: 1, total: u64::MAX - 1, max: 5 };
+        big.add(5);
+        assert_eq!((big.count, big.total, big.max), (2, u64::MAX, 5));
+    }
+
+    /// A batch queue whose recorder saw fetch completions of `fetches` tags and commits
+    /// of `commits` elements, published.
+    fn batch_queue(fetches: &[usize], commits: &[u16]) -> QueueStats {
+        let s = QueueStats::new(true);
+        let mut r = Recorder::default();
+        for &n in fetches {
+            r.record_fetch(n);
+        }
+        for &n in commits {
+            r.record_commit(n);
+        }
+        r.record_pass(1, 1, 0);
+        r.maybe_flush(&s, true);
+        s
+    }
+
+    #[test]
+    fn batch_counts_per_queue() {
+        // Before any IO: present, all zero.
+        let idle = QueueStats::new(true);
+        assert_eq!(idle.snapshot().batch, Some(BatchSnapshot::default()));
+        // A fetch completion with no tags (the end of a multishot fetch) is not counted.
+        let q = batch_queue(&[3, 0, 1, 8], &[2, 6]);
+        let b = q.snapshot().batch.unwrap();
+        assert_eq!(b.requests_per_fetch, SizeSummary { count: 3, total: 12, mean: 4.0, max: 8 });
+        assert_eq!(b.elements_per_commit, SizeSummary { count: 2, total: 8, mean: 4.0, max: 6 });
+        // Nothing is published before a flush.
+        let s = QueueStats::new(true);
+        let mut r = Recorder::default();
+        r.record_fetch(5);
+        r.record_commit(5);
+        assert_eq!(s.snapshot().batch, Some(BatchSnapshot::default()));
+        r.record_pass(1, 1, 0);
+        r.maybe_flush(&s, true);
+        assert_eq!(s.snapshot().batch.unwrap().requests_per_fetch.count, 1);
+    }
+
+    #[test]
+    fn batch_totals_across_queues() {
+        let a = batch_queue(&[1, 1, 1, 1], &[4]);
+        let b = batch_queue(&[16, 32], &[32, 16]);
+        let t = QueueStats::total(&[&a, &b]).batch.unwrap();
+        // Means over all events (weighted), not the mean of the queues' means.
+        assert_eq!(t.requests_per_fetch, SizeSummary { count: 6, total: 52, mean: 52.0 / 6.0, max: 32 });
+        assert_eq!(t.elements_per_commit, SizeSummary { count: 3, total: 52, mean: 52.0 / 3.0, max: 32 });
+        // An idle queue adds nothing; the total of idle queues is present and zero.
+        let idle = QueueStats::new(true);
+        assert_eq!(QueueStats::total(&[&a, &idle, &b]).batch, Some(t));
+        assert_eq!(QueueStats::total(&[&idle]).batch, Some(BatchSnapshot::default()));
+        // Per-tag queues contribute nothing to it.
+        let per_tag = QueueStats::new(false);
+        assert_eq!(QueueStats::total(&[&per_tag, &a]).batch, QueueStats::total(&[&a]).batch);
+        assert_eq!(QueueStats::total(&[&per_tag]).batch, None);
+        assert_eq!(QueueStats::total(&[]).batch, None);
+        // Merging snapshots agrees with merging counters.
+        let mut m = a.snapshot().batch.unwrap();
+        m.merge(&b.snapshot().batch.unwrap());
+        assert_eq!(m, t);
+    }
+
+    #[test]
+    fn batch_json_only_for_batch_queues() {
+        let per_tag = serde_json::to_value(QueueStats::new(false).snapshot()).unwrap();
+        assert!(per_tag.get("batch").is_none(), "{per_tag}");
+        assert!(per_tag.get("sqes").is_some());
+        let snap = batch_queue(&[2, 4], &[6]).snapshot();
+        let v = serde_json::to_value(&snap).unwrap();
+        assert_eq!(
+            v["batch"]["requests_per_fetch"],
+            serde_json::json!({ "count": 2, "total": 6, "mean": 3.0, "max": 4 })
+        );
+        assert_eq!(
+            v["batch"]["elements_per_commit"],
+            serde_json::json!({ "count": 1, "total": 6, "mean": 6.0, "max": 6 })
+        );
+        let back: StatsSnapshot = serde_json::from_value(v).unwrap();
+        assert_eq!(back, snap);
+        // A stats file written without the field still reads.
+        let old: StatsSnapshot = serde_json::from_value(per_tag).unwrap();
+        assert_eq!(old.batch, None);
     }
 }
