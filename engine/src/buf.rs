@@ -17,9 +17,16 @@ pub enum BufferMode {
     /// `UBLK_F_AUTO_BUF_REG`: the kernel registers the request's pages in the ring's
     /// buffer table before delivering it and unregisters them at commit. Linux 6.16+.
     AutoReg,
+    /// `UBLK_F_USER_COPY` (Linux 6.5+), for targets that never touch request data
+    /// (null): the driver copies nothing (a server would pread/pwrite `/dev/ublkcN` to
+    /// move data, and these targets never do). No buffers, no buffer table: target
+    /// reads and writes are refused. Shown as `none`.
+    #[serde(rename = "none")]
+    NoData,
 }
 
 impl BufferMode {
+    /// The modes a target that moves data can use.
     pub const ALL: [BufferMode; 3] = [BufferMode::Copy, BufferMode::ZeroCopy, BufferMode::AutoReg];
 
     pub fn name(self) -> &'static str {
@@ -27,6 +34,35 @@ impl BufferMode {
             BufferMode::Copy => "copy",
             BufferMode::ZeroCopy => "zero-copy",
             BufferMode::AutoReg => "auto-reg",
+            BufferMode::NoData => "none",
+        }
+    }
+
+    /// The name with what it means, for people (startup log, `stats`).
+    pub fn label(self) -> &'static str {
+        match self {
+            BufferMode::NoData => "none (no data moved: UBLK_F_USER_COPY)",
+            other => other.name(),
+        }
+    }
+
+    /// The mode named `name` (as [`name`](Self::name) spells it).
+    pub fn from_name(name: &str) -> Option<Self> {
+        [BufferMode::Copy, BufferMode::ZeroCopy, BufferMode::AutoReg, BufferMode::NoData]
+            .into_iter()
+            .find(|m| m.name() == name)
+    }
+
+    /// The mode a device was created in, from its flags (for `recover`).
+    pub fn from_dev_flags(flags: u64) -> Self {
+        if flags & features::F_AUTO_BUF_REG != 0 {
+            BufferMode::AutoReg
+        } else if flags & features::F_SUPPORT_ZERO_COPY != 0 {
+            BufferMode::ZeroCopy
+        } else if flags & features::F_USER_COPY != 0 {
+            BufferMode::NoData
+        } else {
+            BufferMode::Copy
         }
     }
 
@@ -36,12 +72,23 @@ impl BufferMode {
             BufferMode::Copy => 0,
             BufferMode::ZeroCopy => features::F_SUPPORT_ZERO_COPY,
             BufferMode::AutoReg => features::F_AUTO_BUF_REG,
+            BufferMode::NoData => features::F_USER_COPY,
         }
     }
 
     /// Whether the request's pages live in the ring's buffer table (no copy).
     pub fn is_zero_copy(self) -> bool {
-        self != BufferMode::Copy
+        matches!(self, BufferMode::ZeroCopy | BufferMode::AutoReg)
+    }
+
+    /// Whether the queue needs per-tag buffers of its own (copy mode only).
+    pub fn needs_buffers(self) -> bool {
+        self == BufferMode::Copy
+    }
+
+    /// Whether target reads and writes have a buffer to use (every mode but `none`).
+    pub fn moves_data(self) -> bool {
+        self != BufferMode::NoData
     }
 
     /// Is this mode offered by a kernel with these feature bits?
@@ -65,21 +112,35 @@ pub enum BufferChoice {
     Force(BufferMode),
 }
 
-/// Picks the buffer mode for a kernel, with the reason, or explains why a forced
-/// mode cannot work here.
+/// Picks the buffer mode for a kernel and a target, with the reason, or explains why
+/// a forced mode cannot work here.
 ///
-/// `auto` prefers AUTO_BUF_REG, then copy. Measured under QEMU TCG on Debian 7.2
-/// (see the fast-path issue): auto-reg beats copy on every workload, and
-/// REGISTER_IO_BUF zero-copy costs two extra commands per request, so it is used only
-/// when asked for.
-pub fn resolve(choice: BufferChoice, kernel_features: u64) -> Result<(BufferMode, String)> {
+/// A target that never touches request data (`moves_data` false: null) gets `none`
+/// (USER_COPY: the driver copies nothing, as null_blk moves nothing) where the kernel
+/// offers it. Otherwise `auto` prefers AUTO_BUF_REG, then copy. Measured under QEMU
+/// TCG on Debian 7.2 (see the fast-path issue): auto-reg beats copy on every workload,
+/// and REGISTER_IO_BUF zero-copy costs two extra commands per request, so it is used
+/// only when asked for. `target` names the target in messages.
+pub fn resolve(
+    choice: BufferChoice,
+    kernel_features: u64,
+    moves_data: bool,
+    target: &str,
+) -> Result<(BufferMode, String)> {
     match choice {
+        BufferChoice::Force(BufferMode::NoData) if moves_data => Err(Error::Config(format!(
+            "buffer mode none moves no request data, so it serves only targets that never touch it (null); the {target} target reads and writes data"
+        ))),
         BufferChoice::Force(mode) if mode.supported(kernel_features) => Ok((mode, "forced".into())),
         BufferChoice::Force(mode) => Err(Error::Config(format!(
             "buffer mode {mode} needs the ublk feature {}, which this kernel does not offer (it offers: {})",
             feature_names(mode.dev_flag()).join(" "),
             feature_names(kernel_features).join(" ")
         ))),
+        BufferChoice::Auto if !moves_data && BufferMode::NoData.supported(kernel_features) => Ok((
+            BufferMode::NoData,
+            format!("auto: the {target} target never touches request data and the kernel offers USER_COPY"),
+        )),
         BufferChoice::Auto if BufferMode::AutoReg.supported(kernel_features) => {
             Ok((BufferMode::AutoReg, "auto: the kernel offers AUTO_BUF_REG".into()))
         }
@@ -96,24 +157,75 @@ mod tests {
     const DEBIAN_612: u64 = 0x1fe;
     const DEBIAN_72: u64 = 0xfffff;
 
+    /// For a target that moves data (loop).
+    fn data(choice: BufferChoice, kernel_features: u64) -> Result<(BufferMode, String)> {
+        resolve(choice, kernel_features, true, "loop")
+    }
+
+    /// For a target that never touches data (null).
+    fn no_data(choice: BufferChoice, kernel_features: u64) -> Result<(BufferMode, String)> {
+        resolve(choice, kernel_features, false, "null")
+    }
+
     #[test]
     fn auto_picks_per_kernel() {
-        assert_eq!(resolve(BufferChoice::Auto, DEBIAN_612).unwrap().0, BufferMode::Copy);
-        assert_eq!(resolve(BufferChoice::Auto, DEBIAN_72).unwrap().0, BufferMode::AutoReg);
+        assert_eq!(data(BufferChoice::Auto, DEBIAN_612).unwrap().0, BufferMode::Copy);
+        assert_eq!(data(BufferChoice::Auto, DEBIAN_72).unwrap().0, BufferMode::AutoReg);
         // Zero-copy alone (6.15) is not picked by auto.
-        assert_eq!(resolve(BufferChoice::Auto, DEBIAN_612 | 1).unwrap().0, BufferMode::Copy);
+        assert_eq!(data(BufferChoice::Auto, DEBIAN_612 | 1).unwrap().0, BufferMode::Copy);
+    }
+
+    #[test]
+    fn auto_moves_nothing_for_a_target_that_never_touches_data() {
+        let (mode, why) = no_data(BufferChoice::Auto, DEBIAN_612).unwrap();
+        assert_eq!(mode, BufferMode::NoData);
+        assert!(why.contains("null target never touches request data"), "{why}");
+        assert_eq!(no_data(BufferChoice::Auto, DEBIAN_72).unwrap().0, BufferMode::NoData);
+        // A kernel without USER_COPY (before 6.5): the usual choice.
+        let old = DEBIAN_612 & !features::F_USER_COPY;
+        assert_eq!(no_data(BufferChoice::Auto, old).unwrap().0, BufferMode::Copy);
+        // A target that moves data never gets `none` from auto.
+        assert_ne!(data(BufferChoice::Auto, DEBIAN_612).unwrap().0, BufferMode::NoData);
     }
 
     #[test]
     fn forced_modes_need_their_feature() {
         for mode in BufferMode::ALL {
-            assert_eq!(resolve(BufferChoice::Force(mode), DEBIAN_72).unwrap().0, mode);
+            assert_eq!(data(BufferChoice::Force(mode), DEBIAN_72).unwrap().0, mode);
+            // A forced mode stays forced for null too (tuning studies).
+            assert_eq!(no_data(BufferChoice::Force(mode), DEBIAN_72).unwrap(), (mode, "forced".into()));
         }
-        assert_eq!(resolve(BufferChoice::Force(BufferMode::Copy), DEBIAN_612).unwrap().0, BufferMode::Copy);
-        let e = resolve(BufferChoice::Force(BufferMode::AutoReg), DEBIAN_612).unwrap_err().to_string();
+        assert_eq!(data(BufferChoice::Force(BufferMode::Copy), DEBIAN_612).unwrap().0, BufferMode::Copy);
+        assert_eq!(no_data(BufferChoice::Force(BufferMode::Copy), DEBIAN_612).unwrap().0, BufferMode::Copy);
+        let e = data(BufferChoice::Force(BufferMode::AutoReg), DEBIAN_612).unwrap_err().to_string();
         assert!(e.contains("buffer mode auto-reg needs the ublk feature AUTO_BUF_REG"), "{e}");
-        let e = resolve(BufferChoice::Force(BufferMode::ZeroCopy), DEBIAN_612).unwrap_err().to_string();
+        let e = data(BufferChoice::Force(BufferMode::ZeroCopy), DEBIAN_612).unwrap_err().to_string();
         assert!(e.contains("SUPPORT_ZERO_COPY"), "{e}");
+    }
+
+    #[test]
+    fn forced_none() {
+        for k in [DEBIAN_612, DEBIAN_72] {
+            assert_eq!(no_data(BufferChoice::Force(BufferMode::NoData), k).unwrap().0, BufferMode::NoData);
+            let e = data(BufferChoice::Force(BufferMode::NoData), k).unwrap_err().to_string();
+            assert!(e.contains("buffer mode none") && e.contains("the loop target reads and writes data"), "{e}");
+            assert!(!e.contains('\n'));
+        }
+        let old = DEBIAN_612 & !features::F_USER_COPY;
+        let e = no_data(BufferChoice::Force(BufferMode::NoData), old).unwrap_err().to_string();
+        assert!(e.contains("buffer mode none needs the ublk feature USER_COPY"), "{e}");
+    }
+
+    #[test]
+    fn modes_from_device_flags() {
+        use features::*;
+        assert_eq!(BufferMode::from_dev_flags(F_CMD_IOCTL_ENCODE | F_USER_RECOVERY), BufferMode::Copy);
+        for mode in [BufferMode::Copy, BufferMode::ZeroCopy, BufferMode::AutoReg, BufferMode::NoData] {
+            let flags = F_CMD_IOCTL_ENCODE | F_USER_RECOVERY | F_USER_RECOVERY_REISSUE | F_BATCH_IO | mode.dev_flag();
+            assert_eq!(BufferMode::from_dev_flags(flags), mode);
+            assert_eq!(BufferMode::from_name(mode.name()), Some(mode));
+        }
+        assert_eq!(BufferMode::from_name("auto"), None);
     }
 
     #[test]
@@ -122,5 +234,12 @@ mod tests {
         assert_eq!(BufferMode::ZeroCopy.dev_flag(), 1);
         assert_eq!(BufferMode::AutoReg.dev_flag(), 1 << 11);
         assert!(!BufferMode::Copy.is_zero_copy());
+        assert_eq!(BufferMode::NoData.dev_flag(), 1 << 7);
+        assert!(!BufferMode::NoData.is_zero_copy() && !BufferMode::NoData.needs_buffers());
+        assert!(!BufferMode::NoData.moves_data() && BufferMode::Copy.moves_data());
+        assert_eq!(BufferMode::NoData.to_string(), "none");
+        assert_eq!(BufferMode::NoData.label(), "none (no data moved: UBLK_F_USER_COPY)");
+        assert_eq!(serde_json::to_value(BufferMode::NoData).unwrap(), "none");
+        assert_eq!(serde_json::to_value(BufferMode::ZeroCopy).unwrap(), "zero-copy");
     }
 }

@@ -43,6 +43,13 @@ pub trait Target: Send + Sync + fmt::Debug {
     fn describe(&self) -> serde_json::Value;
     /// Called on queue thread `q_id`, after it is pinned, before any request.
     fn open_queue(&self, q_id: u16, setup: &mut QueueSetup) -> io::Result<Box<dyn QueueTarget>>;
+    /// Whether the target reads or writes request data. A target that never does
+    /// (null) returns false: `--buffer-mode auto` then has the kernel move no data at
+    /// all (buffer mode `none`, UBLK_F_USER_COPY), and [`IoCtx::read`]/[`IoCtx::write`]
+    /// fail with `-EINVAL` in that mode.
+    fn moves_data(&self) -> bool {
+        true
+    }
 }
 
 /// A per-queue-thread target instance.
@@ -133,12 +140,14 @@ impl fmt::Debug for IoCtx<'_> {
 
 impl IoCtx<'_> {
     /// Reads `len` bytes at file offset `offset` into the request buffer at `buf_off`.
+    /// `-EINVAL` in buffer mode `none` (there is no buffer).
     pub fn read(&mut self, file: FileSlot, buf_off: u32, len: u32, offset: u64, cookie: u16) -> Result<(), i32> {
         self.sq.push_rw(false, self.tag, file, buf_off, len, offset, 0, cookie)
     }
 
     /// Writes `len` bytes of the request buffer at `buf_off` to file offset `offset`.
-    /// `dsync` makes the write durable before it completes (RWF_DSYNC).
+    /// `dsync` makes the write durable before it completes (RWF_DSYNC). `-EINVAL` in
+    /// buffer mode `none`.
     pub fn write(
         &mut self,
         file: FileSlot,

@@ -222,6 +222,10 @@ impl Target for FaultTarget {
     fn info(&self) -> &TargetInfo {
         self.inner.info()
     }
+    /// Faults never touch data: as the wrapped target.
+    fn moves_data(&self) -> bool {
+        self.inner.moves_data()
+    }
     fn describe(&self) -> serde_json::Value {
         let mut d = self.inner.describe();
         if let Some(obj) = d.as_object_mut() {

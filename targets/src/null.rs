@@ -38,6 +38,10 @@ impl Target for NullTarget {
     fn open_queue(&self, _q_id: u16, _setup: &mut QueueSetup) -> io::Result<Box<dyn QueueTarget>> {
         Ok(Box::new(NullQueue))
     }
+    /// Like null_blk: the data is never looked at, so the kernel need not move it.
+    fn moves_data(&self) -> bool {
+        false
+    }
 }
 
 struct NullQueue;
@@ -74,5 +78,6 @@ mod tests {
         let t = NullTarget::new(1 << 30, 512);
         assert_eq!(t.info().dev_size, 1 << 30);
         assert_eq!(t.describe()["size"], 1 << 30);
+        assert!(!t.moves_data());
     }
 }

@@ -53,6 +53,81 @@ case_null() {
     grep -q "read latency (us, in engine+target): p50" "$LOG"
 }
 
+# The null target moves no data: in auto mode the kernel copies nothing (buffer mode
+# none, UBLK_F_USER_COPY), with either io protocol, across kill -9 + recover; a forced
+# copy still works; `none` is refused for loop, which moves data.
+case_null_nocopy() {
+    local id rc
+    start_dev --queues 2 --depth 32 null --size 256M
+    id=${DEV#/dev/ublkb}
+    grep -q "buffer mode none (auto: the null target never touches request data and the kernel offers USER_COPY); no buffers: none (no data moved: UBLK_F_USER_COPY)" "$LOG" ||
+        { cat "$LOG" >&2; fail "null in auto mode is not in buffer mode none"; }
+    log "$(grep -o 'buffer mode none.*' "$LOG")"
+    "$UBD" list --json | python3 -c 'import json,sys; d=[e for e in json.load(sys.stdin) if e["dev_id"]==int(sys.argv[1])][0]; sys.exit(0 if "USER_COPY" in d["flags"] else 1)' "$id" ||
+        fail "device $id lacks USER_COPY: $("$UBD" list --json)"
+    fio --name=rw --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randrw --bs=4k \
+        --iodepth=32 --numjobs=2 --size=256M --io_size=16M --group_reporting >"$WORK/fio.out"
+    grep -q "err= 0" "$WORK/fio.out" || { cat "$WORK/fio.out" >&2; fail "fio randrw"; }
+    # Sequential writes then reads, large and small, without verification (no data is kept).
+    fio --name=w --filename="$DEV" --ioengine=io_uring --direct=1 --rw=write --bsrange=4k-512k \
+        --iodepth=16 --size=64M --group_reporting >"$WORK/fio-w.out"
+    fio --name=r --filename="$DEV" --ioengine=io_uring --direct=1 --rw=read --bsrange=4k-512k \
+        --iodepth=16 --size=64M --group_reporting >"$WORK/fio-r.out"
+    grep -q "err= 0" "$WORK/fio-w.out" && grep -q "err= 0" "$WORK/fio-r.out" ||
+        { cat "$WORK/fio-w.out" "$WORK/fio-r.out" >&2; fail "fio write/read"; }
+    "$UBD" stats "$id" >"$WORK/stats.txt"
+    head -n1 "$WORK/stats.txt" | grep -q "buffer mode none (no data moved: UBLK_F_USER_COPY)" ||
+        fail "stats: $(cat "$WORK/stats.txt")"
+    "$UBD" stats "$id" --json >"$WORK/stats.json"
+    grep -q '"buffer_mode": "none"' "$WORK/stats.json" || fail "stats --json: $(cat "$WORK/stats.json")"
+    log "$(head -n1 "$WORK/stats.txt")"
+    stop_dev
+    grep -q "errors 0" "$LOG"
+    # UBLK_F_BATCH_IO with USER_COPY: PREP/COMMIT elements carry no buffer address.
+    if [[ $("$UBD" features --json) == *'"BATCH_IO"'* ]]; then
+        start_dev --queues 2 --depth 32 --io-protocol batch null --size 64M
+        grep -q "io protocol batch" "$LOG" && grep -q "buffer mode none (auto" "$LOG"
+        fio --name=b --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randrw --bsrange=4k-128k \
+            --iodepth=32 --numjobs=2 --size=64M --io_size=16M --group_reporting >"$WORK/fio.out"
+        grep -q "err= 0" "$WORK/fio.out" || { cat "$WORK/fio.out" >&2; fail "fio randrw, batch"; }
+        stop_dev
+        grep -q "errors 0" "$LOG"
+        log "io protocol batch in buffer mode none: fio randrw clean"
+    fi
+    # Forced copy still works for null.
+    start_dev --queues 1 --depth 16 --buffer-mode copy null --size 64M
+    grep -q "buffer mode copy (forced)" "$LOG"
+    fio --name=c --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randrw --bs=64k --iodepth=16 \
+        --size=64M --io_size=16M >"$WORK/fio.out"
+    grep -q "err= 0" "$WORK/fio.out" || { cat "$WORK/fio.out" >&2; fail "fio randrw, forced copy"; }
+    stop_dev
+    grep -q "errors 0" "$LOG"
+    # `none` for a target that moves data: one line, exit 1, no device.
+    truncate -s 16M "$FS/none.img"
+    expect_error "buffer mode none moves no request data.*the loop target reads and writes data" \
+        --buffer-mode none loop "$FS/none.img"
+    # kill -9 under IO and recover: the mode comes back from the device flags.
+    start_dev --queues 2 --depth 32 null --size 64M
+    id=${DEV#/dev/ublkb}
+    fio --name=k --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randrw --bs=4k --iodepth=16 \
+        --numjobs=2 --time_based --runtime=8 --group_reporting >"$WORK/fio-k.out" 2>&1 &
+    local fio_pid=$!
+    wait_reads "$id"
+    kill -KILL "$PID"
+    wait "$PID" 2>/dev/null || true
+    "$UBD" list | grep -E "^$id +(quiesced|live) .* dead " >/dev/null ||
+        fail "device $id not left for recovery: $("$UBD" list)"
+    start_recover "$id"
+    grep -q "buffer mode none (as the device was created); no buffers" "$LOG" ||
+        { cat "$LOG" >&2; fail "recovered device not in buffer mode none"; }
+    rc=0
+    wait "$fio_pid" || rc=$?
+    ((rc == 0)) && grep -q "err= 0" "$WORK/fio-k.out" || { cat "$WORK/fio-k.out" >&2; fail "fio across the recovery exited $rc"; }
+    stop_dev
+    grep -q "errors 0" "$LOG"
+    log "kill -9 + recover in buffer mode none: fio randrw clean across it"
+}
+
 # Data written through the device, read back through it and from the backing.
 check_roundtrip() {
     local backing=$1
@@ -666,7 +741,7 @@ case_kill9_states() {
     fi
 }
 
-cases=(features null loop_file loop_file_buffered loop_bdev mkfs_mount discard_flush discard_bdev
+cases=(features null null_nocopy loop_file loop_file_buffered loop_bdev mkfs_mount discard_flush discard_bdev
     list_del bad_input hugepages buffer_modes batch_io recover sigterm_under_load fault_errors fault_delay_stall abort
     kill9_states cycles perf_smoke)
 for c in "${cases[@]}"; do

@@ -37,6 +37,7 @@ fn device_options(a: &DevArgs) -> Result<DeviceOptions> {
             BufMode::Copy => BufferChoice::Force(BufferMode::Copy),
             BufMode::ZeroCopy => BufferChoice::Force(BufferMode::ZeroCopy),
             BufMode::AutoReg => BufferChoice::Force(BufferMode::AutoReg),
+            BufMode::None => BufferChoice::Force(BufferMode::NoData),
         },
         recovery: match a.recovery {
             RecoveryArg::Reissue => Recovery::Reissue,
@@ -250,7 +251,7 @@ pub fn stats(id: u32, json: bool) -> Result<()> {
         st.target,
         st.target_info.get("path").and_then(|p| p.as_str()).unwrap_or(""),
         st.pid,
-        st.buffer_mode,
+        BufferMode::from_name(&st.buffer_mode).map_or(st.buffer_mode.as_str(), |m| m.label()),
         s.uptime_s,
         s.iops,
         human(s.read_bytes_per_s as u64),
@@ -327,6 +328,7 @@ fn report_started(
     );
     let buffers = match q0.and_then(|q| q.pages.map(|p| (p, q.fixed_buffers))) {
         Some((pages, fixed)) => format!("buffers {pages}{}", if fixed { " (registered)" } else { " (not registered)" }),
+        None if dev.buffer_mode == BufferMode::NoData => format!("no buffers: {}", dev.buffer_mode.label()),
         None => "buffers: the requests' own pages (zero-copy)".into(),
     };
     tracing::info!("buffer mode {} ({}); {buffers}", dev.buffer_mode, dev.buffer_reason);

@@ -42,8 +42,9 @@ pub struct DevArgs {
     /// Do not try hugepage-backed IO buffers.
     #[arg(long, global = true)]
     no_hugepages: bool,
-    /// How request data moves: auto (fastest the kernel offers), copy (any kernel),
-    /// zero-copy (REGISTER_IO_BUF, 6.15+), auto-reg (AUTO_BUF_REG, 6.16+).
+    /// How request data moves: auto (fastest the kernel offers; none for null), copy
+    /// (any kernel), zero-copy (REGISTER_IO_BUF, 6.15+), auto-reg (AUTO_BUF_REG, 6.16+),
+    /// none (null only: no data moved, UBLK_F_USER_COPY, 6.5+).
     #[arg(long, global = true, value_enum, default_value_t = BufMode::Auto)]
     buffer_mode: BufMode,
     /// What happens when the daemon dies: reissue (the device stays; `recover` takes
@@ -100,6 +101,7 @@ pub enum BufMode {
     Copy,
     ZeroCopy,
     AutoReg,
+    None,
 }
 
 #[derive(Debug, Subcommand)]

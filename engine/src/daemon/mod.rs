@@ -200,7 +200,7 @@ pub fn serve(
     block_stop_signals()?;
     let mut ctrl = Control::open()?;
     let kernel_features = ctrl.features()?;
-    let (buffer_mode, buffer_reason) = resolve(opts.buffer, kernel_features)?;
+    let (buffer_mode, buffer_reason) = resolve(opts.buffer, kernel_features, target.moves_data(), target.name())?;
     let want_recovery = opts.recovery.dev_flags();
     let want_batch = if opts.io_protocol == IoProtocol::Batch { features::F_BATCH_IO } else { 0 };
     if kernel_features & want_batch != want_batch {
@@ -269,13 +269,14 @@ pub fn recover(
             size
         )));
     }
-    let buffer_mode = if info.flags & features::F_AUTO_BUF_REG != 0 {
-        BufferMode::AutoReg
-    } else if info.flags & features::F_SUPPORT_ZERO_COPY != 0 {
-        BufferMode::ZeroCopy
-    } else {
-        BufferMode::Copy
-    };
+    // The mode comes from the device (USER_COPY: `none`), whatever --buffer-mode says.
+    let buffer_mode = BufferMode::from_dev_flags(info.flags);
+    if !buffer_mode.moves_data() && target.moves_data() {
+        return Err(Error::Config(format!(
+            "device {dev_id} was created in buffer mode none (no data moved), which the {} target cannot serve",
+            target.name()
+        )));
+    }
     // The dead daemon's rings are torn down asynchronously; until they let go of
     // /dev/ublkcN the kernel answers EBUSY.
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -79,7 +79,7 @@ pub struct QueueReport {
     pub cpus: Option<Vec<usize>>,
     pub ring: RingMode,
     pub buffer_mode: BufferMode,
-    /// Pages behind the per-tag buffers (copy mode; None in zero-copy modes).
+    /// Pages behind the per-tag buffers (copy mode; None in the other modes).
     pub pages: Option<PageKind>,
     pub fixed_buffers: bool,
     pub io_flusher: bool,
@@ -235,8 +235,9 @@ fn run(
     };
     let descs = IoDescTable::map(std::os::fd::AsFd::as_fd(cdev), q_id, cfg.depth)
         .map_err(|e| qerr(format!("mapping io descriptors: {e}")))?;
-    // Copy mode needs a buffer per tag; in the zero-copy modes data stays in the request's pages.
-    let region = if cfg.buffer_mode.is_zero_copy() {
+    // Copy mode needs a buffer per tag; in the zero-copy modes data stays in the
+    // request's pages, and in `none` (USER_COPY, a target that moves no data) nowhere.
+    let region = if !cfg.buffer_mode.needs_buffers() {
         None
     } else {
         let total = usize::from(cfg.depth) * cfg.buf_size as usize;

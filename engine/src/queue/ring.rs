@@ -73,7 +73,8 @@ const BUF_RING_ENTRY: usize = 16;
 /// The commit side: elements appended during a pass, sent as one COMMIT_IO_CMDS at its
 /// end; each array sent stays in `inflight` (indexed by the SQE's cookie) until its CQE.
 struct Batch {
-    /// `ublk_batch_io.flags` of PREP and COMMIT (HAS_BUF_ADDR in copy mode).
+    /// `ublk_batch_io.flags` of PREP and COMMIT (HAS_BUF_ADDR in copy mode only: the
+    /// driver refuses it, EINVAL, for USER_COPY and the zero-copy modes).
     flags: u16,
     elem_bytes: usize,
     mem: Region,
@@ -200,7 +201,7 @@ pub struct RingSetup {
     /// Ring flags to use (None: the best the kernel accepts).
     pub ring: Option<RingMode>,
     pub mode: BufferMode,
-    /// Copy mode: the per-tag buffer memory (depth * buf_size bytes).
+    /// Copy mode: the per-tag buffer memory (depth * buf_size bytes); None otherwise.
     pub region: Option<Region>,
     /// UBLK_F_BATCH_IO: PREP/FETCH/COMMIT_IO_CMDS instead of per-tag commands.
     pub batch: bool,
@@ -211,8 +212,9 @@ pub struct RingSetup {
 impl SqWriter {
     /// Builds the ring for one queue: registers `/dev/ublkcN` (slot 0) and the target's
     /// files, and the buffer table: the per-tag buffers in copy mode (falling back to
-    /// plain reads/writes if that fails, with a warning), or an empty table of `depth`
-    /// slots that the request pages are registered into in the zero-copy modes.
+    /// plain reads/writes if that fails, with a warning), an empty table of `depth`
+    /// slots that the request pages are registered into in the zero-copy modes, and
+    /// nothing in `none` (USER_COPY: target reads and writes are refused).
     pub fn new(
         q_id: u16,
         depth: u16,
@@ -227,8 +229,13 @@ impl SqWriter {
         let mut all = vec![cdev];
         all.extend_from_slice(files);
         ring.submitter().register_files(&all)?;
+        if bufs.mode.needs_buffers() == bufs.region.is_none() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "copy mode needs a buffer region, and only it"));
+        }
         let mut fixed_bufs = false;
         match &bufs.region {
+            // `none` (USER_COPY): the target moves no data, so no buffer table either.
+            None if !bufs.mode.moves_data() => {}
             None => ring.submitter().register_buffers_sparse(u32::from(depth))?,
             Some(region) => {
                 if region.len() < usize::from(depth) * buf_size as usize {
@@ -248,9 +255,6 @@ impl SqWriter {
                     Err(e) => tracing::warn!(q_id, "registering fixed buffers failed ({e}); using plain reads/writes"),
                 }
             }
-        }
-        if bufs.mode.is_zero_copy() != bufs.region.is_none() {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "copy mode needs a buffer region, and only it"));
         }
         let batch = if bufs.batch { Some(Self::setup_batch(&ring, depth, bufs.mode)?) } else { None };
         Ok(Self {
@@ -576,7 +580,11 @@ impl SqWriter {
         rw_flags: i32,
         cookie: u16,
     ) -> Result<(), i32> {
-        if tag >= self.depth || u64::from(buf_off) + u64::from(len) > u64::from(self.buf_size) {
+        // `none`: there is no buffer to read into or write from.
+        if !self.mode.moves_data()
+            || tag >= self.depth
+            || u64::from(buf_off) + u64::from(len) > u64::from(self.buf_size)
+        {
             return Err(-libc::EINVAL);
         }
         let fd = types::Fixed(file.0);
@@ -712,6 +720,34 @@ mod tests {
             uapi::push_batch_elem(&mut v, flags, ElemHeader { tag, buf_index: tag, result: 0 }, 0x1000);
         }
         v
+    }
+
+    /// Buffer mode `none`: no region, no buffer table, and target reads/writes are
+    /// refused. Needs io_uring; skipped where the sandbox has none.
+    #[test]
+    fn none_mode_refuses_target_rw() {
+        let Ok(wake) = crate::sys::eventfd() else { return };
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let setup = RingSetup { ring: None, mode: BufferMode::NoData, region: None, batch: false };
+        let mut sq = match SqWriter::new(0, 4, 4096, setup, wake, null.as_raw_fd(), &[]) {
+            Ok(sq) => sq,
+            Err(e) => {
+                eprintln!("no io_uring here ({e}): skipped");
+                return;
+            }
+        };
+        assert!(sq.page_kind().is_none() && !sq.fixed_buffers());
+        assert_eq!(sq.buf_addr(0), std::ptr::null_mut());
+        for write in [false, true] {
+            assert_eq!(sq.push_rw(write, 0, FileSlot(0), 0, 512, 0, 0, 0), Err(-libc::EINVAL));
+        }
+        assert_eq!(sq.target_inflight, 0);
+        // A buffer region is refused in `none` mode.
+        let Ok(wake) = crate::sys::eventfd() else { return };
+        let region = Region::new(4 * 4096, false).unwrap();
+        let setup = RingSetup { ring: None, mode: BufferMode::NoData, region: Some(region), batch: false };
+        let e = SqWriter::new(0, 4, 4096, setup, wake, null.as_raw_fd(), &[]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
     }
 
     #[test]
