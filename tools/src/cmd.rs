@@ -19,8 +19,8 @@ use ubd_engine::queue::IoProtocol;
 use ubd_engine::queue::ring::RingMode;
 
 fn device_options(a: &DevArgs) -> Result<DeviceOptions> {
-    let unpinned = a.cpus.as_deref() == Some("any");
-    let cpus = a.cpus.as_deref().filter(|_| !unpinned).map(ubd_engine::cpus::parse_cpulist).transpose()?;
+    let keyword = matches!(a.cpus.as_deref(), Some("any" | "queue"));
+    let cpus = a.cpus.as_deref().filter(|_| !keyword).map(ubd_engine::cpus::parse_cpulist).transpose()?;
     let queues = a.queues.unwrap_or_else(|| cpus.as_ref().map_or(1, |c| u16::try_from(c.len()).unwrap_or(u16::MAX)));
     let max_io = parse_size(&a.max_io_size).map_err(anyhow::Error::msg).context("--max-io-size")?;
     let max_io = u32::try_from(max_io).context("--max-io-size is too large")?;
@@ -30,7 +30,7 @@ fn device_options(a: &DevArgs) -> Result<DeviceOptions> {
         max_io_buf_bytes: max_io,
         dev_id: a.id,
         cpus,
-        unpinned,
+        queue_affinity: a.cpus.as_deref() == Some("queue"),
         huge_pages: !a.no_hugepages,
         buffer: match a.buffer_mode {
             BufMode::Auto => BufferChoice::Auto,

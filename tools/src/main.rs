@@ -24,8 +24,10 @@ struct Cli {
 /// How to shape a served device.
 #[derive(Debug, Args)]
 pub struct DevArgs {
-    /// CPUs for the queue threads, e.g. 0-7, 0,2,4 or 0-3,8-11; queue i runs on the i-th CPU.
-    #[arg(long, global = true, value_name = "LIST")]
+    /// CPUs for the queue threads, e.g. 0-7, 0,2,4 or 0-3,8-11: queue i is pinned to the
+    /// i-th CPU. `queue`: each queue thread pinned to the CPUs the kernel maps to its
+    /// queue. Default (`any`): not pinned, the scheduler places them.
+    #[arg(long, global = true, value_name = "LIST|queue|any")]
     cpus: Option<String>,
     /// Number of hardware queues (one thread each). Default: the number of --cpus, else 1.
     #[arg(long, global = true, value_name = "N")]
@@ -190,6 +192,9 @@ fn init_logging(verbose: u8) {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    if matches!(cli.command, Command::List { .. } | Command::Features { .. } | Command::Stats { .. }) {
+        ubd_engine::sys::default_sigpipe();
+    }
     let result = match cli.command {
         Command::Loop { path, direct, block_size } => {
             let direct = match direct {

@@ -392,6 +392,7 @@ impl Queue<'_> {
             };
             cqes.clear();
             self.sq.reap(&mut cqes);
+            self.recorder.tick();
             for &(ud, res, flags) in &cqes {
                 self.handle(ud, res, flags);
             }
@@ -504,7 +505,7 @@ impl Queue<'_> {
             *n = n.saturating_sub(1);
             assert!(*n > 0, "UBD_DEBUG_QUEUE_PANIC: queue thread {} dies as asked", self.q_id);
         }
-        self.started[idx] = Instant::now();
+        self.started[idx] = self.recorder.now();
         let desc = self.descs.get(tag);
         match decode_request(tag, &desc, self.buf_size, self.dev_size) {
             Ok(req) => {

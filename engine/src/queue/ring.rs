@@ -728,7 +728,7 @@ mod tests {
     fn none_mode_refuses_target_rw() {
         let Ok(wake) = crate::sys::eventfd() else { return };
         let null = std::fs::File::open("/dev/null").unwrap();
-        let setup = RingSetup { ring: None, mode: BufferMode::NoData, region: None, batch: false };
+        let setup = RingSetup { ring: None, mode: BufferMode::NoData, region: None, batch: false, offload_min: None };
         let mut sq = match SqWriter::new(0, 4, 4096, setup, wake, null.as_raw_fd(), &[]) {
             Ok(sq) => sq,
             Err(e) => {
@@ -745,7 +745,8 @@ mod tests {
         // A buffer region is refused in `none` mode.
         let Ok(wake) = crate::sys::eventfd() else { return };
         let region = Region::new(4 * 4096, false).unwrap();
-        let setup = RingSetup { ring: None, mode: BufferMode::NoData, region: Some(region), batch: false };
+        let setup =
+            RingSetup { ring: None, mode: BufferMode::NoData, region: Some(region), batch: false, offload_min: None };
         let e = SqWriter::new(0, 4, 4096, setup, wake, null.as_raw_fd(), &[]).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
     }

@@ -197,6 +197,11 @@ struct Counters {
 pub struct Recorder {
     c: Counters,
     local: Latency,
+    /// The clock, read once per loop pass ([`Recorder::tick`]): requests delivered and
+    /// finished in one pass share it. A clock read costs about 1 µs in the test VM,
+    /// against a server CPU budget of ~25 µs per request; once per pass instead of twice
+    /// per request, and latencies are still exact to within one pass's processing.
+    now: Instant,
     last_flush: Instant,
     pending: u32,
     /// `c.passes` when last published.
@@ -205,11 +210,22 @@ pub struct Recorder {
 
 impl Default for Recorder {
     fn default() -> Self {
-        Self { c: Counters::default(), local: Latency::default(), last_flush: Instant::now(), pending: 0, published: 0 }
+        let now = Instant::now();
+        Self { c: Counters::default(), local: Latency::default(), now, last_flush: now, pending: 0, published: 0 }
     }
 }
 
 impl Recorder {
+    /// Reads the clock: the time of this loop pass.
+    pub fn tick(&mut self) {
+        self.now = Instant::now();
+    }
+
+    /// The time of this loop pass.
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+
     /// A request finished with `res` (bytes or -errno) after being delivered at `started`.
     pub fn record(&mut self, op: Op, res: i32, started: Instant) {
         let c = &mut self.c;
@@ -231,7 +247,7 @@ impl Recorder {
                 Op::WriteZeroes => c.write_zeroes += 1,
             }
         }
-        let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let ns = u64::try_from(self.now.saturating_duration_since(started).as_nanos()).unwrap_or(u64::MAX);
         self.local.for_op(op).saturating_record(ns.max(1));
         self.pending += 1;
     }
@@ -265,7 +281,7 @@ impl Recorder {
 
     /// Publishes counters and histograms if ~100 ms passed (or `force`).
     pub fn maybe_flush(&mut self, shared: &QueueStats, force: bool) {
-        if !self.dirty() || (!force && self.last_flush.elapsed() < FLUSH_INTERVAL) {
+        if !self.dirty() || (!force && self.now.saturating_duration_since(self.last_flush) < FLUSH_INTERVAL) {
             return;
         }
         let c = &self.c;
@@ -300,7 +316,7 @@ impl Recorder {
             self.local.reset();
             self.pending = 0;
         }
-        self.last_flush = Instant::now();
+        self.last_flush = self.now;
         self.published = self.c.passes;
     }
 
@@ -468,6 +484,8 @@ mod tests {
         let s = QueueStats::default();
         let mut r = Recorder::default();
         let t0 = Instant::now() - Duration::from_micros(50);
+        // Latency is measured against the pass clock, read by tick().
+        r.tick();
         r.record(Op::Read, 4096, t0);
         r.record(Op::Write, 512, t0);
         r.record(Op::Write, -5, t0);

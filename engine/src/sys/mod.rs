@@ -108,6 +108,14 @@ pub fn stop_self() {
     unsafe { libc::raise(libc::SIGSTOP) };
 }
 
+/// Restores the default SIGPIPE action (the Rust runtime ignores it), so a report
+/// piped into `head` ends quietly when the reader goes away instead of failing a write.
+/// Only for short-lived commands: a serving daemon must not die of a closed stdout.
+pub fn default_sigpipe() {
+    // SAFETY: installs the default disposition; no handler code runs in this process.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
 /// Does a process with this pid exist?
 pub fn pid_alive(pid: i32) -> bool {
     if pid <= 0 {
