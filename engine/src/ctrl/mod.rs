@@ -99,10 +99,10 @@ impl Control {
             .cmd(cmd.to_cmd80())
             .build()
             .user_data(seq);
-        // SAFETY: the SQE names `owned`'s heap memory, which moves into `self.pending`
-        // (moving a Vec does not move its heap buffer) and is freed only after this
-        // command's CQE is seen, or never (Drop leaks what is still pending). The
-        // command itself is inline in the SQE; the control fd is open (self.file).
+        // The SQE names `owned`'s heap memory, which moves into `self.pending` (moving a
+        // Vec does not move its heap buffer) and is freed only after this command's CQE is
+        // seen, or never (Drop leaks what is still pending). The command is inline in the SQE.
+        // SAFETY: that memory outlives the command, as just said; the control fd is open.
         unsafe { self.ring.submission().push(&sqe) }
             .map_err(|_| Error::Config("control ring unexpectedly full".into()))?;
         self.pending.push((seq, owned));

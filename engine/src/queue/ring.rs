@@ -620,10 +620,10 @@ impl SqWriter {
         // Large IO goes to io-wq: its copy then runs on whichever CPU is free, not
         // serially on this queue's one CPU (a single submitter loads a single queue).
         let sqe = if len >= self.offload_min { sqe.flags(squeue::Flags::ASYNC) } else { sqe };
-        // SAFETY: copy mode: the range is inside this tag's buffer (checked above), which
-        // lives as long as the ring. Zero-copy modes: the kernel owns the registered
-        // request pages, and the request is not committed (so they stay registered)
-        // until this CQE is reaped.
+        // Copy mode: the range is inside this tag's buffer (checked above), which lives as
+        // long as the ring. Zero-copy modes: the kernel owns the registered request pages,
+        // and the request is not committed (so they stay registered) until this CQE is reaped.
+        // SAFETY: the data range is valid for the whole IO, as just said.
         unsafe { self.push(&sqe.user_data(ud)) }?;
         self.target_inflight += 1;
         Ok(())
