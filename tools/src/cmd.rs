@@ -19,8 +19,11 @@ use ubd_engine::queue::IoProtocol;
 use ubd_engine::queue::ring::RingMode;
 
 fn device_options(a: &DevArgs) -> Result<DeviceOptions> {
-    let keyword = matches!(a.cpus.as_deref(), Some("any" | "queue"));
-    let cpus = a.cpus.as_deref().filter(|_| !keyword).map(ubd_engine::cpus::parse_cpulist).transpose()?;
+    let (cpus, queue_affinity) = match a.cpus.as_deref() {
+        None | Some("any") => (None, false),
+        Some("queue") => (None, true),
+        Some(list) => (Some(ubd_engine::cpus::parse_cpulist(list)?), false),
+    };
     let queues = a.queues.unwrap_or_else(|| cpus.as_ref().map_or(1, |c| u16::try_from(c.len()).unwrap_or(u16::MAX)));
     let max_io = parse_size(&a.max_io_size).map_err(anyhow::Error::msg).context("--max-io-size")?;
     let max_io = u32::try_from(max_io).context("--max-io-size is too large")?;
@@ -30,7 +33,7 @@ fn device_options(a: &DevArgs) -> Result<DeviceOptions> {
         max_io_buf_bytes: max_io,
         dev_id: a.id,
         cpus,
-        queue_affinity: a.cpus.as_deref() == Some("queue"),
+        queue_affinity,
         huge_pages: !a.no_hugepages,
         buffer: match a.buffer_mode {
             BufMode::Auto => BufferChoice::Auto,

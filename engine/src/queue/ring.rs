@@ -618,7 +618,7 @@ impl SqWriter {
             }
         };
         // Large IO goes to io-wq: its copy then runs on whichever CPU is free, not
-        // serially on this queue's one CPU (a single submitter loads a single queue).
+        // serially in the queue thread (a single submitter loads a single queue).
         let sqe = if len >= self.offload_min { sqe.flags(squeue::Flags::ASYNC) } else { sqe };
         // Copy mode: the range is inside this tag's buffer (checked above), which lives as
         // long as the ring. Zero-copy modes: the kernel owns the registered request pages,
