@@ -61,7 +61,7 @@ pub struct DevArgs {
     /// (IOSQE_ASYNC), so their copies use other CPUs too; off runs all on the queue thread.
     #[arg(long, global = true, value_name = "SIZE|off", default_value = "off")]
     offload: String,
-    /// io_uring setup of the queue rings (tuning): auto tries defer, then coop, then plain.
+    /// io_uring setup of the queue rings (tuning): auto is coop (plain where the kernel lacks it).
     #[arg(long, global = true, value_enum, default_value_t = RingArg::Auto)]
     ring: RingArg,
     /// On stop, how long requests in flight may take before they are aborted (failed,

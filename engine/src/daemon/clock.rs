@@ -34,7 +34,7 @@ impl StatsClock {
     /// Rates since the previous sample (`since_start`: since the start).
     pub(crate) fn sample(&mut self, queues: &[Arc<QueueStats>], since_start: bool) -> DeviceStats {
         let refs: Vec<&QueueStats> = queues.iter().map(|q| &**q).collect();
-        let total = QueueStats::total(&refs);
+        let (total, each) = QueueStats::sample(&refs);
         let now = Instant::now();
         if since_start {
             self.last = self.start;
@@ -48,7 +48,7 @@ impl StatsClock {
             iops: rate(total.ops(), self.last_total.ops()),
             read_bytes_per_s: rate(total.bytes_read, self.last_total.bytes_read),
             write_bytes_per_s: rate(total.bytes_written, self.last_total.bytes_written),
-            queues: refs.iter().map(|q| q.snapshot()).collect(),
+            queues: each,
             total: total.clone(),
         };
         self.last = now;

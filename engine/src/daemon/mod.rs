@@ -47,7 +47,7 @@ pub struct DeviceOptions {
     pub huge_pages: bool,
     pub buffer: BufferChoice,
     pub recovery: Recovery,
-    /// Queue ring flags (None: the best the kernel accepts), for tuning studies.
+    /// Queue ring flags (None: the default, COOP_TASKRUN), for tuning studies.
     pub ring: Option<RingMode>,
     /// Per-tag commands, or UBLK_F_BATCH_IO (7.0+).
     pub io_protocol: IoProtocol,

@@ -36,7 +36,7 @@ pub struct QueueConfig {
     pub huge_pages: bool,
     pub dev_size: u64,
     pub buffer_mode: BufferMode,
-    /// Ring flags (None: the best the kernel accepts).
+    /// Ring flags (None: the default, COOP_TASKRUN).
     pub ring: Option<RingMode>,
     /// How requests are fetched and committed.
     pub protocol: IoProtocol,
