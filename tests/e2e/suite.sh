@@ -333,11 +333,11 @@ case_buffer_modes() {
         fio_verify --rw=randwrite --bsrange=512-256k --iodepth=32 --numjobs=2 --offset_increment=64M --size=24M
         fio_verify --rw=randrw --rwmixread=30 --bs=4k --iodepth=1 --size=4M
         check_roundtrip /dev/ram0
-        grep -q "ring coop-taskrun" "$LOG"
+        grep -q "ring coop-taskrun (fd registered)" "$LOG"
         # The other ring setup (tuning): the file-backed device runs on DEFER_TASKRUN.
         truncate -s 64M "$FS/mode.img"
         start_dev --queues 2 --depth 16 --buffer-mode "$mode" --ring defer loop "$FS/mode.img"
-        grep -q "ring defer-taskrun" "$LOG"
+        grep -q "ring defer-taskrun (fd registered)" "$LOG"
         fio_verify --rw=randwrite --bsrange=4k-128k --iodepth=16 --numjobs=2 --offset_increment=24M --size=16M
         check_roundtrip "$FS/mode.img"
         start_dev --queues 1 --depth 16 --buffer-mode "$mode" null --size 64M

@@ -316,7 +316,10 @@ fn report_started(
         .iter()
         .map(|q| q.cpus.as_deref().map_or_else(|| "any".into(), ubd_engine::cpus::format_cpulist))
         .collect();
-    let ring = q0.map_or_else(String::new, |q| serde_json::to_string(&q.ring).unwrap_or_default().replace('"', ""));
+    let ring = q0.map_or_else(String::new, |q| {
+        let mode = serde_json::to_string(&q.ring).unwrap_or_default().replace('"', "");
+        if q.ring_fd_registered { format!("{mode} (fd registered)") } else { mode }
+    });
     tracing::info!(
         "{} serving {name} {} ({}, {}-byte blocks): {} queues x depth {}, max IO {}, queue CPUs [{}], ring {ring}, io protocol {}",
         dev.block_path.display(),

@@ -78,6 +78,8 @@ pub struct QueueReport {
     pub tid: i32,
     pub cpus: Option<Vec<usize>>,
     pub ring: RingMode,
+    /// The ring's fd is registered (IORING_REGISTER_RING_FDS).
+    pub ring_fd_registered: bool,
     pub buffer_mode: BufferMode,
     /// Pages behind the per-tag buffers (copy mode; None in the other modes).
     pub pages: Option<PageKind>,
@@ -256,6 +258,7 @@ fn run(
         tid: crate::sys::gettid(),
         cpus: cfg.cpus.clone(),
         ring: sq.ring_mode,
+        ring_fd_registered: sq.ring_fd_registered(),
         buffer_mode: cfg.buffer_mode,
         pages: sq.page_kind(),
         fixed_buffers: sq.fixed_buffers(),
