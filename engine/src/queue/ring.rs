@@ -862,18 +862,20 @@ mod tests {
 
     /// Buffer mode `none`: no region, no buffer table, and target reads/writes are
     /// refused. Needs io_uring; skipped where the sandbox has none.
+    /// A `none`-mode ring of depth 4 (the char device slot holds /dev/null) with the
+    /// wake-up eventfd `wake`; None where the sandbox has no io_uring (the test is skipped).
+    fn none_ring(wake: OwnedFd) -> Option<SqWriter> {
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let setup = RingSetup { ring: None, mode: BufferMode::NoData, region: None, batch: false, offload_min: None };
+        SqWriter::new(0, 4, 4096, setup, wake, null.as_raw_fd(), &[])
+            .inspect_err(|e| eprintln!("no io_uring here ({e}): skipped"))
+            .ok()
+    }
+
     #[test]
     fn none_mode_refuses_target_rw() {
         let Ok(wake) = crate::sys::eventfd() else { return };
-        let null = std::fs::File::open("/dev/null").unwrap();
-        let setup = RingSetup { ring: None, mode: BufferMode::NoData, region: None, batch: false, offload_min: None };
-        let mut sq = match SqWriter::new(0, 4, 4096, setup, wake, null.as_raw_fd(), &[]) {
-            Ok(sq) => sq,
-            Err(e) => {
-                eprintln!("no io_uring here ({e}): skipped");
-                return;
-            }
-        };
+        let Some(mut sq) = none_ring(wake) else { return };
         assert!(sq.page_kind().is_none() && !sq.fixed_buffers());
         assert_eq!(sq.buf_addr(0), std::ptr::null_mut());
         for write in [false, true] {
@@ -885,6 +887,7 @@ mod tests {
         let region = Region::new(4 * 4096, false).unwrap();
         let setup =
             RingSetup { ring: None, mode: BufferMode::NoData, region: Some(region), batch: false, offload_min: None };
+        let null = std::fs::File::open("/dev/null").unwrap();
         let e = SqWriter::new(0, 4, 4096, setup, wake, null.as_raw_fd(), &[]).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
     }
@@ -896,15 +899,7 @@ mod tests {
     fn enter_waits_and_completes() {
         let Ok(wake) = crate::sys::eventfd() else { return };
         let signal = wake.try_clone().unwrap();
-        let null = std::fs::File::open("/dev/null").unwrap();
-        let setup = RingSetup { ring: None, mode: BufferMode::NoData, region: None, batch: false, offload_min: None };
-        let mut sq = match SqWriter::new(0, 4, 4096, setup, wake, null.as_raw_fd(), &[]) {
-            Ok(sq) => sq,
-            Err(e) => {
-                eprintln!("no io_uring here ({e}): skipped");
-                return;
-            }
-        };
+        let Some(mut sq) = none_ring(wake) else { return };
         assert!(sq.ring_fd_registered(), "IORING_REGISTER_RING_FDS failed");
         assert_eq!(sq.ring_mode, RingMode::CoopTaskrun);
         let mut cqes = Vec::new();
