@@ -112,16 +112,19 @@ const _: () = {
 /// own lifetime, so the queue does its own enter.
 fn register_ring_fd(ring: &IoUring) -> io::Result<u32> {
     let mut up = RsrcUpdate { offset: u32::MAX, resv: 0, data: ring.as_raw_fd() as u64 };
-    // SAFETY: one live, writable io_uring_rsrc_update is passed; the kernel writes the
-    // index it picked into `offset` and keeps no pointer to it.
-    let r = unsafe {
-        libc::syscall(libc::SYS_io_uring_register, ring.as_raw_fd(), IORING_REGISTER_RING_FDS, &raw mut up, 1)
-    };
-    match r {
+    match ring_fds(ring, IORING_REGISTER_RING_FDS, &mut up)? {
         1 => Ok(up.offset),
-        r if r < 0 => Err(io::Error::last_os_error()),
         _ => Err(io::Error::other("IORING_REGISTER_RING_FDS registered nothing")),
     }
+}
+
+/// IORING_(UN)REGISTER_RING_FDS `op` with one entry, `up` (the kernel writes the index
+/// it picked into `up.offset` on registration). Returns the number of entries done.
+fn ring_fds(ring: &IoUring, op: libc::c_long, up: &mut RsrcUpdate) -> io::Result<libc::c_long> {
+    // SAFETY: one live, writable io_uring_rsrc_update is passed; the kernel keeps no
+    // pointer to it past the call.
+    let r = unsafe { libc::syscall(libc::SYS_io_uring_register, ring.as_raw_fd(), op, std::ptr::from_mut(up), 1) };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r) }
 }
 
 /// UBLK_F_BATCH_IO state of one queue.
@@ -218,19 +221,9 @@ impl Drop for SqWriter {
         // The registration holds a reference on the ring: let go of it, so that the ring
         // is closed when its field is dropped (below), before the buffers.
         if let Some(index) = self.ring_index.take() {
-            let up = RsrcUpdate { offset: index, resv: 0, data: 0 };
-            // SAFETY: one live io_uring_rsrc_update naming the slot this thread registered.
-            let r = unsafe {
-                libc::syscall(
-                    libc::SYS_io_uring_register,
-                    self.ring.as_raw_fd(),
-                    IORING_UNREGISTER_RING_FDS,
-                    &raw const up,
-                    1,
-                )
-            };
-            if r < 0 {
-                tracing::warn!(q_id = self.q_id, "unregistering the ring fd: {}", io::Error::last_os_error());
+            let mut up = RsrcUpdate { offset: index, resv: 0, data: 0 };
+            if let Err(e) = ring_fds(&self.ring, IORING_UNREGISTER_RING_FDS, &mut up) {
+                tracing::warn!(q_id = self.q_id, "unregistering the ring fd: {e}");
             }
         }
         // The ring's teardown is asynchronous: commit arrays and fetch buffers the kernel
