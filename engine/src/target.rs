@@ -10,29 +10,8 @@ use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 
-use crate::queue::ring::SqWriter;
-
-/// Static properties of the device a target serves.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct TargetInfo {
-    /// Device size in bytes (a multiple of `logical_block_size`).
-    pub dev_size: u64,
-    pub logical_block_size: u32,
-    pub physical_block_size: u32,
-    pub read_only: bool,
-    pub rotational: bool,
-    /// The backend has a volatile write cache: the kernel sends FLUSH (and FUA).
-    pub volatile_cache: bool,
-    /// DISCARD / WRITE_ZEROES support, if any.
-    pub discard: Option<DiscardInfo>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct DiscardInfo {
-    pub granularity: u32,
-    pub max_discard_sectors: u32,
-    pub max_write_zeroes_sectors: u32,
-}
+use crate::request::{FileSlot, IoRequest, TargetInfo};
+use crate::ring::io::{Rw, TargetSq};
 
 /// A device-wide target. Shared by all queue threads.
 pub trait Target: Send + Sync + fmt::Debug {
@@ -69,43 +48,6 @@ pub enum Disposition {
     Pending,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub enum Op {
-    Read,
-    Write,
-    Flush,
-    Discard,
-    WriteZeroes,
-}
-
-/// A validated request, decoded from the kernel's descriptor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IoRequest {
-    pub tag: u16,
-    pub op: Op,
-    /// `UBLK_IO_F_*` flags.
-    pub flags: u32,
-    /// Byte offset on the device.
-    pub offset: u64,
-    /// Length in bytes (0 for FLUSH).
-    pub len: u64,
-}
-
-impl IoRequest {
-    /// Forced unit access: the write must be durable when it completes.
-    pub fn fua(&self) -> bool {
-        self.flags & crate::sys::uapi::IO_F_FUA != 0
-    }
-    /// WRITE_ZEROES must not deallocate.
-    pub fn no_unmap(&self) -> bool {
-        self.flags & crate::sys::uapi::IO_F_NOUNMAP != 0
-    }
-}
-
-/// Index of a file in the queue ring's registered file table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FileSlot(pub(crate) u32);
-
 /// Collects the files a queue target will use, to register them with the ring.
 #[derive(Debug, Default)]
 pub struct QueueSetup {
@@ -128,8 +70,10 @@ impl QueueSetup {
 /// Every SQE pushed here carries the request's tag and the given cookie, and moves
 /// data to or from this request's own buffer only, so a target needs no `unsafe`.
 pub struct IoCtx<'a> {
-    pub(crate) sq: &'a mut SqWriter,
-    pub(crate) tag: u16,
+    sq: &'a mut dyn TargetSq,
+    tag: u16,
+    /// SQEs pushed through this context (the reactor counts them per request).
+    pushed: u16,
 }
 
 impl fmt::Debug for IoCtx<'_> {
@@ -138,11 +82,29 @@ impl fmt::Debug for IoCtx<'_> {
     }
 }
 
-impl IoCtx<'_> {
+impl<'a> IoCtx<'a> {
+    pub(crate) fn new(sq: &'a mut dyn TargetSq, tag: u16) -> Self {
+        Self { sq, tag, pushed: 0 }
+    }
+
+    /// How many SQEs the target pushed through this context.
+    pub(crate) fn pushed(&self) -> u16 {
+        self.pushed
+    }
+
+    fn count(&mut self, r: Result<(), i32>) -> Result<(), i32> {
+        if r.is_ok() {
+            self.pushed += 1;
+        }
+        r
+    }
+
     /// Reads `len` bytes at file offset `offset` into the request buffer at `buf_off`.
     /// `-EINVAL` in buffer mode `none` (there is no buffer).
     pub fn read(&mut self, file: FileSlot, buf_off: u32, len: u32, offset: u64, cookie: u16) -> Result<(), i32> {
-        self.sq.push_rw(false, self.tag, file, buf_off, len, offset, 0, cookie)
+        let rw = Rw { write: false, file, buf_off, len, offset, rw_flags: 0 };
+        let r = self.sq.rw(self.tag, rw, cookie);
+        self.count(r)
     }
 
     /// Writes `len` bytes of the request buffer at `buf_off` to file offset `offset`.
@@ -157,21 +119,25 @@ impl IoCtx<'_> {
         dsync: bool,
         cookie: u16,
     ) -> Result<(), i32> {
-        let flags = if dsync { libc::RWF_DSYNC } else { 0 };
-        self.sq.push_rw(true, self.tag, file, buf_off, len, offset, flags, cookie)
+        let rw_flags = if dsync { libc::RWF_DSYNC } else { 0 };
+        let r = self.sq.rw(self.tag, Rw { write: true, file, buf_off, len, offset, rw_flags }, cookie);
+        self.count(r)
     }
 
     pub fn fsync(&mut self, file: FileSlot, datasync: bool, cookie: u16) -> Result<(), i32> {
-        self.sq.push_fsync(self.tag, file, datasync, cookie)
+        let r = self.sq.fsync(self.tag, file, datasync, cookie);
+        self.count(r)
     }
 
     /// A timer: completes with `-ETIME` after `after` (or `-ECANCELED` if the queue
     /// is torn down first). Fault injection uses it to delay and stall requests.
     pub fn sleep(&mut self, after: std::time::Duration, cookie: u16) -> Result<(), i32> {
-        self.sq.push_timeout(self.tag, after, cookie)
+        let r = self.sq.timeout(self.tag, after, cookie);
+        self.count(r)
     }
 
     pub fn fallocate(&mut self, file: FileSlot, mode: i32, offset: u64, len: u64, cookie: u16) -> Result<(), i32> {
-        self.sq.push_fallocate(self.tag, file, mode, offset, len, cookie)
+        let r = self.sq.fallocate(self.tag, file, mode, offset, len, cookie);
+        self.count(r)
     }
 }

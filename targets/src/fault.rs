@@ -19,7 +19,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ubd_engine::target::{Disposition, IoCtx, IoRequest, Op, QueueSetup, QueueTarget, Target, TargetInfo};
+use ubd_engine::{Disposition, IoCtx, IoRequest, Op, QueueSetup, QueueTarget, Target, TargetInfo};
 
 /// The cookie of the fault layer's own timers (targets use small cookies).
 const TIMER: u16 = u16::MAX;

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use ubd_engine::Error;
 use ubd_engine::sys;
-use ubd_engine::target::{
+use ubd_engine::{
     DiscardInfo, Disposition, FileSlot, IoCtx, IoRequest, Op, QueueSetup, QueueTarget, Target, TargetInfo,
 };
 

@@ -2,7 +2,7 @@
 
 use std::io;
 
-use ubd_engine::target::{Disposition, IoCtx, IoRequest, Op, QueueSetup, QueueTarget, Target, TargetInfo};
+use ubd_engine::{Disposition, IoCtx, IoRequest, Op, QueueSetup, QueueTarget, Target, TargetInfo};
 
 #[derive(Debug)]
 pub struct NullTarget {

@@ -6,23 +6,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use ubd_engine::ctrl::Control;
-use ubd_engine::daemon::{self, DeviceOptions, DeviceStats, Recovery, StartedDevice};
-use ubd_engine::sys::{self, features::feature_names, uapi};
-use ubd_engine::target::Target;
+use ubd_engine::sys::{self, uapi};
+use ubd_engine::{Control, DeviceOptions, DeviceStats, Recovery, StartedDevice, Target, feature_names};
 
 use crate::size::{human, parse_size};
 use crate::state::{self, DeviceState};
 use crate::{BufMode, DevArgs, IoProtocolArg, RecoveryArg, RingArg};
-use ubd_engine::buf::{BufferChoice, BufferMode};
-use ubd_engine::queue::IoProtocol;
-use ubd_engine::queue::ring::RingMode;
+use ubd_engine::{BufferChoice, BufferMode, IoProtocol, RingMode};
 
 fn device_options(a: &DevArgs) -> Result<DeviceOptions> {
     let (cpus, queue_affinity) = match a.cpus.as_deref() {
         None | Some("any") => (None, false),
         Some("queue") => (None, true),
-        Some(list) => (Some(ubd_engine::cpus::parse_cpulist(list)?), false),
+        Some(list) => (Some(ubd_engine::parse_cpulist(list)?), false),
     };
     let queues = a.queues.unwrap_or_else(|| cpus.as_ref().map_or(1, |c| u16::try_from(c.len()).unwrap_or(u16::MAX)));
     let max_io = parse_size(&a.max_io_size).map_err(anyhow::Error::msg).context("--max-io-size")?;
@@ -75,8 +71,8 @@ fn device_options(a: &DevArgs) -> Result<DeviceOptions> {
 
 /// Refuses early, before touching the backing, when ublk cannot work here.
 fn preflight() -> Result<()> {
-    if !Path::new(ubd_engine::ctrl::CONTROL_PATH).exists() {
-        return Err(ubd_engine::Error::NoUblk { path: ubd_engine::ctrl::CONTROL_PATH.into() }.into());
+    if !Path::new(ubd_engine::CONTROL_PATH).exists() {
+        return Err(ubd_engine::Error::NoUblk { path: ubd_engine::CONTROL_PATH.into() }.into());
     }
     if sys::geteuid() != 0 {
         bail!("ubd-engine must run as root to create ublk devices (euid is {})", sys::geteuid());
@@ -187,8 +183,8 @@ fn serve(target: Arc<dyn Target>, opts: &DeviceOptions, recover: Option<u32>) ->
         }
     };
     let result = match recover {
-        None => daemon::serve(target, opts, on_started, on_tick),
-        Some(id) => daemon::recover(id, target, opts, on_started, on_tick),
+        None => ubd_engine::serve(target, opts, on_started, on_tick),
+        Some(id) => ubd_engine::recover(id, target, opts, on_started, on_tick),
     };
     // The state file goes with the device: one left for recovery keeps it.
     if let Some(id) = dev_id.filter(|id| !Control::list_ids().contains(id)) {
@@ -304,18 +300,10 @@ fn print_batch_stats(s: &DeviceStats) {
     }
 }
 
-fn report_started(
-    name: &str,
-    describe: &serde_json::Value,
-    info: &ubd_engine::target::TargetInfo,
-    dev: &StartedDevice,
-) {
+fn report_started(name: &str, describe: &serde_json::Value, info: &ubd_engine::TargetInfo, dev: &StartedDevice) {
     let q0 = dev.queues.first();
-    let cpus: Vec<String> = dev
-        .queues
-        .iter()
-        .map(|q| q.cpus.as_deref().map_or_else(|| "any".into(), ubd_engine::cpus::format_cpulist))
-        .collect();
+    let cpus: Vec<String> =
+        dev.queues.iter().map(|q| q.cpus.as_deref().map_or_else(|| "any".into(), ubd_engine::format_cpulist)).collect();
     let ring = q0.map_or_else(String::new, |q| {
         let mode = serde_json::to_string(&q.ring).unwrap_or_default().replace('"', "");
         if q.ring_fd_registered { format!("{mode} (fd registered)") } else { mode }

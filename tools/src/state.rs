@@ -45,12 +45,12 @@ pub fn stats_path(dev_id: u32) -> PathBuf {
 }
 
 /// Replaces the stats file atomically (readers never see half a file).
-pub fn write_stats(stats: &ubd_engine::daemon::DeviceStats) -> std::io::Result<()> {
+pub fn write_stats(stats: &ubd_engine::DeviceStats) -> std::io::Result<()> {
     let tmp = stats_path(stats.dev_id).with_extension("json.tmp");
     std::fs::write(&tmp, serde_json::to_vec(stats)?)?;
     std::fs::rename(tmp, stats_path(stats.dev_id))
 }
 
-pub fn read_stats(dev_id: u32) -> anyhow::Result<ubd_engine::daemon::DeviceStats> {
+pub fn read_stats(dev_id: u32) -> anyhow::Result<ubd_engine::DeviceStats> {
     Ok(serde_json::from_slice(&std::fs::read(stats_path(dev_id))?)?)
 }

@@ -1,6 +1,6 @@
 //! The control plane: `/dev/ublk-control` driven with uring_cmd on an SQE128 ring.
 
-pub mod params;
+pub(crate) mod params;
 
 use std::fs::{File, OpenOptions};
 use std::io;

@@ -1,8 +1,8 @@
 //! Builds and checks `ublk_params` from a target's description.
 
 use crate::error::{Error, Result};
+use crate::request::TargetInfo;
 use crate::sys::uapi::{self, ParamBasic, ParamDiscard, Params};
-use crate::target::TargetInfo;
 
 /// Checks a target's geometry and turns it into SET_PARAMS input.
 pub fn build_params(info: &TargetInfo, max_io_buf_bytes: u32) -> Result<Params> {
@@ -73,7 +73,7 @@ pub fn build_params(info: &TargetInfo, max_io_buf_bytes: u32) -> Result<Params> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::target::DiscardInfo;
+    use crate::request::DiscardInfo;
 
     fn info(size: u64, lbs: u32) -> TargetInfo {
         TargetInfo {

@@ -5,13 +5,16 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
-use super::STOP_SIGNALS;
 use super::clock::{DeviceStats, StatsClock};
 use crate::ctrl::Control;
 use crate::error::{Error, Result};
+use crate::queue::QueueHandle;
+use crate::queue::config::{QueueEvent, QueueReport};
 use crate::queue::stats::QueueStats;
-use crate::queue::{QueueEvent, QueueHandle, QueueReport};
 use crate::sys;
+
+/// The signals that stop a served device (blocked, and taken by the wait loop).
+pub(crate) const STOP_SIGNALS: [libc::c_int; 2] = [libc::SIGINT, libc::SIGTERM];
 
 /// What teardown does with the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -16,13 +16,16 @@ use std::time::{Duration, Instant};
 use crate::buf::{BufferChoice, BufferMode, resolve};
 use crate::ctrl::{Control, params::build_params};
 use crate::error::{Error, Result};
-use crate::queue::ring::RingMode;
-use crate::queue::{self, IoProtocol, QueueConfig, QueueReport};
+use crate::queue::{
+    self,
+    config::{IoProtocol, QueueConfig, QueueReport},
+};
+use crate::ring::RingMode;
 use crate::sys::{self, features, uapi};
 use crate::target::Target;
 pub use clock::DeviceStats;
 use clock::StatsClock;
-use live::{Live, OnExit};
+use live::{Live, OnExit, STOP_SIGNALS};
 
 /// How to shape the device and its queues.
 #[derive(Debug, Clone)]
@@ -182,8 +185,6 @@ pub struct ServeSummary {
     /// Over the whole life of the device.
     pub stats: DeviceStats,
 }
-
-const STOP_SIGNALS: [libc::c_int; 2] = [libc::SIGINT, libc::SIGTERM];
 
 /// Blocks SIGINT/SIGTERM in the calling thread (and the threads it spawns later), so
 /// that they are taken by [`serve`]'s wait loop rather than killing the process.
@@ -407,7 +408,7 @@ fn run(
     // Only `live` and the queue threads may keep the char device open: DEL_DEV waits for the last close.
     drop(cdev);
     let reports = live.wait_ready()?;
-    debug_pause(if recovered { "before-end-recovery" } else { "before-start" });
+    crate::hooks::pause(if recovered { "before-end-recovery" } else { "before-start" });
     if recovered {
         live.ctrl.end_user_recovery(dev_id, sys::getpid())?;
         // Recovered and serving: from now on a clean stop removes the device.
@@ -460,17 +461,6 @@ fn open_char_dev(path: &Path) -> Result<OwnedFd> {
             }
             Err(e) => return Err(Error::Open { path: path.into(), cause: e }),
         }
-    }
-}
-
-/// Test hook: with `UBD_DEBUG_PAUSE=<point>` the daemon stops itself (SIGSTOP) at that
-/// point, so that a test can kill it there. Points: `before-start` (queues ready,
-/// START_DEV not sent), `before-end-recovery` (START_USER_RECOVERY done, queues
-/// ready, END_USER_RECOVERY not sent).
-fn debug_pause(point: &str) {
-    if std::env::var("UBD_DEBUG_PAUSE").is_ok_and(|p| p == point) {
-        tracing::warn!("UBD_DEBUG_PAUSE: stopping at {point}");
-        sys::stop_self();
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use crate::target::Op;
+use crate::request::Op;
 
 /// Latency histograms in nanoseconds, one per op class.
 #[derive(Debug, Clone)]

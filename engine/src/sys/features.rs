@@ -25,16 +25,12 @@ pub const FEATURE_NAMES: &[(u32, &str)] = &[
 ];
 
 pub const F_SUPPORT_ZERO_COPY: u64 = 1 << 0;
-pub const F_URING_CMD_COMP_IN_TASK: u64 = 1 << 1;
-pub const F_NEED_GET_DATA: u64 = 1 << 2;
 pub const F_USER_RECOVERY: u64 = 1 << 3;
 pub const F_USER_RECOVERY_REISSUE: u64 = 1 << 4;
-pub const F_UNPRIVILEGED_DEV: u64 = 1 << 5;
 pub const F_CMD_IOCTL_ENCODE: u64 = 1 << 6;
 pub const F_USER_COPY: u64 = 1 << 7;
 pub const F_USER_RECOVERY_FAIL_IO: u64 = 1 << 9;
 pub const F_AUTO_BUF_REG: u64 = 1 << 11;
-pub const F_PER_IO_DAEMON: u64 = 1 << 13;
 pub const F_BATCH_IO: u64 = 1 << 15;
 
 /// Names of the bits set in `mask`; unknown bits are shown as `BIT<n>`.

@@ -195,16 +195,46 @@ impl Region {
         self.kind
     }
 
-    pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: the mapping is `len` readable bytes owned by self, zero-filled at
-        // creation; the shared borrow of self prevents concurrent &mut access.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    /// Reads the `T` at byte `off` (volatile: the kernel may write this memory).
+    /// Panics if it is out of bounds or misaligned.
+    pub fn load<T: Word>(&self, off: usize) -> T {
+        let p = self.word_ptr::<T>(off);
+        // SAFETY: `p` is an aligned T inside the live mapping (checked); any bit pattern
+        // is a valid T (a plain integer); no reference to the memory is formed.
+        unsafe { p.read_volatile() }
     }
 
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and the exclusive borrow of self makes this unique.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    /// Writes `v` at byte `off` (volatile: the kernel may read this memory).
+    /// Panics if it is out of bounds or misaligned.
+    pub fn store<T: Word>(&mut self, off: usize, v: T) {
+        let p = self.word_ptr::<T>(off);
+        // SAFETY: `p` is an aligned T inside the live mapping (checked), and the mapping
+        // is writable; no reference to the memory is formed.
+        unsafe { p.write_volatile(v) }
     }
+
+    fn word_ptr<T: Word>(&self, off: usize) -> *mut T {
+        assert!(
+            off.checked_add(size_of::<T>()).is_some_and(|end| end <= self.len) && off.is_multiple_of(align_of::<T>()),
+            "{} bytes at {off} are outside the {}-byte region or misaligned",
+            size_of::<T>(),
+            self.len
+        );
+        self.ptr.as_ptr().wrapping_add(off).cast()
+    }
+}
+
+/// Plain integers: any bit pattern is valid, so they may be read from memory the
+/// kernel writes ([`Region::load`]).
+pub trait Word: Copy + sealed::Sealed {}
+impl Word for u16 {}
+impl Word for u32 {}
+impl Word for u64 {}
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for u16 {}
+    impl Sealed for u32 {}
+    impl Sealed for u64 {}
 }
 
 impl Drop for Region {
@@ -231,9 +261,9 @@ mod tests {
         let mut r = Region::new(3 * 4096 + 1, false).unwrap();
         assert_eq!(r.kind(), PageKind::Small);
         assert!(r.len() > 3 * 4096);
-        assert!(r.as_slice().iter().all(|&b| b == 0));
-        r.as_mut_slice()[5] = 7;
-        assert_eq!(r.as_slice()[5], 7);
+        assert!((0..r.len() / 8 * 8).step_by(8).all(|off| r.load::<u64>(off) == 0));
+        r.store(6, 7u16);
+        assert_eq!((r.load::<u16>(6), r.load::<u64>(0)), (7, 7 << 48));
         assert!((r.as_ptr() as usize).is_multiple_of(4096));
     }
 
@@ -242,12 +272,20 @@ mod tests {
         let mut r = Region::new(1 << 20, true).unwrap();
         // Whatever we got, the length covers a whole 2 MiB unit and is usable.
         assert_eq!(r.len(), 2 << 20);
-        let last = r.len() - 1;
-        r.as_mut_slice()[last] = 1;
+        let last = r.len() - 8;
+        r.store(last, 1u64);
+        assert_eq!(r.load::<u64>(last), 1);
         assert!(matches!(r.kind(), PageKind::Hugetlb | PageKind::Thp | PageKind::Small));
         if r.kind() != PageKind::Small {
             assert!((r.as_ptr() as usize).is_multiple_of(HUGE), "huge-page region not 2 MiB aligned");
         }
         Region::new(0, true).unwrap_err();
+    }
+
+    #[test]
+    #[should_panic(expected = "outside the")]
+    fn region_refuses_out_of_bounds_words() {
+        let r = Region::new(4096, false).unwrap();
+        let _: u16 = r.load(r.len() - 1);
     }
 }

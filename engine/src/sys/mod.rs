@@ -3,6 +3,7 @@
 pub mod features;
 pub mod mmap;
 pub mod uapi;
+pub(crate) mod uring;
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};

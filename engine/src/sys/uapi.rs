@@ -41,7 +41,6 @@ pub const CMD_GET_FEATURES: u32 = ctrl_ior(0x13);
 // Per-IO commands on /dev/ublkcN.
 pub const IO_FETCH_REQ: u32 = io_iowr(0x20);
 pub const IO_COMMIT_AND_FETCH_REQ: u32 = io_iowr(0x21);
-pub const IO_NEED_GET_DATA: u32 = io_iowr(0x22);
 pub const IO_REGISTER_IO_BUF: u32 = io_iowr(0x23);
 pub const IO_UNREGISTER_IO_BUF: u32 = io_iowr(0x24);
 // Per-queue batch commands (UBLK_F_BATCH_IO, 7.0+); the command area is a `BatchIo`.
@@ -54,7 +53,6 @@ pub const BATCH_F_HAS_BUF_ADDR: u16 = 1 << 1;
 
 /// FETCH/COMMIT completion results.
 pub const IO_RES_OK: i32 = 0;
-pub const IO_RES_NEED_GET_DATA: i32 = 1;
 pub const IO_RES_ABORT: i32 = -libc::ENODEV;
 
 pub const MAX_QUEUE_DEPTH: u16 = 4096;
@@ -79,14 +77,11 @@ pub const IO_OP_READ: u8 = 0;
 pub const IO_OP_WRITE: u8 = 1;
 pub const IO_OP_FLUSH: u8 = 2;
 pub const IO_OP_DISCARD: u8 = 3;
+#[cfg(test)]
 pub const IO_OP_WRITE_SAME: u8 = 4;
 pub const IO_OP_WRITE_ZEROES: u8 = 5;
 
 // IO flags (the bits above the op).
-pub const IO_F_FAILFAST_DEV: u32 = 1 << 8;
-pub const IO_F_FAILFAST_TRANSPORT: u32 = 1 << 9;
-pub const IO_F_FAILFAST_DRIVER: u32 = 1 << 10;
-pub const IO_F_META: u32 = 1 << 11;
 pub const IO_F_FUA: u32 = 1 << 13;
 pub const IO_F_NOUNMAP: u32 = 1 << 15;
 
@@ -100,7 +95,6 @@ pub const ATTR_FUA: u32 = 1 << 3;
 pub const PARAM_TYPE_BASIC: u32 = 1 << 0;
 pub const PARAM_TYPE_DISCARD: u32 = 1 << 1;
 pub const PARAM_TYPE_DEVT: u32 = 1 << 2;
-pub const PARAM_TYPE_SEGMENT: u32 = 1 << 5;
 
 /// `struct ublksrv_ctrl_cmd`: sits in the command area of a 128-byte SQE.
 #[repr(C)]
@@ -387,7 +381,6 @@ mod tests {
         // Values as the C preprocessor computes them for x86_64.
         assert_eq!(IO_FETCH_REQ, 0xc010_7520);
         assert_eq!(IO_COMMIT_AND_FETCH_REQ, 0xc010_7521);
-        assert_eq!(IO_NEED_GET_DATA, 0xc010_7522);
         assert_eq!(IO_REGISTER_IO_BUF, 0xc010_7523);
         assert_eq!(IO_UNREGISTER_IO_BUF, 0xc010_7524);
         assert_eq!(IO_PREP_IO_CMDS, 0xc010_7525);

@@ -1,0 +1,447 @@
+//! The reactor: one queue's request state machine.
+//!
+//! Each tag is in one [`Slot`] state: fetching (the kernel has it), in the target, or
+//! dead (the kernel aborted it). A pass of [`Reactor::serve`] submits everything the
+//! previous pass queued (commits and target IO) with one `io_uring_enter`, waits for at
+//! least one completion, then handles every completion that is ready. The reactor
+//! knows its ring only through [`Ring`] + [`BatchRing`] and the descriptors through
+//! [`Descs`], so the unit tests below drive it with synthetic completions, no kernel.
+
+use std::sync::mpsc::Sender;
+
+use super::config::{IoProtocol, QueueEvent};
+use super::stats::{self, QueueStats, Recorder};
+use crate::hooks::QueuePanic;
+use crate::request::{IoRequest, decode_request};
+use crate::ring::{BatchRing, CommitOutcome, Cqe, Kind, Ring, errno_of};
+use crate::sys::uapi::{self, IoDesc};
+use crate::target::{Disposition, IoCtx, QueueTarget};
+
+/// Wake-up values added to a queue's eventfd (a read returns their sum).
+pub(crate) const WAKE_STOP: u64 = 1;
+pub(crate) const WAKE_ABORT: u64 = 1 << 32;
+
+thread_local! {
+    /// Set while a queue thread is inside its target (a panic there is caught).
+    pub(crate) static IN_TARGET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The kernel's request descriptors of one queue.
+pub(crate) trait Descs {
+    /// A copy of the descriptor of `tag`'s current request.
+    fn get(&self, tag: u16) -> IoDesc;
+}
+
+impl Descs for crate::sys::mmap::IoDescTable {
+    fn get(&self, tag: u16) -> IoDesc {
+        crate::sys::mmap::IoDescTable::get(self, tag)
+    }
+}
+
+/// The text of a panic, for the one-line error.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s
+    } else {
+        "(no message)"
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// Not yet fetched.
+    Idle,
+    /// FETCH or COMMIT_AND_FETCH is with the kernel (or, batch, the tag is prepared
+    /// and its commit queued or sent).
+    Fetching,
+    /// A request is being served by the target.
+    InTarget(IoRequest),
+    /// The kernel aborted the tag (device going away), or its commit could not be
+    /// sent: not re-issued.
+    Dead,
+}
+
+/// The fixed facts of a reactor's queue.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Geometry {
+    pub(crate) q_id: u16,
+    pub(crate) depth: u16,
+    pub(crate) buf_size: u32,
+    pub(crate) dev_size: u64,
+    pub(crate) protocol: IoProtocol,
+}
+
+/// One queue's state machine over ring `R` and descriptors `D`.
+// Field order: `ring` is dropped before the target and the descriptor map.
+pub(crate) struct Reactor<'a, R: Ring + BatchRing, D: Descs> {
+    ring: R,
+    target: Box<dyn QueueTarget>,
+    descs: D,
+    g: Geometry,
+    slots: Vec<Slot>,
+    /// Target SQEs in flight, per tag and in all.
+    tag_sqes: Vec<u16>,
+    target_inflight: u32,
+    /// Per-tag protocol: FETCH / COMMIT_AND_FETCH commands with the kernel.
+    cmds_inflight: u32,
+    /// Batch protocol: the multishot FETCH_IO_CMDS is with the kernel.
+    fetch_armed: bool,
+    /// Requests in the target.
+    in_target: u32,
+    stopping: bool,
+    /// Told to abort: give up on requests still in the target and exit now.
+    aborting: bool,
+    /// The target panicked: it is not called again, and every request on this queue
+    /// fails with EIO until the device is stopped.
+    poisoned: bool,
+    events: Sender<QueueEvent>,
+    panic_hook: QueuePanic,
+    errors_seen: u64,
+    stats: &'a QueueStats,
+    recorder: Recorder,
+    /// When each tag's current request was delivered.
+    started: Vec<std::time::Instant>,
+    /// Batch mode: scratch list of the tags of one fetch completion.
+    fetched: Vec<u16>,
+}
+
+impl<R: Ring + BatchRing, D: Descs> Drop for Reactor<'_, R, D> {
+    fn drop(&mut self) {
+        // Gone with target IO in flight (an abort, a panic): the ring's teardown in the
+        // kernel is asynchronous, so the buffers that IO uses must stay mapped.
+        if self.target_inflight > 0 {
+            self.ring.abandon_buffers();
+        }
+    }
+}
+
+impl<'a, R: Ring + BatchRing, D: Descs> Reactor<'a, R, D> {
+    pub(crate) fn new(
+        ring: R,
+        target: Box<dyn QueueTarget>,
+        descs: D,
+        g: Geometry,
+        events: Sender<QueueEvent>,
+        stats: &'a QueueStats,
+    ) -> Self {
+        let depth = usize::from(g.depth);
+        Self {
+            ring,
+            target,
+            descs,
+            g,
+            slots: vec![Slot::Idle; depth],
+            tag_sqes: vec![0; depth],
+            target_inflight: 0,
+            cmds_inflight: 0,
+            fetch_armed: false,
+            in_target: 0,
+            stopping: false,
+            aborting: false,
+            poisoned: false,
+            events,
+            panic_hook: QueuePanic::new(g.q_id),
+            errors_seen: 0,
+            stats,
+            recorder: Recorder::default(),
+            started: vec![std::time::Instant::now(); depth],
+            fetched: Vec::with_capacity(depth),
+        }
+    }
+
+    /// Hands every tag to the kernel (FETCH_REQ each, or PREP_IO_CMDS and the multishot
+    /// FETCH_IO_CMDS) and arms the wake-up read, submitted at once.
+    pub(crate) fn arm(&mut self) -> Result<(), i32> {
+        match self.g.protocol {
+            IoProtocol::Batch => {
+                // PREP first (and alone): the tags must be prepared before the fetch.
+                let res = self.ring.prep_all()?;
+                if res < 0 {
+                    return Err(res);
+                }
+                self.slots.fill(Slot::Fetching);
+                self.ring.push_fetch()?;
+                self.fetch_armed = true;
+            }
+            IoProtocol::PerTag => {
+                for tag in 0..self.g.depth {
+                    self.ring.push_ublk(tag, None)?;
+                    self.slots[usize::from(tag)] = Slot::Fetching;
+                    self.cmds_inflight += 1;
+                }
+            }
+        }
+        self.ring.push_wake()?;
+        self.ring.submit(0).map_err(|e| errno_of(&e))?;
+        Ok(())
+    }
+
+    /// Nothing is left to wait for: told to abort, or nothing of ours is in flight and
+    /// the kernel holds no fetch (it aborted them all), or we are told to stop.
+    fn done(&self) -> bool {
+        if self.aborting {
+            return true;
+        }
+        if self.target_inflight > 0 || self.in_target > 0 || self.ring.busy() {
+            return false;
+        }
+        let fetching = match self.g.protocol {
+            IoProtocol::Batch => self.fetch_armed,
+            IoProtocol::PerTag => self.cmds_inflight > 0,
+        };
+        !fetching || self.stopping
+    }
+
+    /// Serves requests until [`done`](Self::done).
+    pub(crate) fn serve(&mut self) -> std::io::Result<()> {
+        let mut cqes = Vec::with_capacity(usize::from(self.g.depth) * 2 + 1);
+        while !self.done() {
+            self.pass(&mut cqes)?;
+        }
+        self.recorder.maybe_flush(self.stats, true);
+        if self.aborting && (self.in_target > 0 || self.target_inflight > 0 || self.ring.busy()) {
+            tracing::warn!(
+                q_id = self.g.q_id,
+                "aborting with {} requests in the target ({} target SQEs in flight): the kernel fails them",
+                self.in_target,
+                self.target_inflight
+            );
+            self.ring.abandon_buffers();
+        }
+        tracing::debug!(q_id = self.g.q_id, cmds = self.cmds_inflight, stopping = self.stopping, "queue loop done");
+        Ok(())
+    }
+
+    /// One pass: queue the batch's commits, submit and wait, handle what completed.
+    fn pass(&mut self, cqes: &mut Vec<Cqe>) -> std::io::Result<()> {
+        if self.g.protocol == IoProtocol::Batch {
+            let recorder = &mut self.recorder;
+            if let Err(errno) = self.ring.flush_commits(&mut |elements| recorder.record_commit(elements)) {
+                tracing::error!(q_id = self.g.q_id, "cannot queue COMMIT_IO_CMDS: errno {}", -errno);
+            }
+        }
+        // With statistics not yet published, wake up in time to publish them.
+        let sqes = if self.recorder.dirty() {
+            self.ring.submit_wait_timeout(stats::FLUSH_INTERVAL)?
+        } else {
+            self.ring.submit(1)?
+        };
+        cqes.clear();
+        self.ring.reap(cqes);
+        self.recorder.tick();
+        for &c in cqes.iter() {
+            self.handle(c);
+        }
+        self.recorder.record_pass(cqes.len() as u64, sqes as u64, u64::from(self.in_target));
+        self.recorder.maybe_flush(self.stats, false);
+        Ok(())
+    }
+
+    fn handle(&mut self, c: Cqe) {
+        let q_id = self.g.q_id;
+        match c.kind {
+            Kind::Wake if self.ring.wake_value() >= WAKE_ABORT => {
+                tracing::debug!(q_id, "wake-up: aborting");
+                self.aborting = true;
+            }
+            Kind::Wake => {
+                tracing::debug!(q_id, "wake-up: stopping");
+                self.stopping = true;
+                // Armed again, for an abort.
+                if self.ring.push_wake().is_err() {
+                    tracing::warn!(q_id, "cannot re-arm the wake-up read");
+                }
+            }
+            Kind::Ublk => self.on_ublk(c.tag, c.res),
+            Kind::Fetch => self.on_fetch(c.res, c.flags),
+            Kind::Commit => {
+                if let CommitOutcome::Refused { tag, errno } = self.ring.on_commit(c.cookie, c.res) {
+                    let e = std::io::Error::from_raw_os_error(-errno);
+                    tracing::error!(q_id, tag, "COMMIT_IO_CMDS refused the tag: {e}");
+                    if let Some(slot) = self.slots.get_mut(usize::from(tag)) {
+                        *slot = Slot::Dead;
+                    }
+                }
+            }
+            Kind::Target => self.on_target(c.tag, c.cookie, c.res),
+            // The ring handles its own commands' completions.
+            Kind::Aux => {}
+        }
+    }
+
+    /// A multishot FETCH_IO_CMDS completion: new requests on the tags it names.
+    fn on_fetch(&mut self, res: i32, cqe_flags: u32) {
+        let q_id = self.g.q_id;
+        let mut tags = std::mem::take(&mut self.fetched);
+        self.ring.take_fetched(res, cqe_flags, &mut tags);
+        self.recorder.record_fetch(tags.len());
+        for &tag in &tags {
+            match self.slots.get(usize::from(tag)) {
+                Some(Slot::Fetching) => self.start_request(tag),
+                other => tracing::error!(q_id, tag, ?other, "fetched a tag the kernel does not own"),
+            }
+        }
+        self.fetched = tags;
+        if io_uring::cqueue::more(cqe_flags) {
+            return;
+        }
+        self.fetch_armed = false;
+        match res {
+            uapi::IO_RES_ABORT => tracing::debug!(q_id, "FETCH_IO_CMDS aborted: the device is going away"),
+            _ if self.stopping || self.aborting => {}
+            r if r >= 0 || r == -libc::ENOBUFS => {
+                tracing::debug!(q_id, res, "FETCH_IO_CMDS ended; armed again");
+                match self.ring.push_fetch() {
+                    Ok(()) => self.fetch_armed = true,
+                    Err(errno) => tracing::error!(q_id, "cannot re-arm FETCH_IO_CMDS: errno {}", -errno),
+                }
+            }
+            r => {
+                let e = std::io::Error::from_raw_os_error(-r);
+                tracing::error!(q_id, "FETCH_IO_CMDS failed: {e}; no more requests on this queue");
+            }
+        }
+    }
+
+    /// A request arrived on `tag`: decode it and hand it to the target.
+    fn start_request(&mut self, tag: u16) {
+        let idx = usize::from(tag);
+        self.panic_hook.tick(self.g.q_id);
+        self.started[idx] = self.recorder.now();
+        let desc = self.descs.get(tag);
+        match decode_request(tag, &desc, self.g.buf_size, self.g.dev_size) {
+            Ok(req) => {
+                self.slots[idx] = Slot::InTarget(req);
+                self.in_target += 1;
+                if let Disposition::Done(r) = self.call_target(tag, |t, io| t.submit(&req, io)) {
+                    self.commit(tag, r);
+                }
+            }
+            Err(errno) => {
+                self.recorder.count_bad_request();
+                tracing::warn!(q_id = self.g.q_id, tag, ?desc, "rejecting malformed request");
+                self.send_commit(tag, errno);
+            }
+        }
+    }
+
+    fn on_ublk(&mut self, tag: u16, res: i32) {
+        self.cmds_inflight -= 1;
+        let idx = usize::from(tag);
+        if idx >= self.slots.len() {
+            tracing::error!(q_id = self.g.q_id, tag, "ublk completion for a tag past the queue depth");
+            return;
+        }
+        match res {
+            uapi::IO_RES_OK => self.start_request(tag),
+            uapi::IO_RES_ABORT => self.slots[idx] = Slot::Dead,
+            other => {
+                let e = std::io::Error::from_raw_os_error(-other);
+                tracing::error!(q_id = self.g.q_id, tag, "ublk io command failed: {e}");
+                self.slots[idx] = Slot::Dead;
+            }
+        }
+    }
+
+    fn on_target(&mut self, tag: u16, cookie: u16, res: i32) {
+        self.target_inflight -= 1;
+        let idx = usize::from(tag);
+        let Some(Slot::InTarget(req)) = self.slots.get(idx).copied() else {
+            tracing::error!(q_id = self.g.q_id, tag, "target completion for a tag not in the target");
+            return;
+        };
+        self.tag_sqes[idx] = self.tag_sqes[idx].saturating_sub(1);
+        if self.poisoned {
+            // The target is not called again; the request fails once none of its SQEs
+            // is in flight (they may still use its buffer).
+            if self.tag_sqes[idx] == 0 {
+                self.commit(tag, -libc::EIO);
+            }
+            return;
+        }
+        if let Disposition::Done(r) = self.call_target(tag, |t, io| t.complete(&req, cookie, res, io)) {
+            self.commit(tag, r);
+        }
+    }
+
+    /// Calls into the target for `tag`. A panic there poisons the queue: the request
+    /// fails with EIO (once its SQEs are done), as does every later one, and the
+    /// control thread is told so that it stops the device.
+    fn call_target(
+        &mut self,
+        tag: u16,
+        f: impl FnOnce(&mut dyn QueueTarget, &mut IoCtx<'_>) -> Disposition,
+    ) -> Disposition {
+        if self.poisoned {
+            return Disposition::Done(-libc::EIO);
+        }
+        let target = &mut *self.target;
+        let mut io = IoCtx::new(self.ring.sq(), tag);
+        IN_TARGET.with(|t| t.set(true));
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(target, &mut io)));
+        IN_TARGET.with(|t| t.set(false));
+        let pushed = io.pushed();
+        let idx = usize::from(tag);
+        self.tag_sqes[idx] = self.tag_sqes[idx].saturating_add(pushed);
+        self.target_inflight += u32::from(pushed);
+        match out {
+            Ok(d) => d,
+            Err(payload) => {
+                let msg = format!("target panicked: {}", panic_message(&*payload));
+                tracing::error!(q_id = self.g.q_id, "{msg}; failing every request on this queue");
+                let _ = self.events.send(QueueEvent::TargetFailed { q_id: self.g.q_id, msg });
+                self.poisoned = true;
+                if self.tag_sqes[idx] == 0 { Disposition::Done(-libc::EIO) } else { Disposition::Pending }
+            }
+        }
+    }
+
+    /// Logs a failed request: the first few, then one in every thousand.
+    fn log_error(&mut self, req: &IoRequest, res: i32) {
+        self.errors_seen += 1;
+        let n = self.errors_seen;
+        if n <= 10 || n.is_multiple_of(1000) {
+            let err = std::io::Error::from_raw_os_error(-res);
+            tracing::warn!(
+                q_id = self.g.q_id,
+                "{:?} at byte {} length {} failed: {err} (error {n} on this queue)",
+                req.op,
+                req.offset,
+                req.len
+            );
+        }
+    }
+
+    /// The target finished the request on `tag` with `res`: record it and commit it.
+    fn commit(&mut self, tag: u16, res: i32) {
+        let idx = usize::from(tag);
+        if let Slot::InTarget(req) = self.slots[idx] {
+            self.in_target -= 1;
+            self.recorder.record(req.op, res, self.started[idx]);
+            if res < 0 {
+                self.log_error(&req, res);
+            }
+        }
+        self.send_commit(tag, res);
+    }
+
+    /// Gives `tag` back to the kernel with `res` (and asks for its next request).
+    fn send_commit(&mut self, tag: u16, res: i32) {
+        let sent = match self.g.protocol {
+            IoProtocol::Batch => self.ring.queue_commit(tag, res),
+            IoProtocol::PerTag => self.ring.push_ublk(tag, Some(res)).map(|()| self.cmds_inflight += 1),
+        };
+        self.slots[usize::from(tag)] = match sent {
+            Ok(()) => Slot::Fetching,
+            Err(errno) => {
+                tracing::error!(q_id = self.g.q_id, tag, "cannot queue the commit: errno {}", -errno);
+                Slot::Dead
+            }
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,600 @@
+//! The reactor driven without a kernel: a fake ring records what the reactor sends and
+//! hands back completions the test scripts, as the ublk driver and io_uring would.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::request::{FileSlot, Op};
+use crate::ring::io::{Rw, TargetSq};
+
+const DEPTH: u16 = 4;
+const BUF: u32 = 64 << 10;
+const DEV: u64 = 1 << 20;
+const MORE: u32 = 1 << 1; // IORING_CQE_F_MORE
+
+/// A target SQE the reactor pushed for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TargetIo {
+    Rw(Rw),
+    Fsync,
+    Timeout,
+}
+
+/// What the kernel side has been told.
+#[derive(Debug, Default)]
+struct Kernel {
+    /// Per-tag: FETCH_REQ for these tags (in order).
+    fetches: Vec<u16>,
+    /// Commits, per-tag or batch (sent), as (tag, result), in order.
+    commits: Vec<(u16, i32)>,
+    /// Target SQEs not yet completed: (tag, cookie, what).
+    target: Vec<(u16, u16, TargetIo)>,
+    /// Completions the next reap returns.
+    cqes: VecDeque<Cqe>,
+    wake: u64,
+    wakes_armed: u32,
+    abandoned: bool,
+    /// Batch: PREP_IO_CMDS sent, fetches armed, commits queued and sent by cookie.
+    prepped: bool,
+    fetch_arms: u32,
+    queued: Vec<(u16, i32)>,
+    sent: Vec<Option<Vec<(u16, i32)>>>,
+    /// Batch: the tags the next Fetch completion delivers.
+    to_fetch: Vec<u16>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct FakeRing(Rc<RefCell<Kernel>>);
+
+impl TargetSq for FakeRing {
+    fn rw(&mut self, tag: u16, rw: Rw, cookie: u16) -> Result<(), i32> {
+        self.0.borrow_mut().target.push((tag, cookie, TargetIo::Rw(rw)));
+        Ok(())
+    }
+    fn fsync(&mut self, tag: u16, _file: FileSlot, _datasync: bool, cookie: u16) -> Result<(), i32> {
+        self.0.borrow_mut().target.push((tag, cookie, TargetIo::Fsync));
+        Ok(())
+    }
+    fn fallocate(&mut self, _: u16, _: FileSlot, _: i32, _: u64, _: u64, _: u16) -> Result<(), i32> {
+        Err(-libc::EOPNOTSUPP)
+    }
+    fn timeout(&mut self, tag: u16, _after: Duration, cookie: u16) -> Result<(), i32> {
+        self.0.borrow_mut().target.push((tag, cookie, TargetIo::Timeout));
+        Ok(())
+    }
+}
+
+impl Ring for FakeRing {
+    fn sq(&mut self) -> &mut dyn TargetSq {
+        self
+    }
+    fn push_ublk(&mut self, tag: u16, result: Option<i32>) -> Result<(), i32> {
+        let mut k = self.0.borrow_mut();
+        match result {
+            None => k.fetches.push(tag),
+            Some(r) => k.commits.push((tag, r)),
+        }
+        Ok(())
+    }
+    fn push_wake(&mut self) -> Result<(), i32> {
+        self.0.borrow_mut().wakes_armed += 1;
+        Ok(())
+    }
+    fn wake_value(&self) -> u64 {
+        self.0.borrow().wake
+    }
+    fn busy(&self) -> bool {
+        let k = self.0.borrow();
+        !k.queued.is_empty() || k.sent.iter().any(Option::is_some)
+    }
+    fn submit(&mut self, want: usize) -> std::io::Result<usize> {
+        // A real ring would block here forever: the test left the reactor waiting.
+        assert!(want == 0 || !self.0.borrow().cqes.is_empty(), "the reactor waits for a completion that never comes");
+        Ok(0)
+    }
+    fn submit_wait_timeout(&mut self, _timeout: Duration) -> std::io::Result<usize> {
+        self.submit(1)
+    }
+    fn reap(&mut self, out: &mut Vec<Cqe>) {
+        out.extend(self.0.borrow_mut().cqes.drain(..));
+    }
+    fn abandon_buffers(&mut self) {
+        self.0.borrow_mut().abandoned = true;
+    }
+}
+
+impl BatchRing for FakeRing {
+    fn prep_all(&mut self) -> Result<i32, i32> {
+        self.0.borrow_mut().prepped = true;
+        Ok(0)
+    }
+    fn push_fetch(&mut self) -> Result<(), i32> {
+        self.0.borrow_mut().fetch_arms += 1;
+        Ok(())
+    }
+    fn take_fetched(&mut self, _res: i32, _flags: u32, out: &mut Vec<u16>) {
+        out.clear();
+        out.append(&mut self.0.borrow_mut().to_fetch);
+    }
+    fn queue_commit(&mut self, tag: u16, result: i32) -> Result<(), i32> {
+        self.0.borrow_mut().queued.push((tag, result));
+        Ok(())
+    }
+    fn flush_commits(&mut self, sent: &mut dyn FnMut(u16)) -> Result<(), i32> {
+        let mut k = self.0.borrow_mut();
+        if !k.queued.is_empty() {
+            let elems = std::mem::take(&mut k.queued);
+            sent(elems.len() as u16);
+            k.sent.push(Some(elems));
+        }
+        Ok(())
+    }
+    /// res >= 0: all taken; res < 0: the first element refused, the rest queued again.
+    fn on_commit(&mut self, slot: u16, res: i32) -> CommitOutcome {
+        let mut k = self.0.borrow_mut();
+        let elems = k.sent[usize::from(slot)].take().expect("a commit completed twice");
+        if res >= 0 {
+            k.commits.extend(elems);
+            return CommitOutcome::Done;
+        }
+        k.queued.extend_from_slice(&elems[1..]);
+        CommitOutcome::Refused { tag: elems[0].0, errno: res }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct FakeDescs(Rc<RefCell<Vec<IoDesc>>>);
+
+impl Descs for FakeDescs {
+    fn get(&self, tag: u16) -> IoDesc {
+        self.0.borrow()[usize::from(tag)]
+    }
+}
+
+/// What the test target saw.
+#[derive(Debug, Default)]
+struct Seen {
+    submits: u32,
+    completes: u32,
+}
+
+/// Loop-like: reads and writes go to file slot 1 in full, the rest is pushed again
+/// after a short transfer; FLUSH is an fsync. Panics on a request at `panic_at`.
+struct TestTarget {
+    seen: Rc<RefCell<Seen>>,
+    done: Vec<u32>,
+    panic_at: Option<u64>,
+}
+
+impl TestTarget {
+    fn push(&self, req: &IoRequest, done: u32, io: &mut IoCtx<'_>) -> Disposition {
+        let len = req.len as u32 - done;
+        let off = req.offset + u64::from(done);
+        let r = match req.op {
+            Op::Read => io.read(FileSlot(1), done, len, off, 0),
+            _ => io.write(FileSlot(1), done, len, off, false, 0),
+        };
+        match r {
+            Ok(()) => Disposition::Pending,
+            Err(e) => Disposition::Done(e),
+        }
+    }
+}
+
+impl QueueTarget for TestTarget {
+    fn submit(&mut self, req: &IoRequest, io: &mut IoCtx<'_>) -> Disposition {
+        self.seen.borrow_mut().submits += 1;
+        if self.panic_at == Some(req.offset) {
+            panic!("test target panics at {}", req.offset);
+        }
+        match req.op {
+            Op::Read | Op::Write => {
+                self.done[usize::from(req.tag)] = 0;
+                self.push(req, 0, io)
+            }
+            Op::Flush => match io.fsync(FileSlot(1), true, 1) {
+                Ok(()) => Disposition::Pending,
+                Err(e) => Disposition::Done(e),
+            },
+            _ => Disposition::Done(0),
+        }
+    }
+    fn complete(&mut self, req: &IoRequest, cookie: u16, res: i32, io: &mut IoCtx<'_>) -> Disposition {
+        self.seen.borrow_mut().completes += 1;
+        if res < 0 || cookie == 1 {
+            return Disposition::Done(res.min(0));
+        }
+        let done = &mut self.done[usize::from(req.tag)];
+        *done += res as u32;
+        match *done {
+            d if u64::from(d) >= req.len => Disposition::Done(req.len as i32),
+            _ if res == 0 => Disposition::Done(-libc::EIO),
+            d => self.push(req, d, io),
+        }
+    }
+}
+
+/// A reactor over the fakes, with the handles a test needs.
+struct Sim {
+    kernel: Rc<RefCell<Kernel>>,
+    descs: Rc<RefCell<Vec<IoDesc>>>,
+    seen: Rc<RefCell<Seen>>,
+    events: mpsc::Receiver<QueueEvent>,
+    reactor: Reactor<'static, FakeRing, FakeDescs>,
+    cqes: Vec<Cqe>,
+}
+
+fn desc(op: u8, offset: u64, len: u32) -> IoDesc {
+    IoDesc { op_flags: u32::from(op), nr_sectors: len / 512, start_sector: offset / 512, addr: 0 }
+}
+
+impl Sim {
+    fn new(protocol: IoProtocol, panic_at: Option<u64>) -> Self {
+        let ring = FakeRing::default();
+        let kernel = Rc::clone(&ring.0);
+        let descs = FakeDescs(Rc::new(RefCell::new(vec![IoDesc::default(); usize::from(DEPTH)])));
+        let seen = Rc::new(RefCell::new(Seen::default()));
+        let target = TestTarget { seen: Rc::clone(&seen), done: vec![0; usize::from(DEPTH)], panic_at };
+        let (tx, events) = mpsc::channel();
+        let stats: &'static QueueStats = Box::leak(Box::new(QueueStats::new(protocol == IoProtocol::Batch)));
+        let g = Geometry { q_id: 0, depth: DEPTH, buf_size: BUF, dev_size: DEV, protocol };
+        let descs_handle = Rc::clone(&descs.0);
+        let mut reactor = Reactor::new(ring, Box::new(target), descs, g, tx, stats);
+        reactor.arm().unwrap();
+        Sim { kernel, descs: descs_handle, seen, events, reactor, cqes: Vec::new() }
+    }
+
+    fn protocol(&self) -> IoProtocol {
+        self.reactor.g.protocol
+    }
+
+    fn cqe(&self, kind: Kind, tag: u16, cookie: u16, res: i32, flags: u32) {
+        self.kernel.borrow_mut().cqes.push_back(Cqe { kind, tag, cookie, res, flags });
+    }
+
+    /// The kernel hands `tag` a request.
+    fn deliver(&self, tag: u16, d: IoDesc) {
+        self.descs.borrow_mut()[usize::from(tag)] = d;
+        match self.protocol() {
+            IoProtocol::PerTag => self.cqe(Kind::Ublk, tag, 0, uapi::IO_RES_OK, 0),
+            IoProtocol::Batch => {
+                self.kernel.borrow_mut().to_fetch.push(tag);
+                self.cqe(Kind::Fetch, 0, 0, 2, MORE);
+            }
+        }
+    }
+
+    fn pass(&mut self) {
+        self.reactor.pass(&mut self.cqes).unwrap();
+    }
+
+    /// Completes the oldest target SQE of `tag` with `res`.
+    fn complete(&self, tag: u16, res: i32) -> TargetIo {
+        let mut k = self.kernel.borrow_mut();
+        let i = k.target.iter().position(|&(t, _, _)| t == tag).expect("no target SQE for the tag");
+        let (_, cookie, what) = k.target.remove(i);
+        k.cqes.push_back(Cqe { kind: Kind::Target, tag, cookie, res, flags: 0 });
+        what
+    }
+
+    /// Batch: completes every commit sent so far with `res`.
+    fn complete_commits(&self, res: i32) {
+        let slots: Vec<u16> = {
+            let k = self.kernel.borrow();
+            (0..k.sent.len()).filter(|&i| k.sent[i].is_some()).map(|i| i as u16).collect()
+        };
+        for s in slots {
+            self.cqe(Kind::Commit, 0, s, res, 0);
+        }
+    }
+
+    /// Sends the commits (batch) and completes them, so `commits` shows them.
+    fn settle(&mut self) {
+        if self.protocol() == IoProtocol::Batch {
+            self.pass_idle();
+            self.complete_commits(0);
+            self.pass();
+        }
+    }
+
+    /// A pass with nothing completing (batch: flushes queued commits).
+    fn pass_idle(&mut self) {
+        // Let the pass return: a fake completion of nothing the reactor waits for.
+        self.kernel.borrow_mut().wake = 0;
+        self.cqe(Kind::Aux, 0, 0, 0, 0);
+        self.pass();
+    }
+
+    fn commits(&self) -> Vec<(u16, i32)> {
+        self.kernel.borrow().commits.clone()
+    }
+}
+
+fn both() -> [IoProtocol; 2] {
+    [IoProtocol::PerTag, IoProtocol::Batch]
+}
+
+#[test]
+fn arming_hands_every_tag_to_the_kernel() {
+    let s = Sim::new(IoProtocol::PerTag, None);
+    assert_eq!(s.kernel.borrow().fetches, [0, 1, 2, 3]);
+    assert_eq!(s.kernel.borrow().wakes_armed, 1);
+    let b = Sim::new(IoProtocol::Batch, None);
+    let k = b.kernel.borrow();
+    assert!(k.prepped && k.fetch_arms == 1 && k.fetches.is_empty() && k.wakes_armed == 1);
+}
+
+#[test]
+fn a_read_is_served_and_committed_once() {
+    for p in both() {
+        let mut s = Sim::new(p, None);
+        s.deliver(2, desc(uapi::IO_OP_READ, 8192, 4096));
+        s.pass();
+        let k = s.kernel.borrow().target.clone();
+        assert_eq!(k.len(), 1, "{p}");
+        let (tag, _, TargetIo::Rw(rw)) = k[0] else { panic!("{k:?}") };
+        assert_eq!((tag, rw.write, rw.buf_off, rw.len, rw.offset), (2, false, 0, 4096, 8192));
+        assert!(s.commits().is_empty());
+        s.complete(2, 4096);
+        s.pass();
+        s.settle();
+        assert_eq!(s.commits(), [(2, 4096)], "{p}");
+    }
+}
+
+#[test]
+fn short_transfers_are_pushed_again_until_done() {
+    for p in both() {
+        let mut s = Sim::new(p, None);
+        s.deliver(1, desc(uapi::IO_OP_WRITE, 0, 16384));
+        s.pass();
+        for (res, rest) in [(4096, 12288), (512, 11776), (8192, 3584)] {
+            s.complete(1, res);
+            s.pass();
+            let TargetIo::Rw(rw) = s.kernel.borrow().target[0].2 else { panic!() };
+            assert_eq!(
+                (rw.len, u64::from(rw.buf_off), rw.offset),
+                (rest, 16384 - u64::from(rest), 16384 - u64::from(rest))
+            );
+            assert!(s.commits().is_empty());
+        }
+        s.complete(1, 3584);
+        s.pass();
+        s.settle();
+        assert_eq!(s.commits(), [(1, 16384)], "{p}");
+    }
+}
+
+#[test]
+fn a_malformed_descriptor_fails_without_reaching_the_target() {
+    for p in both() {
+        let mut s = Sim::new(p, None);
+        // Past the end of the device, bigger than the buffer, an unknown op.
+        s.deliver(0, desc(uapi::IO_OP_READ, DEV, 4096));
+        s.deliver(1, desc(uapi::IO_OP_WRITE, 0, BUF + 512));
+        s.deliver(2, desc(77, 0, 4096));
+        s.pass();
+        s.settle();
+        assert_eq!(s.commits(), [(0, -libc::EIO), (1, -libc::EIO), (2, -libc::EOPNOTSUPP)], "{p}");
+        assert_eq!(s.seen.borrow().submits, 0);
+        // The tags are the kernel's again: the next request on one is served.
+        s.deliver(0, desc(uapi::IO_OP_FLUSH, 0, 0));
+        s.pass();
+        assert_eq!(s.complete(0, 0), TargetIo::Fsync);
+        s.pass();
+        s.settle();
+        assert_eq!(s.commits().last(), Some(&(0, 0)), "{p}");
+    }
+}
+
+#[test]
+fn a_target_panic_fails_its_request_and_every_later_one() {
+    for p in both() {
+        let mut s = Sim::new(p, Some(4096));
+        // Tag 0's read is in flight when tag 1's request makes the target panic.
+        s.deliver(0, desc(uapi::IO_OP_READ, 0, 4096));
+        s.pass();
+        s.deliver(1, desc(uapi::IO_OP_READ, 4096, 4096));
+        s.pass();
+        s.settle();
+        assert_eq!(s.commits(), [(1, -libc::EIO)], "{p}");
+        assert!(
+            matches!(s.events.try_recv(), Ok(QueueEvent::TargetFailed { q_id: 0, ref msg }) if msg.contains("test target panics"))
+        );
+        // Tag 0 fails once its SQE is done (it may still use the buffer), without the
+        // target being called again; so does any later request.
+        s.complete(0, 4096);
+        s.deliver(2, desc(uapi::IO_OP_WRITE, 0, 512));
+        s.pass();
+        s.settle();
+        assert_eq!(s.commits(), [(1, -libc::EIO), (0, -libc::EIO), (2, -libc::EIO)], "{p}");
+        assert_eq!((s.seen.borrow().submits, s.seen.borrow().completes), (2, 0));
+    }
+}
+
+#[test]
+fn stop_waits_for_requests_in_the_target() {
+    for p in both() {
+        let mut s = Sim::new(p, None);
+        s.deliver(3, desc(uapi::IO_OP_READ, 0, 4096));
+        s.pass();
+        s.kernel.borrow_mut().wake = WAKE_STOP;
+        s.cqe(Kind::Wake, 0, 0, 8, 0);
+        s.pass();
+        assert!(!s.reactor.done(), "{p}: stopped with a request in the target");
+        assert_eq!(s.kernel.borrow().wakes_armed, 2, "re-armed for an abort");
+        s.complete(3, 4096);
+        s.pass();
+        if p == IoProtocol::Batch {
+            // The commit is queued, then sent: the queue waits for it too.
+            assert!(!s.reactor.done());
+            s.pass_idle();
+            assert!(!s.reactor.done(), "stopped with a commit in flight");
+            s.complete_commits(0);
+            s.pass();
+        }
+        assert!(s.reactor.done(), "{p}");
+        assert_eq!(s.commits(), [(3, 4096)]);
+        assert!(!s.kernel.borrow().abandoned);
+    }
+}
+
+#[test]
+fn abort_gives_up_on_io_in_flight_and_keeps_its_buffers() {
+    for p in both() {
+        let mut s = Sim::new(p, None);
+        s.deliver(0, desc(uapi::IO_OP_READ, 0, 4096));
+        s.pass();
+        s.kernel.borrow_mut().wake = WAKE_ABORT;
+        s.cqe(Kind::Wake, 0, 0, 8, 0);
+        // serve() returns at once: nothing more is waited for.
+        s.reactor.serve().unwrap();
+        assert!(s.kernel.borrow().abandoned, "{p}: buffers of IO in flight were not kept");
+        assert!(s.commits().is_empty());
+    }
+}
+
+#[test]
+fn the_kernel_aborting_every_tag_ends_the_queue() {
+    let mut s = Sim::new(IoProtocol::PerTag, None);
+    for tag in 0..DEPTH {
+        s.cqe(Kind::Ublk, tag, 0, uapi::IO_RES_ABORT, 0);
+    }
+    assert!(!s.reactor.done());
+    s.pass();
+    assert!(s.reactor.done());
+    // Batch: the multishot fetch ends with ABORT.
+    let mut b = Sim::new(IoProtocol::Batch, None);
+    b.cqe(Kind::Fetch, 0, 0, uapi::IO_RES_ABORT, 0);
+    b.pass();
+    assert!(b.reactor.done());
+    assert_eq!(b.kernel.borrow().fetch_arms, 1, "an aborted fetch is not re-armed");
+}
+
+#[test]
+fn a_refused_batch_commit_kills_that_tag_only() {
+    let mut s = Sim::new(IoProtocol::Batch, None);
+    s.deliver(0, desc(uapi::IO_OP_READ, 0, 4096));
+    s.deliver(1, desc(uapi::IO_OP_READ, 4096, 4096));
+    s.pass();
+    s.complete(0, 4096);
+    s.complete(1, 4096);
+    s.pass();
+    s.pass_idle();
+    // The kernel takes none: the first (tag 0) is refused and dropped; tag 1 goes again.
+    s.complete_commits(-libc::EINVAL);
+    s.pass();
+    assert_eq!(s.reactor.slots[0], Slot::Dead);
+    s.settle();
+    assert_eq!(s.commits(), [(1, 4096)]);
+    assert_eq!(s.reactor.slots[1], Slot::Fetching);
+}
+
+#[test]
+fn a_fetch_that_ends_is_armed_again() {
+    let mut s = Sim::new(IoProtocol::Batch, None);
+    s.cqe(Kind::Fetch, 0, 0, -libc::ENOBUFS, 0);
+    s.pass();
+    assert_eq!(s.kernel.borrow().fetch_arms, 2);
+    assert!(!s.reactor.done());
+}
+
+/// One step of the kernel and the backing, chosen by proptest.
+#[derive(Debug, Clone)]
+enum Step {
+    /// Deliver the next request on a free tag (the n-th free one).
+    Deliver(usize),
+    /// Complete the n-th target SQE in flight, transferring this share of what it asked.
+    Complete(usize, u8),
+    /// Batch: complete the commits sent.
+    Commits,
+}
+
+fn steps() -> impl Strategy<Value = Vec<Step>> {
+    let step = prop_oneof![
+        (0..8usize).prop_map(Step::Deliver),
+        (0..8usize, 1..=4u8).prop_map(|(i, q)| Step::Complete(i, q)),
+        Just(Step::Commits),
+    ];
+    proptest::collection::vec(step, 0..120)
+}
+
+proptest! {
+    /// Whatever order requests arrive and their IO completes in, and however short the
+    /// transfers, every request is committed exactly once, with its full length.
+    #[test]
+    fn every_request_is_committed_exactly_once(batch: bool, requests in 1..24usize, script in steps()) {
+        let p = if batch { IoProtocol::Batch } else { IoProtocol::PerTag };
+        let mut s = Sim::new(p, None);
+        let mut delivered = 0usize;
+        // Tags the kernel may hand a request now, and which request each tag carries.
+        let mut free: Vec<u16> = (0..DEPTH).collect();
+        let mut carried: Vec<Option<usize>> = vec![None; usize::from(DEPTH)];
+        let mut committed: Vec<u32> = vec![0; requests];
+        let mut seen_commits = 0;
+        let len = |i: usize| 512 * (1 + (i as u32 * 7) % 16);
+        let run = |s: &mut Sim, step: Step, delivered: &mut usize, free: &mut Vec<u16>, carried: &mut Vec<Option<usize>>| {
+            match step {
+                Step::Deliver(n) if *delivered < requests && !free.is_empty() => {
+                    let tag = free.remove(n % free.len());
+                    let i = *delivered;
+                    *delivered += 1;
+                    carried[usize::from(tag)] = Some(i);
+                    let op = if i.is_multiple_of(3) { uapi::IO_OP_WRITE } else { uapi::IO_OP_READ };
+                    s.deliver(tag, desc(op, (i as u64) * 8192, len(i)));
+                }
+                Step::Complete(n, share) => {
+                    let inflight = s.kernel.borrow().target.len();
+                    if inflight > 0 {
+                        let (tag, _, what) = s.kernel.borrow().target[n % inflight];
+                        let TargetIo::Rw(rw) = what else { unreachable!() };
+                        let res = (rw.len * u32::from(share) / 4).max(512).min(rw.len);
+                        let _ = s.complete(tag, res as i32);
+                    }
+                }
+                Step::Commits => s.complete_commits(0),
+                Step::Deliver(_) => {}
+            }
+        };
+        for step in script {
+            run(&mut s, step, &mut delivered, &mut free, &mut carried);
+            if !s.kernel.borrow().cqes.is_empty() {
+                s.pass();
+            } else if p == IoProtocol::Batch {
+                s.pass_idle();
+            }
+            // Committed tags are the kernel's again.
+            let commits = s.commits();
+            for &(tag, res) in &commits[seen_commits..] {
+                let i = carried[usize::from(tag)].take().expect("a tag committed that carried no request");
+                prop_assert_eq!(res, len(i) as i32);
+                committed[i] += 1;
+                free.push(tag);
+            }
+            seen_commits = commits.len();
+        }
+        // Drain: deliver what is left and complete everything in full.
+        for _ in 0..requests * 8 {
+            run(&mut s, Step::Deliver(0), &mut delivered, &mut free, &mut carried);
+            run(&mut s, Step::Complete(0, 4), &mut delivered, &mut free, &mut carried);
+            run(&mut s, Step::Commits, &mut delivered, &mut free, &mut carried);
+            s.pass_idle();
+            let commits = s.commits();
+            for &(tag, res) in &commits[seen_commits..] {
+                let i = carried[usize::from(tag)].take().expect("a tag committed that carried no request");
+                prop_assert_eq!(res, len(i) as i32);
+                committed[i] += 1;
+                free.push(tag);
+            }
+            seen_commits = commits.len();
+        }
+        prop_assert!(committed.iter().all(|&n| n == 1), "commits per request: {:?}", committed);
+        prop_assert_eq!(s.seen.borrow().submits as usize, requests);
+    }
+}
