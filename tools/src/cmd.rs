@@ -192,30 +192,31 @@ fn serve(target: Arc<dyn Target>, opts: &DeviceOptions, recover: Option<u32>) ->
     }
     let summary = result?;
     let t = &summary.stats.total;
+    let n = &t.counters;
     tracing::info!(
         "device {} stopped and deleted ({}): reads {} ({}), writes {} ({}), flushes {}, discards {}, write-zeroes {}, errors {}, {:.1} CQEs per pass, {:.1} SQEs per submit",
         summary.dev_id,
         summary.reason,
-        t.reads,
-        human(t.bytes_read),
-        t.writes,
-        human(t.bytes_written),
-        t.flushes,
-        t.discards,
-        t.write_zeroes,
-        t.errors,
-        t.cqes_per_pass(),
-        t.sqes_per_submit(),
+        n.reads,
+        human(n.bytes_read),
+        n.writes,
+        human(n.bytes_written),
+        n.flushes,
+        n.discards,
+        n.write_zeroes,
+        n.errors,
+        n.cqes_per_pass(),
+        n.sqes_per_submit(),
     );
-    if let Some(b) = &t.batch {
+    if let Some(b) = &n.batch {
         let (f, c) = (&b.requests_per_fetch, &b.elements_per_commit);
         tracing::info!(
             "batch io: {} fetch CQEs, {:.1} requests per fetch (max {}); {} commits, {:.1} elements per commit (max {})",
             f.count,
-            f.mean,
+            f.mean(),
             f.max,
             c.count,
-            c.mean,
+            c.mean(),
             c.max
         );
     }
@@ -262,21 +263,22 @@ pub fn stats(id: u32, json: bool) -> Result<()> {
     );
     let rows = s.queues.iter().enumerate().map(|(i, q)| (i.to_string(), q)).chain([("total".to_string(), &s.total)]);
     for (name, q) in rows {
+        let c = &q.counters;
         println!(
             "{:<6} {:>10} {:>10} {:>8} {:>7} {:>9.1} {:>9} {:>9.1} {:>9.1} {:>9.1}",
             name,
-            q.reads,
-            q.writes,
-            q.flushes + q.discards + q.write_zeroes,
-            q.errors,
-            q.sqes_per_submit(),
-            format!("{}/{}", q.inflight, q.inflight_max),
+            c.reads,
+            c.writes,
+            c.flushes + c.discards + c.write_zeroes,
+            c.errors,
+            c.sqes_per_submit(),
+            format!("{}/{}", c.inflight, c.inflight_max),
             q.read_latency.p50_us,
             q.read_latency.p99_us,
             q.write_latency.p99_us,
         );
     }
-    if s.total.batch.is_some() {
+    if s.total.counters.batch.is_some() {
         print_batch_stats(&s);
     }
     Ok(())
@@ -291,11 +293,17 @@ fn print_batch_stats(s: &DeviceStats) {
     );
     let rows = s.queues.iter().enumerate().map(|(i, q)| (i.to_string(), q)).chain([("total".to_string(), &s.total)]);
     for (name, q) in rows {
-        let Some(b) = &q.batch else { continue };
+        let Some(b) = &q.counters.batch else { continue };
         let (f, c) = (&b.requests_per_fetch, &b.elements_per_commit);
         println!(
             "{:<6} {:>10} {:>9.1} {:>9} {:>10} {:>9.1} {:>9}",
-            name, f.count, f.mean, f.max, c.count, c.mean, c.max
+            name,
+            f.count,
+            f.mean(),
+            f.max,
+            c.count,
+            c.mean(),
+            c.max
         );
     }
 }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::queue::stats::{QueueStats, StatsSnapshot};
+use crate::queue::stats::{Counters, QueueStats, StatsSnapshot};
 
 /// Live statistics of a device: per queue and in total, with rates over the last tick.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -23,12 +23,12 @@ pub(crate) struct StatsClock {
     dev_id: u32,
     start: Instant,
     last: Instant,
-    last_total: StatsSnapshot,
+    last_total: Counters,
 }
 
 impl StatsClock {
     pub(crate) fn new(dev_id: u32) -> Self {
-        Self { dev_id, start: Instant::now(), last: Instant::now(), last_total: StatsSnapshot::default() }
+        Self { dev_id, start: Instant::now(), last: Instant::now(), last_total: Counters::default() }
     }
 
     /// Rates since the previous sample (`since_start`: since the start).
@@ -38,21 +38,22 @@ impl StatsClock {
         let now = Instant::now();
         if since_start {
             self.last = self.start;
-            self.last_total = StatsSnapshot::default();
+            self.last_total = Counters::default();
         }
         let dt = now.duration_since(self.last).as_secs_f64().max(1e-3);
         let rate = |a: u64, b: u64| a.saturating_sub(b) as f64 / dt;
+        let (c, last) = (total.counters, self.last_total);
         let s = DeviceStats {
             dev_id: self.dev_id,
             uptime_s: now.duration_since(self.start).as_secs_f64(),
-            iops: rate(total.ops(), self.last_total.ops()),
-            read_bytes_per_s: rate(total.bytes_read, self.last_total.bytes_read),
-            write_bytes_per_s: rate(total.bytes_written, self.last_total.bytes_written),
+            iops: rate(c.ops(), last.ops()),
+            read_bytes_per_s: rate(c.bytes_read, last.bytes_read),
+            write_bytes_per_s: rate(c.bytes_written, last.bytes_written),
             queues: each,
-            total: total.clone(),
+            total,
         };
         self.last = now;
-        self.last_total = total;
+        self.last_total = c;
         s
     }
 }

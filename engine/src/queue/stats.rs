@@ -1,15 +1,15 @@
-//! Per-queue statistics: counters (atomics, readable any time) and latency histograms
-//! (kept by the queue thread, published to a shared copy about every 100 ms).
+//! Per-queue statistics: counters ([`Counters`]) and latency histograms, kept by the
+//! queue thread ([`Recorder`]) and published to a shared copy ([`QueueStats`]) about
+//! every 100 ms.
 //!
 //! Latency is measured from the FETCH completion that delivers a request to the
 //! moment its COMMIT is queued: the time the request spends in the engine and target.
 //!
 //! Queues on the batch protocol (UBLK_F_BATCH_IO) also count how many requests each
 //! FETCH_IO_CMDS completion delivers and how many elements each COMMIT_IO_CMDS carries
-//! ([`BatchSnapshot`]); their snapshots have `batch: None` on the per-tag protocol.
+//! ([`BatchCounters`]); their counters have `batch: None` on the per-tag protocol.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -60,48 +60,116 @@ impl Latency {
     }
 }
 
-#[derive(Debug, Default)]
-pub struct QueueStats {
-    pub reads: AtomicU64,
-    pub writes: AtomicU64,
-    pub flushes: AtomicU64,
-    pub discards: AtomicU64,
-    pub write_zeroes: AtomicU64,
-    pub bytes_read: AtomicU64,
-    pub bytes_written: AtomicU64,
-    pub errors: AtomicU64,
-    pub bad_requests: AtomicU64,
-    /// Loop passes (one io_uring_enter each) and the CQEs they handled.
-    pub passes: AtomicU64,
-    pub cqes: AtomicU64,
+/// The counters of a queue, or of several queues together ([`Counters::merge`]). The
+/// queue thread's [`Recorder`] keeps them with plain arithmetic and publishes a copy;
+/// `stats --json` shows them at the top level of each queue and of the total.
+#[derive(Debug, Default, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Counters {
+    /// READs completed successfully.
+    pub reads: u64,
+    /// WRITEs completed successfully.
+    pub writes: u64,
+    /// FLUSHes completed successfully.
+    pub flushes: u64,
+    /// DISCARDs completed successfully.
+    pub discards: u64,
+    /// WRITE_ZEROES completed successfully.
+    pub write_zeroes: u64,
+    /// Bytes the successful READs returned.
+    pub bytes_read: u64,
+    /// Bytes the successful WRITEs took.
+    pub bytes_written: u64,
+    /// Requests that failed (any op, `bad_requests` included).
+    pub errors: u64,
+    /// Malformed requests, failed without reaching the target (also in `errors`).
+    pub bad_requests: u64,
+    /// Loop passes (one io_uring_enter each).
+    pub passes: u64,
+    /// CQEs those passes handled.
+    pub cqes: u64,
     /// SQEs the kernel consumed (requests per submit = sqes / passes).
-    pub sqes: AtomicU64,
-    /// Requests being served by the target now, and the most seen.
-    pub inflight: AtomicU64,
-    pub inflight_max: AtomicU64,
-    /// The queue uses the batch protocol: the fields below are meaningful.
-    pub batch: AtomicBool,
-    /// Batch protocol: FETCH_IO_CMDS completions that delivered requests, the requests
-    /// they delivered, and the most in one.
-    pub fetch_cqes: AtomicU64,
-    pub fetched: AtomicU64,
-    pub fetched_max: AtomicU64,
-    /// Batch protocol: COMMIT_IO_CMDS sent, the elements they carried, and the most in one.
-    pub commits: AtomicU64,
-    pub committed: AtomicU64,
-    pub committed_max: AtomicU64,
-    latency: Mutex<Latency>,
+    pub sqes: u64,
+    /// Requests being served by the target now (at the end of the last loop pass
+    /// published). In a total: summed, the requests in flight across the queues now.
+    pub inflight: u64,
+    /// The most requests in the target at once, as seen at the end of a loop pass. In a
+    /// total: the largest queue's peak, not the peak of the queues' sum, which per-queue
+    /// samples cannot give (it is at least this and at most the queues' peaks summed).
+    pub inflight_max: u64,
+    /// Batch protocol queues only (`None`, and absent from the JSON, on per-tag queues).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<BatchCounters>,
 }
 
-/// How often a queue publishes its statistics (at most; only while it has news).
-pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+impl Counters {
+    /// Adds another queue's counters, making a total: counts and `inflight` summed,
+    /// `inflight_max` the larger, `batch` merged ([`BatchCounters::merge`]; present if
+    /// either has it).
+    pub fn merge(&mut self, o: &Counters) {
+        // Destructured, so that a counter added to the struct cannot be left out here.
+        let Counters {
+            reads,
+            writes,
+            flushes,
+            discards,
+            write_zeroes,
+            bytes_read,
+            bytes_written,
+            errors,
+            bad_requests,
+            passes,
+            cqes,
+            sqes,
+            inflight,
+            inflight_max,
+            batch,
+        } = *o;
+        self.reads += reads;
+        self.writes += writes;
+        self.flushes += flushes;
+        self.discards += discards;
+        self.write_zeroes += write_zeroes;
+        self.bytes_read += bytes_read;
+        self.bytes_written += bytes_written;
+        self.errors += errors;
+        self.bad_requests += bad_requests;
+        self.passes += passes;
+        self.cqes += cqes;
+        self.sqes += sqes;
+        self.inflight += inflight;
+        self.inflight_max = self.inflight_max.max(inflight_max);
+        if let Some(b) = batch {
+            self.batch.get_or_insert_default().merge(&b);
+        }
+    }
+
+    /// Requests completed (any op, successful).
+    pub fn ops(&self) -> u64 {
+        self.reads + self.writes + self.flushes + self.discards + self.write_zeroes
+    }
+
+    /// SQEs per io_uring_enter.
+    pub fn sqes_per_submit(&self) -> f64 {
+        if self.passes == 0 { 0.0 } else { self.sqes as f64 / self.passes as f64 }
+    }
+
+    /// CQEs handled per pass.
+    pub fn cqes_per_pass(&self) -> f64 {
+        if self.passes == 0 { 0.0 } else { self.cqes as f64 / self.passes as f64 }
+    }
+}
 
 /// Events of a variable size (requests in a fetch completion, elements in a commit):
-/// how many, their sizes summed, and the largest.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// how many, their sizes summed, and the largest. In JSON with its mean:
+/// `{ "count", "total", "mean", "max" }` (the mean is recomputed when read back).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(into = "SizeSummary", from = "SizeSummary")]
 pub struct SizeCounter {
+    /// Events (fetch completions, or commits sent).
     pub count: u64,
+    /// Their sizes summed (requests delivered, or elements committed).
     pub total: u64,
+    /// The largest.
     pub max: u64,
 }
 
@@ -124,74 +192,70 @@ impl SizeCounter {
     pub fn mean(&self) -> f64 {
         if self.count == 0 { 0.0 } else { self.total as f64 / self.count as f64 }
     }
-
-    fn summary(&self) -> SizeSummary {
-        SizeSummary { count: self.count, total: self.total, mean: self.mean(), max: self.max }
-    }
 }
 
-/// A [`SizeCounter`] with its mean, as shown by `stats --json`.
-#[derive(Debug, Default, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct SizeSummary {
-    /// Events (fetch completions, or commits sent).
-    pub count: u64,
-    /// Their sizes summed (requests delivered, or elements committed).
-    pub total: u64,
+/// A [`SizeCounter`] as `stats --json` shows it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SizeSummary {
+    count: u64,
+    total: u64,
     /// total / count (0 with no events).
-    pub mean: f64,
-    pub max: u64,
+    mean: f64,
+    max: u64,
 }
 
-impl SizeSummary {
-    fn counter(&self) -> SizeCounter {
-        SizeCounter { count: self.count, total: self.total, max: self.max }
+impl From<SizeCounter> for SizeSummary {
+    fn from(c: SizeCounter) -> Self {
+        Self { count: c.count, total: c.total, mean: c.mean(), max: c.max }
     }
 }
 
-/// Batch protocol statistics of a queue (or of several together).
-#[derive(Debug, Default, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct BatchSnapshot {
+impl From<SizeSummary> for SizeCounter {
+    fn from(s: SizeSummary) -> Self {
+        Self { count: s.count, total: s.total, max: s.max }
+    }
+}
+
+/// Batch protocol counters of a queue (or of several together).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BatchCounters {
     /// Requests (tags) delivered per FETCH_IO_CMDS completion. Completions that
     /// delivered none (the end of a multishot fetch) are not counted.
-    pub requests_per_fetch: SizeSummary,
+    pub requests_per_fetch: SizeCounter,
     /// Elements (completed requests) per COMMIT_IO_CMDS sent; a partial commit's rest,
     /// sent again, counts as another commit.
-    pub elements_per_commit: SizeSummary,
+    pub elements_per_commit: SizeCounter,
 }
 
-impl BatchSnapshot {
-    /// Adds another queue's counts (means are recomputed from the sums).
-    pub fn merge(&mut self, o: &BatchSnapshot) {
-        for (a, b) in [
-            (&mut self.requests_per_fetch, &o.requests_per_fetch),
-            (&mut self.elements_per_commit, &o.elements_per_commit),
-        ] {
-            let mut c = a.counter();
-            c.merge(&b.counter());
-            *a = c.summary();
-        }
+impl BatchCounters {
+    /// Adds another queue's counts (counts and sizes summed, the larger maximum: the
+    /// mean is then over all events, not a mean of means).
+    pub fn merge(&mut self, o: &BatchCounters) {
+        self.requests_per_fetch.merge(&o.requests_per_fetch);
+        self.elements_per_commit.merge(&o.elements_per_commit);
     }
 }
 
-/// Plain counters kept by the queue thread (no atomic operation per request).
-#[derive(Debug, Default, Clone, Copy)]
-struct Counters {
-    reads: u64,
-    writes: u64,
-    flushes: u64,
-    discards: u64,
-    write_zeroes: u64,
-    bytes_read: u64,
-    bytes_written: u64,
-    errors: u64,
-    bad_requests: u64,
-    passes: u64,
-    cqes: u64,
-    sqes: u64,
-    inflight: u64,
-    inflight_max: u64,
-    fetch: SizeCounter,
-    commit: SizeCounter,
+/// How often a queue publishes its statistics (at most; only while it has news).
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// A queue's statistics as last published by its thread, readable from any thread.
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    /// The queue uses the batch protocol: its snapshots have `batch`.
+    batch: bool,
+    /// Replaced (counters) and added to (histograms) by the queue thread about every
+    /// 100 ms. A mutex, not atomics or a seqlock: the histograms need a lock anyway, the
+    /// queue thread takes it once per 100 ms and the daemon to sample about once a
+    /// second, so it is not contended, needs no unsafe code, and a reader gets counters
+    /// and histograms of the same moment.
+    published: Mutex<Published>,
+}
+
+#[derive(Debug, Default)]
+struct Published {
+    counters: Counters,
+    latency: Latency,
 }
 
 /// The queue thread's side: its own counters and histograms, published into the
@@ -264,13 +328,13 @@ impl Recorder {
     /// delivered none is not counted).
     pub fn record_fetch(&mut self, requests: usize) {
         if requests > 0 {
-            self.c.fetch.add(requests as u64);
+            self.c.batch.get_or_insert_default().requests_per_fetch.add(requests as u64);
         }
     }
 
     /// Batch protocol: a COMMIT_IO_CMDS carrying `elements` was queued for submission.
     pub fn record_commit(&mut self, elements: u16) {
-        self.c.commit.add(u64::from(elements));
+        self.c.batch.get_or_insert_default().elements_per_commit.add(u64::from(elements));
     }
 
     /// One loop pass: CQEs handled, SQEs submitted, requests in the target now.
@@ -288,35 +352,15 @@ impl Recorder {
         if !self.dirty() || (!force && self.now.saturating_duration_since(self.last_flush) < FLUSH_INTERVAL) {
             return;
         }
-        let c = &self.c;
-        for (a, v) in [
-            (&shared.reads, c.reads),
-            (&shared.writes, c.writes),
-            (&shared.flushes, c.flushes),
-            (&shared.discards, c.discards),
-            (&shared.write_zeroes, c.write_zeroes),
-            (&shared.bytes_read, c.bytes_read),
-            (&shared.bytes_written, c.bytes_written),
-            (&shared.errors, c.errors),
-            (&shared.bad_requests, c.bad_requests),
-            (&shared.passes, c.passes),
-            (&shared.cqes, c.cqes),
-            (&shared.sqes, c.sqes),
-            (&shared.inflight, c.inflight),
-            (&shared.inflight_max, c.inflight_max),
-            (&shared.fetch_cqes, c.fetch.count),
-            (&shared.fetched, c.fetch.total),
-            (&shared.fetched_max, c.fetch.max),
-            (&shared.commits, c.commit.count),
-            (&shared.committed, c.commit.total),
-            (&shared.committed_max, c.commit.max),
-        ] {
-            a.store(v, Relaxed);
-        }
-        if self.pending > 0
-            && let Ok(mut l) = shared.latency.lock()
         {
-            l.add(&self.local);
+            // Plain data: a panic elsewhere while holding the lock leaves nothing broken.
+            let mut p = shared.published.lock().unwrap_or_else(PoisonError::into_inner);
+            p.counters = self.c;
+            if self.pending > 0 {
+                p.latency.add(&self.local);
+            }
+        }
+        if self.pending > 0 {
             self.local.reset();
             self.pending = 0;
         }
@@ -360,83 +404,47 @@ impl LatencySummary {
     }
 }
 
-/// A plain copy of [`QueueStats`], with latency summaries.
+/// A queue's (or a total's) counters and latency summaries, as `stats --json` shows
+/// them: the counters at the top level, then `read_latency`, `write_latency`,
+/// `other_latency`.
 #[derive(Debug, Default, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StatsSnapshot {
-    pub reads: u64,
-    pub writes: u64,
-    pub flushes: u64,
-    pub discards: u64,
-    pub write_zeroes: u64,
-    pub bytes_read: u64,
-    pub bytes_written: u64,
-    pub errors: u64,
-    pub bad_requests: u64,
-    pub passes: u64,
-    pub cqes: u64,
-    pub sqes: u64,
-    pub inflight: u64,
-    pub inflight_max: u64,
-    /// Batch protocol queues only (absent from the JSON of per-tag queues).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub batch: Option<BatchSnapshot>,
+    #[serde(flatten)]
+    pub counters: Counters,
     pub read_latency: LatencySummary,
     pub write_latency: LatencySummary,
     pub other_latency: LatencySummary,
 }
 
-impl QueueStats {
-    /// Statistics of a queue; `batch`: it uses the batch protocol.
-    pub fn new(batch: bool) -> Self {
-        Self { batch: AtomicBool::new(batch), ..Self::default() }
-    }
-
-    fn batch_snapshot(&self) -> Option<BatchSnapshot> {
-        if !self.batch.load(Relaxed) {
-            return None;
-        }
-        let counter = |count: &AtomicU64, total: &AtomicU64, max: &AtomicU64| SizeCounter {
-            count: count.load(Relaxed),
-            total: total.load(Relaxed),
-            max: max.load(Relaxed),
-        };
-        Some(BatchSnapshot {
-            requests_per_fetch: counter(&self.fetch_cqes, &self.fetched, &self.fetched_max).summary(),
-            elements_per_commit: counter(&self.commits, &self.committed, &self.committed_max).summary(),
-        })
-    }
-
-    /// A copy of the published latency histograms (taken under the lock, which the queue
-    /// thread also takes to publish: the summaries are computed from the copy).
-    fn latency(&self) -> Latency {
-        self.latency.lock().map(|l| l.clone()).unwrap_or_default()
-    }
-
-    pub fn snapshot(&self) -> StatsSnapshot {
-        self.snapshot_with(&self.latency())
-    }
-
-    fn snapshot_with(&self, lat: &Latency) -> StatsSnapshot {
-        StatsSnapshot {
-            reads: self.reads.load(Relaxed),
-            writes: self.writes.load(Relaxed),
-            flushes: self.flushes.load(Relaxed),
-            discards: self.discards.load(Relaxed),
-            write_zeroes: self.write_zeroes.load(Relaxed),
-            bytes_read: self.bytes_read.load(Relaxed),
-            bytes_written: self.bytes_written.load(Relaxed),
-            errors: self.errors.load(Relaxed),
-            bad_requests: self.bad_requests.load(Relaxed),
-            passes: self.passes.load(Relaxed),
-            cqes: self.cqes.load(Relaxed),
-            sqes: self.sqes.load(Relaxed),
-            inflight: self.inflight.load(Relaxed),
-            inflight_max: self.inflight_max.load(Relaxed),
-            batch: self.batch_snapshot(),
+impl StatsSnapshot {
+    fn new(counters: Counters, lat: &Latency) -> Self {
+        Self {
+            counters,
             read_latency: LatencySummary::of(&lat.read),
             write_latency: LatencySummary::of(&lat.write),
             other_latency: LatencySummary::of(&lat.other),
         }
+    }
+}
+
+impl QueueStats {
+    /// Statistics of a queue; `batch`: it uses the batch protocol.
+    pub fn new(batch: bool) -> Self {
+        Self { batch, ..Self::default() }
+    }
+
+    /// A copy of the published counters and histograms (taken under the lock, which the
+    /// queue thread also takes to publish: the summaries are computed from the copy).
+    fn published(&self) -> (Counters, Latency) {
+        let p = self.published.lock().unwrap_or_else(PoisonError::into_inner);
+        // Batch queues have batch counters (zero before their first fetch), others none.
+        let c = Counters { batch: self.batch.then(|| p.counters.batch.unwrap_or_default()), ..p.counters };
+        (c, p.latency.clone())
+    }
+
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let (c, lat) = self.published();
+        StatsSnapshot::new(c, &lat)
     }
 
     /// The counters and histograms of several queues together.
@@ -444,58 +452,27 @@ impl QueueStats {
         Self::sample(queues).0
     }
 
-    /// Every queue's snapshot and their total, each queue's histograms copied once.
+    /// The total of several queues ([`Counters::merge`]) and each queue's snapshot, each
+    /// queue's histograms copied once.
     pub fn sample(queues: &[&QueueStats]) -> (StatsSnapshot, Vec<StatsSnapshot>) {
-        let mut lat = Latency::default();
-        let mut t = StatsSnapshot::default();
-        let mut each = Vec::with_capacity(queues.len());
-        for q in queues {
-            let l = q.latency();
-            lat.add(&l);
-            let s = q.snapshot_with(&l);
-            t.reads += s.reads;
-            t.writes += s.writes;
-            t.flushes += s.flushes;
-            t.discards += s.discards;
-            t.write_zeroes += s.write_zeroes;
-            t.bytes_read += s.bytes_read;
-            t.bytes_written += s.bytes_written;
-            t.errors += s.errors;
-            t.bad_requests += s.bad_requests;
-            t.passes += s.passes;
-            t.cqes += s.cqes;
-            t.sqes += s.sqes;
-            t.inflight += s.inflight;
-            t.inflight_max += s.inflight_max;
-            if let Some(b) = &s.batch {
-                t.batch.get_or_insert_default().merge(b);
-            }
-            each.push(s);
-        }
-        t.read_latency = LatencySummary::of(&lat.read);
-        t.write_latency = LatencySummary::of(&lat.write);
-        t.other_latency = LatencySummary::of(&lat.other);
-        (t, each)
-    }
-}
-
-impl StatsSnapshot {
-    /// Requests completed (any op, successful).
-    pub fn ops(&self) -> u64 {
-        self.reads + self.writes + self.flushes + self.discards + self.write_zeroes
-    }
-    /// SQEs per io_uring_enter.
-    pub fn sqes_per_submit(&self) -> f64 {
-        if self.passes == 0 { 0.0 } else { self.sqes as f64 / self.passes as f64 }
-    }
-    /// CQEs handled per pass.
-    pub fn cqes_per_pass(&self) -> f64 {
-        if self.passes == 0 { 0.0 } else { self.cqes as f64 / self.passes as f64 }
+        let (mut total, mut lat) = (Counters::default(), Latency::default());
+        let each = queues
+            .iter()
+            .map(|q| {
+                let (c, l) = q.published();
+                total.merge(&c);
+                lat.add(&l);
+                StatsSnapshot::new(c, &l)
+            })
+            .collect();
+        (StatsSnapshot::new(total, &lat), each)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     #[test]
@@ -512,24 +489,52 @@ mod tests {
         r.record_pass(3, 4, 2);
         r.record_pass(1, 2, 1);
         // Nothing is published until a flush.
-        assert_eq!(s.snapshot().reads, 0);
+        assert_eq!(s.snapshot().counters.reads, 0);
         r.maybe_flush(&s, true);
         let snap = s.snapshot();
-        assert_eq!((snap.reads, snap.bytes_read, snap.writes, snap.bytes_written), (1, 4096, 1, 512));
-        assert_eq!((snap.errors, snap.flushes, snap.ops()), (1, 1, 3));
+        let c = &snap.counters;
+        assert_eq!((c.reads, c.bytes_read, c.writes, c.bytes_written), (1, 4096, 1, 512));
+        assert_eq!((c.errors, c.flushes, c.ops()), (1, 1, 3));
         assert_eq!((snap.read_latency.count, snap.write_latency.count, snap.other_latency.count), (1, 2, 1));
         assert!(snap.read_latency.p50_us >= 50.0, "{:?}", snap.read_latency);
-        assert_eq!((snap.inflight, snap.inflight_max), (1, 2));
-        assert_eq!(snap.sqes_per_submit(), 3.0);
+        assert_eq!((c.inflight, c.inflight_max), (1, 2));
+        assert_eq!(c.sqes_per_submit(), 3.0);
         let total = QueueStats::total(&[&s, &s]);
-        assert_eq!((total.reads, total.read_latency.count, total.passes), (2, 2, 4));
+        assert_eq!((total.counters.reads, total.read_latency.count, total.counters.passes), (2, 2, 4));
         // A second flush publishes totals, not deltas, and does not double the histograms.
         r.record(Op::Read, 4096, t0);
         r.maybe_flush(&s, true);
         let snap = s.snapshot();
-        assert_eq!((snap.reads, snap.read_latency.count), (2, 2));
+        assert_eq!((snap.counters.reads, snap.read_latency.count), (2, 2));
         // A per-tag queue has no batch statistics.
-        assert_eq!((snap.batch, total.batch), (None, None));
+        assert_eq!((snap.counters.batch, total.counters.batch), (None, None));
+    }
+
+    /// A per-tag queue whose recorder saw passes with `inflight` requests in the target.
+    fn queue_with_inflight(inflight: &[u64]) -> QueueStats {
+        let s = QueueStats::new(false);
+        let mut r = Recorder::default();
+        for &n in inflight {
+            r.record_pass(1, 1, n);
+        }
+        r.maybe_flush(&s, true);
+        s
+    }
+
+    #[test]
+    fn total_inflight_max_is_the_largest_queue_peak() {
+        let a = queue_with_inflight(&[5, 1]);
+        let b = queue_with_inflight(&[3, 2]);
+        let t = QueueStats::total(&[&a, &b]).counters;
+        // In flight now: summed. The peak: the largest queue's (5), not the sum of the
+        // peaks (8), which no moment need have reached.
+        assert_eq!((t.inflight, t.inflight_max, t.passes), (3, 5, 4));
+        assert_eq!(QueueStats::total(&[&b, &a]).counters, t);
+        // Merging counters directly agrees.
+        let mut m = a.snapshot().counters;
+        m.merge(&b.snapshot().counters);
+        assert_eq!(m, t);
+        assert_eq!(QueueStats::total(&[]).counters, Counters::default());
     }
 
     #[test]
@@ -574,43 +579,49 @@ mod tests {
     fn batch_counts_per_queue() {
         // Before any IO: present, all zero.
         let idle = QueueStats::new(true);
-        assert_eq!(idle.snapshot().batch, Some(BatchSnapshot::default()));
+        assert_eq!(idle.snapshot().counters.batch, Some(BatchCounters::default()));
         // A fetch completion with no tags (the end of a multishot fetch) is not counted.
         let q = batch_queue(&[3, 0, 1, 8], &[2, 6]);
-        let b = q.snapshot().batch.unwrap();
-        assert_eq!(b.requests_per_fetch, SizeSummary { count: 3, total: 12, mean: 4.0, max: 8 });
-        assert_eq!(b.elements_per_commit, SizeSummary { count: 2, total: 8, mean: 4.0, max: 6 });
+        let b = q.snapshot().counters.batch.unwrap();
+        assert_eq!(b.requests_per_fetch, SizeCounter { count: 3, total: 12, max: 8 });
+        assert_eq!(b.elements_per_commit, SizeCounter { count: 2, total: 8, max: 6 });
+        assert_eq!((b.requests_per_fetch.mean(), b.elements_per_commit.mean()), (4.0, 4.0));
         // Nothing is published before a flush.
         let s = QueueStats::new(true);
         let mut r = Recorder::default();
         r.record_fetch(5);
         r.record_commit(5);
-        assert_eq!(s.snapshot().batch, Some(BatchSnapshot::default()));
+        assert_eq!(s.snapshot().counters.batch, Some(BatchCounters::default()));
         r.record_pass(1, 1, 0);
         r.maybe_flush(&s, true);
-        assert_eq!(s.snapshot().batch.unwrap().requests_per_fetch.count, 1);
+        assert_eq!(s.snapshot().counters.batch.unwrap().requests_per_fetch.count, 1);
+        // A batch queue published before its first fetch or commit still has them (zero).
+        let early = batch_queue(&[], &[]);
+        assert_eq!(early.snapshot().counters.batch, Some(BatchCounters::default()));
     }
 
     #[test]
     fn batch_totals_across_queues() {
         let a = batch_queue(&[1, 1, 1, 1], &[4]);
         let b = batch_queue(&[16, 32], &[32, 16]);
-        let t = QueueStats::total(&[&a, &b]).batch.unwrap();
+        let t = QueueStats::total(&[&a, &b]).counters.batch.unwrap();
         // Means over all events (weighted), not the mean of the queues' means.
-        assert_eq!(t.requests_per_fetch, SizeSummary { count: 6, total: 52, mean: 52.0 / 6.0, max: 32 });
-        assert_eq!(t.elements_per_commit, SizeSummary { count: 3, total: 52, mean: 52.0 / 3.0, max: 32 });
+        assert_eq!(t.requests_per_fetch, SizeCounter { count: 6, total: 52, max: 32 });
+        assert_eq!(t.elements_per_commit, SizeCounter { count: 3, total: 52, max: 32 });
+        assert_eq!((t.requests_per_fetch.mean(), t.elements_per_commit.mean()), (52.0 / 6.0, 52.0 / 3.0));
         // An idle queue adds nothing; the total of idle queues is present and zero.
         let idle = QueueStats::new(true);
-        assert_eq!(QueueStats::total(&[&a, &idle, &b]).batch, Some(t));
-        assert_eq!(QueueStats::total(&[&idle]).batch, Some(BatchSnapshot::default()));
+        let batch_total = |qs: &[&QueueStats]| QueueStats::total(qs).counters.batch;
+        assert_eq!(batch_total(&[&a, &idle, &b]), Some(t));
+        assert_eq!(batch_total(&[&idle]), Some(BatchCounters::default()));
         // Per-tag queues contribute nothing to it.
         let per_tag = QueueStats::new(false);
-        assert_eq!(QueueStats::total(&[&per_tag, &a]).batch, QueueStats::total(&[&a]).batch);
-        assert_eq!(QueueStats::total(&[&per_tag]).batch, None);
-        assert_eq!(QueueStats::total(&[]).batch, None);
+        assert_eq!(batch_total(&[&per_tag, &a]), batch_total(&[&a]));
+        assert_eq!(batch_total(&[&per_tag]), None);
+        assert_eq!(batch_total(&[]), None);
         // Merging snapshots agrees with merging counters.
-        let mut m = a.snapshot().batch.unwrap();
-        m.merge(&b.snapshot().batch.unwrap());
+        let mut m = a.snapshot().counters.batch.unwrap();
+        m.merge(&b.snapshot().counters.batch.unwrap());
         assert_eq!(m, t);
     }
 
@@ -633,6 +644,91 @@ mod tests {
         assert_eq!(back, snap);
         // A stats file written without the field still reads.
         let old: StatsSnapshot = serde_json::from_value(per_tag).unwrap();
-        assert_eq!(old.batch, None);
+        assert_eq!(old.counters.batch, None);
+    }
+
+    /// The keys of a JSON object.
+    fn keys(v: &serde_json::Value) -> BTreeSet<&str> {
+        v.as_object().unwrap().keys().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn json_field_names_unchanged() {
+        const COUNTERS: [&str; 14] = [
+            "reads",
+            "writes",
+            "flushes",
+            "discards",
+            "write_zeroes",
+            "bytes_read",
+            "bytes_written",
+            "errors",
+            "bad_requests",
+            "passes",
+            "cqes",
+            "sqes",
+            "inflight",
+            "inflight_max",
+        ];
+        const LATENCIES: [&str; 3] = ["read_latency", "write_latency", "other_latency"];
+        let set = |k: &[&'static str]| k.iter().copied().collect::<BTreeSet<_>>();
+        let per_tag = set(&[COUNTERS.as_slice(), &LATENCIES].concat());
+        let with_batch = set(&[COUNTERS.as_slice(), &["batch"], &LATENCIES].concat());
+        let lat_keys = set(&["count", "mean_us", "p50_us", "p90_us", "p99_us", "p999_us", "max_us"]);
+        let size_keys = set(&["count", "total", "mean", "max"]);
+
+        let mut r = Recorder::default();
+        r.record(Op::Read, 512, Instant::now());
+        r.record_pass(1, 1, 1);
+        let s = QueueStats::new(false);
+        r.maybe_flush(&s, true);
+        let v = serde_json::to_value(s.snapshot()).unwrap();
+        assert_eq!(keys(&v), per_tag, "{v}");
+        for l in LATENCIES {
+            assert_eq!(keys(&v[l]), lat_keys, "{v}");
+        }
+
+        let b = batch_queue(&[3], &[3]);
+        let total = QueueStats::total(&[&b, &s]);
+        for snap in [b.snapshot(), total] {
+            let v = serde_json::to_value(&snap).unwrap();
+            assert_eq!(keys(&v), with_batch, "{v}");
+            assert_eq!(keys(&v["batch"]), set(&["requests_per_fetch", "elements_per_commit"]), "{v}");
+            assert_eq!(keys(&v["batch"]["requests_per_fetch"]), size_keys, "{v}");
+            assert_eq!(keys(&v["batch"]["elements_per_commit"]), size_keys, "{v}");
+            // And back, unchanged.
+            assert_eq!(serde_json::from_value::<StatsSnapshot>(v.clone()).unwrap(), snap);
+            // Written in the same order as before: the counters, `batch`, the latencies.
+            let text = serde_json::to_string(&snap).unwrap();
+            let at: Vec<usize> = COUNTERS
+                .iter()
+                .chain(&["batch"])
+                .chain(&LATENCIES)
+                .map(|k| text.find(&format!("\"{k}\":")).unwrap())
+                .collect();
+            assert!(at.is_sorted(), "{text}");
+        }
+
+        // A snapshot as the previous layout wrote it reads back, and writes out the same.
+        let lat = serde_json::json!({
+            "count": 1, "mean_us": 2.5, "p50_us": 2.5, "p90_us": 2.5, "p99_us": 2.5, "p999_us": 2.5, "max_us": 2.5
+        });
+        let zero = serde_json::to_value(LatencySummary::default()).unwrap();
+        let old = serde_json::json!({
+            "reads": 1, "writes": 2, "flushes": 3, "discards": 4, "write_zeroes": 5, "bytes_read": 6,
+            "bytes_written": 7, "errors": 8, "bad_requests": 9, "passes": 10, "cqes": 11, "sqes": 12,
+            "inflight": 13, "inflight_max": 14,
+            "batch": {
+                "requests_per_fetch": { "count": 2, "total": 6, "mean": 3.0, "max": 4 },
+                "elements_per_commit": { "count": 0, "total": 0, "mean": 0.0, "max": 0 }
+            },
+            "read_latency": lat, "write_latency": zero, "other_latency": zero
+        });
+        let snap: StatsSnapshot = serde_json::from_value(old.clone()).unwrap();
+        let c = &snap.counters;
+        assert_eq!((c.reads, c.bad_requests, c.inflight, c.inflight_max), (1, 9, 13, 14));
+        assert_eq!(c.batch.unwrap().requests_per_fetch, SizeCounter { count: 2, total: 6, max: 4 });
+        assert_eq!(snap.read_latency.p999_us, 2.5);
+        assert_eq!(serde_json::to_value(&snap).unwrap(), old);
     }
 }
