@@ -104,7 +104,7 @@ pub use ctrl::{CONTROL_PATH, Control};
 pub use daemon::{DeviceOptions, DeviceStats, Recovery, ServeSummary, StartedDevice, recover, serve};
 pub use error::{Error, Result};
 pub use queue::config::{IoProtocol, QueueReport};
-pub use queue::stats::{BatchSnapshot, LatencySummary, SizeSummary, StatsSnapshot};
+pub use queue::stats::{BatchCounters, Counters, LatencySummary, SizeCounter, StatsSnapshot};
 pub use request::{DiscardInfo, FileSlot, IoRequest, Op, TargetInfo};
 pub use ring::RingMode;
 pub use sys::features::feature_names;

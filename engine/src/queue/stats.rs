@@ -442,13 +442,15 @@ impl QueueStats {
         (c, p.latency.clone())
     }
 
-    pub fn snapshot(&self) -> StatsSnapshot {
+    #[cfg(test)]
+    fn snapshot(&self) -> StatsSnapshot {
         let (c, lat) = self.published();
         StatsSnapshot::new(c, &lat)
     }
 
     /// The counters and histograms of several queues together.
-    pub fn total(queues: &[&QueueStats]) -> StatsSnapshot {
+    #[cfg(test)]
+    fn total(queues: &[&QueueStats]) -> StatsSnapshot {
         Self::sample(queues).0
     }
 
