@@ -12,14 +12,28 @@ use crate::sys::uapi::{self, BatchIo, ElemHeader, IoCmd};
 use crate::target::FileSlot;
 
 /// How the ring was set up (reported at startup).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum RingMode {
     /// IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN.
+    #[cfg_attr(feature = "clap", value(name = "defer", help = "SINGLE_ISSUER | DEFER_TASKRUN"))]
     DeferTaskrun,
     /// IORING_SETUP_COOP_TASKRUN.
+    #[cfg_attr(feature = "clap", value(name = "coop", help = "COOP_TASKRUN"))]
     CoopTaskrun,
     Plain,
+}
+
+/// As serialized: `defer-taskrun`, `coop-taskrun`, `plain`.
+impl std::fmt::Display for RingMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RingMode::DeferTaskrun => "defer-taskrun",
+            RingMode::CoopTaskrun => "coop-taskrun",
+            RingMode::Plain => "plain",
+        })
+    }
 }
 
 /// Owns the ring and the buffers its SQEs point into.
