@@ -103,6 +103,17 @@ impl std::fmt::Display for BufferMode {
     }
 }
 
+/// The [`name`](BufferMode::name)s.
+#[cfg(feature = "clap")]
+impl clap::ValueEnum for BufferMode {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[BufferMode::Copy, BufferMode::ZeroCopy, BufferMode::AutoReg, BufferMode::NoData]
+    }
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()))
+    }
+}
+
 /// What the user asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BufferChoice {
@@ -110,6 +121,21 @@ pub enum BufferChoice {
     #[default]
     Auto,
     Force(BufferMode),
+}
+
+/// `auto`, then the [`BufferMode`] names.
+#[cfg(feature = "clap")]
+impl clap::ValueEnum for BufferChoice {
+    fn value_variants<'a>() -> &'a [Self] {
+        use BufferMode::{AutoReg, Copy, NoData, ZeroCopy};
+        &[BufferChoice::Auto, Self::Force(Copy), Self::Force(ZeroCopy), Self::Force(AutoReg), Self::Force(NoData)]
+    }
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        match self {
+            BufferChoice::Auto => Some(clap::builder::PossibleValue::new("auto")),
+            BufferChoice::Force(mode) => mode.to_possible_value(),
+        }
+    }
 }
 
 /// Picks the buffer mode for a kernel and a target, with the reason, or explains why

@@ -1,11 +1,13 @@
 //! Targets for ubd-engine: `loop` (a file or block device), `null`, and the `fault`
-//! injection wrapper.
+//! injection wrapper; [`TargetSpec`], what a served target is re-opened from.
 #![forbid(unsafe_code)]
 
 pub mod fault;
 pub mod loop_target;
 pub mod null;
+pub mod spec;
 
 pub use fault::{FaultSpec, FaultTarget};
 pub use loop_target::{DirectIo, LoopOptions, LoopTarget};
 pub use null::NullTarget;
+pub use spec::TargetSpec;

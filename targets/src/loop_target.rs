@@ -13,6 +13,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::TargetSpec;
 use ubd_engine::Error;
 use ubd_engine::sys;
 use ubd_engine::{
@@ -20,7 +21,8 @@ use ubd_engine::{
 };
 
 /// Whether to open the backing with O_DIRECT.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum DirectIo {
     /// O_DIRECT when the backing allows it, buffered otherwise (and said so).
     #[default]
@@ -29,6 +31,21 @@ pub enum DirectIo {
     On,
     /// Buffered (page cache).
     Off,
+}
+
+/// `auto`, `on`, `off`.
+#[cfg(feature = "clap")]
+impl clap::ValueEnum for DirectIo {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[DirectIo::Auto, DirectIo::On, DirectIo::Off]
+    }
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(match self {
+            DirectIo::Auto => "auto",
+            DirectIo::On => "on",
+            DirectIo::Off => "off",
+        }))
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -163,6 +180,16 @@ impl LoopTarget {
 
     pub fn direct_io(&self) -> bool {
         self.direct
+    }
+
+    /// What re-opens this target as it is served: the same path, O_DIRECT on or off
+    /// as it turned out, the same block size.
+    pub fn spec(&self) -> TargetSpec {
+        TargetSpec::Loop {
+            path: self.path.clone(),
+            direct: if self.direct { DirectIo::On } else { DirectIo::Off },
+            logical_block_size: Some(self.info.logical_block_size),
+        }
     }
 }
 

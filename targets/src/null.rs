@@ -2,6 +2,7 @@
 
 use std::io;
 
+use crate::TargetSpec;
 use ubd_engine::{Disposition, IoCtx, IoRequest, Op, QueueSetup, QueueTarget, Target, TargetInfo};
 
 #[derive(Debug)]
@@ -22,6 +23,11 @@ impl NullTarget {
                 discard: None,
             },
         }
+    }
+
+    /// What re-opens this target: the same size and block size.
+    pub fn spec(&self) -> TargetSpec {
+        TargetSpec::Null { size: self.info.dev_size, logical_block_size: self.info.logical_block_size }
     }
 }
 

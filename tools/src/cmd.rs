@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use ubd_engine::sys::{self, uapi};
-use ubd_engine::{Control, DeviceOptions, DeviceStats, Recovery, StartedDevice, Target, feature_names};
+use ubd_engine::{Control, DeviceOptions, DeviceStats, StartedDevice, Target, feature_names};
 
+use crate::DevArgs;
 use crate::size::{human, parse_size};
 use crate::state::{self, DeviceState};
-use crate::{BufMode, DevArgs, IoProtocolArg, RecoveryArg, RingArg};
-use ubd_engine::{BufferChoice, BufferMode, IoProtocol, RingMode};
+use ubd_engine::BufferMode;
+use ubd_targets::TargetSpec;
 
 fn device_options(a: &DevArgs) -> Result<DeviceOptions> {
     let (cpus, queue_affinity) = match a.cpus.as_deref() {
@@ -31,28 +32,10 @@ fn device_options(a: &DevArgs) -> Result<DeviceOptions> {
         cpus,
         queue_affinity,
         huge_pages: !a.no_hugepages,
-        buffer: match a.buffer_mode {
-            BufMode::Auto => BufferChoice::Auto,
-            BufMode::Copy => BufferChoice::Force(BufferMode::Copy),
-            BufMode::ZeroCopy => BufferChoice::Force(BufferMode::ZeroCopy),
-            BufMode::AutoReg => BufferChoice::Force(BufferMode::AutoReg),
-            BufMode::None => BufferChoice::Force(BufferMode::NoData),
-        },
-        recovery: match a.recovery {
-            RecoveryArg::Reissue => Recovery::Reissue,
-            RecoveryArg::FailIo => Recovery::FailIo,
-            RecoveryArg::Off => Recovery::Off,
-        },
-        ring: match a.ring {
-            RingArg::Auto => None,
-            RingArg::Defer => Some(RingMode::DeferTaskrun),
-            RingArg::Coop => Some(RingMode::CoopTaskrun),
-            RingArg::Plain => Some(RingMode::Plain),
-        },
-        io_protocol: match a.io_protocol {
-            IoProtocolArg::PerTag => IoProtocol::PerTag,
-            IoProtocolArg::Batch => IoProtocol::Batch,
-        },
+        buffer: a.buffer_mode,
+        recovery: a.recovery,
+        ring: a.ring.0,
+        io_protocol: a.io_protocol,
         offload_min: match a.offload.as_str() {
             "off" => None,
             s => Some(
@@ -85,7 +68,8 @@ pub fn serve_loop(a: &DevArgs, path: &Path, direct: ubd_targets::DirectIo, block
     preflight()?;
     let fault = fault_spec(a)?;
     let t = ubd_targets::LoopTarget::open(path, &ubd_targets::LoopOptions { direct, logical_block_size: block_size })?;
-    serve(with_faults(Arc::new(t), fault), &opts, None)
+    let spec = t.spec();
+    serve(with_faults(Arc::new(t), fault), spec, &opts, None)
 }
 
 pub fn serve_null(a: &DevArgs, size: &str, block_size: u32) -> Result<()> {
@@ -99,7 +83,9 @@ pub fn serve_null(a: &DevArgs, size: &str, block_size: u32) -> Result<()> {
     }
     let fault = fault_spec(a)?;
     preflight()?;
-    serve(with_faults(Arc::new(ubd_targets::NullTarget::new(size, block_size)), fault), &opts, None)
+    let t = ubd_targets::NullTarget::new(size, block_size);
+    let spec = t.spec();
+    serve(with_faults(Arc::new(t), fault), spec, &opts, None)
 }
 
 fn fault_spec(a: &DevArgs) -> Result<Option<ubd_targets::FaultSpec>> {
@@ -117,37 +103,21 @@ fn with_faults(t: Arc<dyn Target>, spec: Option<ubd_targets::FaultSpec>) -> Arc<
 }
 
 /// `recover ID`: re-open the target recorded in the state file and take the device over.
+/// `--fault` wraps it anew (faults of the dead daemon are not restored).
 pub fn recover(a: &DevArgs, id: u32) -> Result<()> {
     preflight()?;
-    let st = state::read(id).with_context(|| {
+    let st = state::read(id).with_context(|| format!("device {id}"))?.with_context(|| {
         format!("device {id}: no state file {} (was it served by ubd-engine?)", state::path(id).display())
     })?;
-    let ti = &st.target_info;
-    let num = |k: &str| ti.get(k).and_then(serde_json::Value::as_u64);
-    let lbs = num("logical_block_size").and_then(|v| u32::try_from(v).ok());
-    let target: Arc<dyn Target> = match st.target.as_str() {
-        "loop" => {
-            let path = ti.get("path").and_then(|p| p.as_str()).context("state file: loop target without a path")?;
-            let direct = match ti.get("direct_io").and_then(serde_json::Value::as_bool) {
-                Some(true) => ubd_targets::DirectIo::On,
-                _ => ubd_targets::DirectIo::Off,
-            };
-            let opts = ubd_targets::LoopOptions { direct, logical_block_size: lbs };
-            Arc::new(ubd_targets::LoopTarget::open(Path::new(path), &opts)?)
-        }
-        "null" => Arc::new(ubd_targets::NullTarget::new(
-            num("size").context("state file: null target without a size")?,
-            lbs.unwrap_or(512),
-        )),
-        other => bail!("device {id}: unknown target {other:?} in {}", state::path(id).display()),
-    };
+    let target = st.target_spec.open()?;
     let mut opts = device_options(a)?;
     opts.dev_id = Some(id);
-    serve(with_faults(target, fault_spec(a)?), &opts, Some(id))
+    serve(with_faults(target, fault_spec(a)?), st.target_spec, &opts, Some(id))
 }
 
-/// Serves a new device, or (with `recover`) takes over an existing one.
-fn serve(target: Arc<dyn Target>, opts: &DeviceOptions, recover: Option<u32>) -> Result<()> {
+/// Serves a new device, or (with `recover`) takes over an existing one; `spec` (what
+/// re-opens `target`, without its faults) goes into the state file for `recover`.
+fn serve(target: Arc<dyn Target>, spec: TargetSpec, opts: &DeviceOptions, recover: Option<u32>) -> Result<()> {
     let describe = target.describe();
     let info = target.info().clone();
     let name = target.name();
@@ -161,12 +131,13 @@ fn serve(target: Arc<dyn Target>, opts: &DeviceOptions, recover: Option<u32>) ->
             pid: dev.pid,
             target: name.into(),
             target_info: describe.clone(),
+            target_spec: spec.clone(),
             block_path: dev.block_path.clone(),
             queues: opts.queues,
             depth: dev.queue_depth,
             cpus: dev.queues.iter().map(|q| q.cpus.clone()).collect(),
             buffer_mode: dev.buffer_mode.to_string(),
-            ring: q0.map(|q| serde_json::to_value(q.ring).unwrap_or_default()),
+            ring: q0.map(|q| q.ring),
             pages: q0.and_then(|q| q.pages).map(|p| p.to_string()),
         };
         if let Err(e) = state::write(&st) {
@@ -237,7 +208,7 @@ fn serve(target: Arc<dyn Target>, opts: &DeviceOptions, recover: Option<u32>) ->
 
 /// `stats ID`: the live statistics a serving ubd-engine publishes every second.
 pub fn stats(id: u32, json: bool) -> Result<()> {
-    let Some(st) = state::read(id) else {
+    let Some(st) = state::read(id)? else {
         bail!("device {id} is not served by a running ubd-engine (no {})", state::path(id).display());
     };
     let s = state::read_stats(id)
@@ -313,8 +284,7 @@ fn report_started(name: &str, describe: &serde_json::Value, info: &ubd_engine::T
     let cpus: Vec<String> =
         dev.queues.iter().map(|q| q.cpus.as_deref().map_or_else(|| "any".into(), ubd_engine::format_cpulist)).collect();
     let ring = q0.map_or_else(String::new, |q| {
-        let mode = serde_json::to_string(&q.ring).unwrap_or_default().replace('"', "");
-        if q.ring_fd_registered { format!("{mode} (fd registered)") } else { mode }
+        if q.ring_fd_registered { format!("{} (fd registered)", q.ring) } else { q.ring.to_string() }
     });
     tracing::info!(
         "{} serving {name} {} ({}, {}-byte blocks): {} queues x depth {}, max IO {}, queue CPUs [{}], ring {ring}, io protocol {}",
@@ -334,11 +304,10 @@ fn report_started(name: &str, describe: &serde_json::Value, info: &ubd_engine::T
         None => "buffers: the requests' own pages (zero-copy)".into(),
     };
     tracing::info!("buffer mode {} ({}); {buffers}", dev.buffer_mode, dev.buffer_reason);
-    let recovery = serde_json::to_value(dev.recovery).unwrap_or_default();
     if dev.recovered {
         tracing::info!("recovered device {}: took over from the dead daemon; in-flight IO re-issued", dev.dev_id);
     } else {
-        tracing::info!("recovery on daemon death: {}", recovery.as_str().unwrap_or("?"));
+        tracing::info!("recovery on daemon death: {}", dev.recovery);
     }
     if let Some(direct) = describe.get("direct_io").and_then(serde_json::Value::as_bool) {
         tracing::info!("backing IO: {}", if direct { "O_DIRECT" } else { "buffered (page cache)" });
@@ -394,7 +363,10 @@ pub fn list(json: bool) -> Result<()> {
             Err(ubd_engine::Error::NoDevice { .. }) => continue,
             Err(e) => return Err(e.into()),
         };
-        let st = state::read(id);
+        let st = state::read(id).unwrap_or_else(|e| {
+            tracing::warn!("device {id}: {e:#}");
+            None
+        });
         entries.push(ListEntry {
             dev_id: id,
             state: state_name(info.state),

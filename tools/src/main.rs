@@ -8,6 +8,11 @@ mod state;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use ubd_engine::BufferChoice;
+use ubd_engine::IoProtocol;
+use ubd_engine::Recovery;
+use ubd_engine::RingMode;
+use ubd_targets::DirectIo;
 
 #[derive(Debug, Parser)]
 #[command(name = "ubd-engine", version, about = "Thread-per-core userspace block device engine (Linux ublk)")]
@@ -47,23 +52,23 @@ pub struct DevArgs {
     /// How request data moves: auto (fastest the kernel offers; none for null), copy
     /// (any kernel), zero-copy (REGISTER_IO_BUF, 6.15+), auto-reg (AUTO_BUF_REG, 6.16+),
     /// none (null only: no data moved, UBLK_F_USER_COPY, 6.5+).
-    #[arg(long, global = true, value_enum, default_value_t = BufMode::Auto)]
-    buffer_mode: BufMode,
+    #[arg(long, global = true, value_enum, default_value_t = BufferChoice::Auto)]
+    buffer_mode: BufferChoice,
     /// What happens when the daemon dies: reissue (the device stays; `recover` takes
     /// it over and re-issues in-flight IO), fail-io (IO fails until recovered, 6.13+), off.
-    #[arg(long, global = true, value_enum, default_value_t = RecoveryArg::Reissue)]
-    recovery: RecoveryArg,
+    #[arg(long, global = true, value_enum, default_value_t = Recovery::Reissue)]
+    recovery: Recovery,
     /// How queues fetch and commit requests: per-tag (FETCH/COMMIT_AND_FETCH per request,
     /// any kernel) or batch (UBLK_F_BATCH_IO: multishot fetch, batched commits, 7.0+).
-    #[arg(long, global = true, value_enum, default_value_t = IoProtocolArg::PerTag)]
-    io_protocol: IoProtocolArg,
+    #[arg(long, global = true, value_enum, default_value_t = IoProtocol::PerTag)]
+    io_protocol: IoProtocol,
     /// Target reads and writes of at least SIZE run on io_uring's worker threads
     /// (IOSQE_ASYNC), so their copies use other CPUs too; off runs all on the queue thread.
     #[arg(long, global = true, value_name = "SIZE|off", default_value = "off")]
     offload: String,
     /// io_uring setup of the queue rings (tuning): auto is coop (plain where the kernel lacks it).
-    #[arg(long, global = true, value_enum, default_value_t = RingArg::Auto)]
-    ring: RingArg,
+    #[arg(long, global = true, value_enum, default_value_t = RingChoice::AUTO)]
+    ring: RingChoice,
     /// On stop, how long requests in flight may take before they are aborted (failed,
     /// or with recovery re-queued), in seconds.
     #[arg(long, global = true, value_name = "SECS", default_value_t = 30)]
@@ -74,36 +79,29 @@ pub struct DevArgs {
     fault: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum IoProtocolArg {
-    PerTag,
-    Batch,
+/// `--ring`: `auto` (None: the engine picks), or one of the [`RingMode`] values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingChoice(pub Option<RingMode>);
+
+impl RingChoice {
+    const AUTO: Self = Self(None);
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum RingArg {
-    Auto,
-    /// SINGLE_ISSUER | DEFER_TASKRUN.
-    Defer,
-    /// COOP_TASKRUN.
-    Coop,
-    Plain,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum RecoveryArg {
-    Reissue,
-    FailIo,
-    Off,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum BufMode {
-    Auto,
-    Copy,
-    ZeroCopy,
-    AutoReg,
-    None,
+impl ValueEnum for RingChoice {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[
+            Self::AUTO,
+            Self(Some(RingMode::DeferTaskrun)),
+            Self(Some(RingMode::CoopTaskrun)),
+            Self(Some(RingMode::Plain)),
+        ]
+    }
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        match self.0 {
+            None => Some(clap::builder::PossibleValue::new("auto")),
+            Some(mode) => mode.to_possible_value(),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -113,8 +111,8 @@ enum Command {
         /// Backing file or block device.
         path: PathBuf,
         /// O_DIRECT on the backing: auto uses it when the backing allows.
-        #[arg(long, value_enum, default_value_t = Direct::Auto)]
-        direct: Direct,
+        #[arg(long, value_enum, default_value_t = DirectIo::Auto)]
+        direct: DirectIo,
         /// Logical block size in bytes (default: the backing's, or 512 for files).
         #[arg(long, value_name = "BYTES")]
         block_size: Option<u32>,
@@ -165,13 +163,6 @@ enum Command {
     },
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Direct {
-    Auto,
-    On,
-    Off,
-}
-
 fn init_logging(verbose: u8) {
     use tracing_subscriber::EnvFilter;
     let default = match verbose {
@@ -196,14 +187,7 @@ fn main() -> std::process::ExitCode {
         ubd_engine::sys::default_sigpipe();
     }
     let result = match cli.command {
-        Command::Loop { path, direct, block_size } => {
-            let direct = match direct {
-                Direct::Auto => ubd_targets::DirectIo::Auto,
-                Direct::On => ubd_targets::DirectIo::On,
-                Direct::Off => ubd_targets::DirectIo::Off,
-            };
-            cmd::serve_loop(&cli.dev, &path, direct, block_size)
-        }
+        Command::Loop { path, direct, block_size } => cmd::serve_loop(&cli.dev, &path, direct, block_size),
         Command::Null { size, block_size } => cmd::serve_null(&cli.dev, &size, block_size),
         Command::List { json } => cmd::list(json),
         Command::Del { id, all, force } => cmd::del(id, all, force),
@@ -217,5 +201,83 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+    use ubd_engine::BufferMode;
+
+    fn dev(args: &[&str]) -> DevArgs {
+        let argv = ["ubd-engine"].iter().chain(args).chain(&["list"]);
+        Cli::try_parse_from(argv).unwrap().dev
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults() {
+        let d = dev(&[]);
+        assert_eq!(d.buffer_mode, BufferChoice::Auto);
+        assert_eq!(d.recovery, Recovery::Reissue);
+        assert_eq!(d.io_protocol, IoProtocol::PerTag);
+        assert_eq!(d.ring, RingChoice(None));
+        let Command::Loop { direct, .. } = Cli::try_parse_from(["ubd-engine", "loop", "x.img"]).unwrap().command else {
+            panic!()
+        };
+        assert_eq!(direct, DirectIo::Auto);
+    }
+
+    #[test]
+    fn values_map_to_the_engine_types() {
+        for (v, want) in [
+            ("auto", BufferChoice::Auto),
+            ("copy", BufferChoice::Force(BufferMode::Copy)),
+            ("zero-copy", BufferChoice::Force(BufferMode::ZeroCopy)),
+            ("auto-reg", BufferChoice::Force(BufferMode::AutoReg)),
+            ("none", BufferChoice::Force(BufferMode::NoData)),
+        ] {
+            assert_eq!(dev(&["--buffer-mode", v]).buffer_mode, want);
+        }
+        for (v, want) in [("reissue", Recovery::Reissue), ("fail-io", Recovery::FailIo), ("off", Recovery::Off)] {
+            assert_eq!(dev(&["--recovery", v]).recovery, want);
+        }
+        for (v, want) in [("per-tag", IoProtocol::PerTag), ("batch", IoProtocol::Batch)] {
+            assert_eq!(dev(&["--io-protocol", v]).io_protocol, want);
+        }
+        for (v, want) in [
+            ("auto", None),
+            ("defer", Some(RingMode::DeferTaskrun)),
+            ("coop", Some(RingMode::CoopTaskrun)),
+            ("plain", Some(RingMode::Plain)),
+        ] {
+            assert_eq!(dev(&["--ring", v]).ring, RingChoice(want));
+        }
+        for (v, want) in [("auto", DirectIo::Auto), ("on", DirectIo::On), ("off", DirectIo::Off)] {
+            let cli = Cli::try_parse_from(["ubd-engine", "loop", "--direct", v, "x.img"]).unwrap();
+            assert!(matches!(cli.command, Command::Loop { direct, .. } if direct == want));
+        }
+        for bad in [["--ring", "defer-taskrun"], ["--buffer-mode", "no-data"], ["--recovery", "fail_io"]] {
+            assert!(Cli::try_parse_from(["ubd-engine", bad[0], bad[1], "list"]).is_err(), "{bad:?}");
+        }
+    }
+
+    /// What the log and the state file print is what serde writes.
+    #[test]
+    fn display_names_are_the_serialized_ones() {
+        let serialized = |v: serde_json::Value| v.as_str().unwrap().to_owned();
+        for m in [RingMode::DeferTaskrun, RingMode::CoopTaskrun, RingMode::Plain] {
+            assert_eq!(m.to_string(), serialized(serde_json::to_value(m).unwrap()));
+        }
+        assert_eq!(RingMode::CoopTaskrun.to_string(), "coop-taskrun");
+        for r in [Recovery::Reissue, Recovery::FailIo, Recovery::Off] {
+            assert_eq!(r.to_string(), serialized(serde_json::to_value(r).unwrap()));
+        }
+        assert_eq!(Recovery::FailIo.to_string(), "fail-io");
     }
 }

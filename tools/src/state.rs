@@ -1,6 +1,10 @@
 //! The small per-device state file the engine keeps under /run while it serves.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use ubd_engine::RingMode;
+use ubd_targets::TargetSpec;
 
 pub const STATE_DIR: &str = "/run/ubd-engine";
 
@@ -8,14 +12,17 @@ pub const STATE_DIR: &str = "/run/ubd-engine";
 pub struct DeviceState {
     pub dev_id: u32,
     pub pid: i32,
+    /// The target's name and `describe()`, for `list` and `stats`.
     pub target: String,
     pub target_info: serde_json::Value,
+    /// What `recover` re-opens (the target without its faults).
+    pub target_spec: TargetSpec,
     pub block_path: PathBuf,
     pub queues: u16,
     pub depth: u16,
     pub cpus: Vec<Option<Vec<usize>>>,
     pub buffer_mode: String,
-    pub ring: Option<serde_json::Value>,
+    pub ring: Option<RingMode>,
     /// Pages behind the copy-mode buffers.
     pub pages: Option<String>,
 }
@@ -31,8 +38,19 @@ pub fn write(state: &DeviceState) -> std::io::Result<()> {
     std::fs::rename(tmp, path(state.dev_id))
 }
 
-pub fn read(dev_id: u32) -> Option<DeviceState> {
-    serde_json::from_slice(&std::fs::read(path(dev_id)).ok()?).ok()
+/// The state file of `dev_id`: None when there is none, an error naming the file when
+/// it cannot be read or is not one this ubd-engine writes.
+pub fn read(dev_id: u32) -> anyhow::Result<Option<DeviceState>> {
+    read_file(&path(dev_id))
+}
+
+fn read_file(path: &Path) -> anyhow::Result<Option<DeviceState>> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read state file {}", path.display())),
+    };
+    serde_json::from_slice(&bytes).map(Some).with_context(|| format!("bad state file {}", path.display()))
 }
 
 pub fn remove(dev_id: u32) {
@@ -53,4 +71,69 @@ pub fn write_stats(stats: &ubd_engine::DeviceStats) -> std::io::Result<()> {
 
 pub fn read_stats(dev_id: u32) -> anyhow::Result<ubd_engine::DeviceStats> {
     Ok(serde_json::from_slice(&std::fs::read(stats_path(dev_id))?)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> DeviceState {
+        DeviceState {
+            dev_id: 3,
+            pid: 1234,
+            target: "loop".into(),
+            target_info: serde_json::json!({ "path": "/tmp/disk.img", "direct_io": true }),
+            target_spec: TargetSpec::Loop {
+                path: "/tmp/disk.img".into(),
+                direct: ubd_targets::DirectIo::On,
+                logical_block_size: Some(4096),
+            },
+            block_path: "/dev/ublkb3".into(),
+            queues: 2,
+            depth: 128,
+            cpus: vec![Some(vec![0]), None],
+            buffer_mode: "copy".into(),
+            ring: Some(RingMode::CoopTaskrun),
+            pages: Some("2 MiB hugepages".into()),
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("3.json");
+        assert!(read_file(&p).unwrap().is_none());
+        let st = sample();
+        let json = serde_json::to_value(&st).unwrap();
+        assert_eq!(json["ring"], "coop-taskrun");
+        assert_eq!(json["target_spec"]["kind"], "loop");
+        assert_eq!(json["target_spec"]["direct"], "on");
+        std::fs::write(&p, serde_json::to_vec_pretty(&st).unwrap()).unwrap();
+        let back = read_file(&p).unwrap().unwrap();
+        assert_eq!(back.target_spec, st.target_spec);
+        assert_eq!(back.ring, st.ring);
+        assert_eq!(serde_json::to_value(&back).unwrap(), json);
+    }
+
+    #[test]
+    fn bad_files_name_the_file_on_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("3.json");
+        let mut json = serde_json::to_value(sample()).unwrap();
+        json["target_spec"] = serde_json::json!({ "kind": "nbd", "host": "h" });
+        let cases = [
+            b"{ not json".to_vec(),
+            serde_json::to_vec_pretty(&json).unwrap(),
+            br#"{"dev_id": 3, "target": "loop", "target_info": {"path": "/x"}}"#.to_vec(),
+        ];
+        for (bytes, what) in cases.iter().zip(["key must be a string", "unknown variant `nbd`", "missing field"]) {
+            std::fs::write(&p, bytes).unwrap();
+            let e = format!("{:#}", read_file(&p).unwrap_err());
+            assert!(e.starts_with(&format!("bad state file {}: ", p.display())), "{e}");
+            assert!(e.contains(what), "{e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+        let e = format!("{:#}", read_file(dir.path()).unwrap_err());
+        assert!(e.starts_with(&format!("cannot read state file {}: ", dir.path().display())), "{e}");
+    }
 }

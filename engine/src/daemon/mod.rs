@@ -94,6 +94,32 @@ impl Recovery {
             Recovery::Reissue
         }
     }
+
+    /// As serialized: `off`, `reissue`, `fail-io`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Recovery::Off => "off",
+            Recovery::Reissue => "reissue",
+            Recovery::FailIo => "fail-io",
+        }
+    }
+}
+
+impl std::fmt::Display for Recovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The [`name`](Recovery::name)s, the default (`reissue`) first.
+#[cfg(feature = "clap")]
+impl clap::ValueEnum for Recovery {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Recovery::Reissue, Recovery::FailIo, Recovery::Off]
+    }
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()))
+    }
 }
 
 impl Default for DeviceOptions {

@@ -54,6 +54,17 @@ impl std::fmt::Display for IoProtocol {
     }
 }
 
+/// The [`name`](IoProtocol::name)s.
+#[cfg(feature = "clap")]
+impl clap::ValueEnum for IoProtocol {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[IoProtocol::PerTag, IoProtocol::Batch]
+    }
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()))
+    }
+}
+
 /// How a queue came up, for the startup report.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct QueueReport {

@@ -22,15 +22,29 @@ pub(crate) use batch::{BatchRing, CommitOutcome};
 pub(crate) use tag::Kind;
 
 /// How a queue's ring was set up (reported at startup; `--ring` picks one).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum RingMode {
     /// IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN.
+    #[cfg_attr(feature = "clap", value(name = "defer", help = "SINGLE_ISSUER | DEFER_TASKRUN"))]
     DeferTaskrun,
     /// IORING_SETUP_COOP_TASKRUN.
+    #[cfg_attr(feature = "clap", value(name = "coop", help = "COOP_TASKRUN"))]
     CoopTaskrun,
-    /// No task-run flags.
+    // No task-run flags (no doc comment: it would become --help text).
     Plain,
+}
+
+/// As serialized: `defer-taskrun`, `coop-taskrun`, `plain`.
+impl std::fmt::Display for RingMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RingMode::DeferTaskrun => "defer-taskrun",
+            RingMode::CoopTaskrun => "coop-taskrun",
+            RingMode::Plain => "plain",
+        })
+    }
 }
 
 /// A completion, decoded from its `user_data`.

@@ -1,0 +1,110 @@
+//! [`TargetSpec`]: what a target is opened from, kept in the daemon's state file so
+//! that `recover` re-opens exactly the target that was served.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ubd_engine::Target;
+
+use crate::{DirectIo, LoopOptions, LoopTarget, NullTarget};
+
+/// A target to open, as JSON: `{"kind": "loop", "path": ..., "direct": "on", "logical_block_size": 512}`
+/// or `{"kind": "null", "size": ..., "logical_block_size": 512}`.
+///
+/// A served target's own spec ([`LoopTarget::spec`], [`NullTarget::spec`]) pins down what
+/// its options left open: a loop target's O_DIRECT (`on` or `off`, never `auto`) and
+/// block size.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum TargetSpec {
+    Loop {
+        path: PathBuf,
+        direct: DirectIo,
+        /// None: the backing's (see [`LoopOptions::logical_block_size`]).
+        logical_block_size: Option<u32>,
+    },
+    Null {
+        size: u64,
+        logical_block_size: u32,
+    },
+}
+
+impl TargetSpec {
+    /// Opens the target.
+    pub fn open(&self) -> ubd_engine::Result<Arc<dyn Target>> {
+        Ok(match self {
+            TargetSpec::Loop { path, direct, logical_block_size } => {
+                let opts = LoopOptions { direct: *direct, logical_block_size: *logical_block_size };
+                Arc::new(LoopTarget::open(path, &opts)?)
+            }
+            TargetSpec::Null { size, logical_block_size } => Arc::new(NullTarget::new(*size, *logical_block_size)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(spec: &TargetSpec) -> serde_json::Value {
+        let json = serde_json::to_value(spec).unwrap();
+        assert_eq!(&serde_json::from_value::<TargetSpec>(json.clone()).unwrap(), spec);
+        assert_eq!(&serde_json::from_str::<TargetSpec>(&serde_json::to_string_pretty(spec).unwrap()).unwrap(), spec);
+        json
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let null = TargetSpec::Null { size: 1 << 30, logical_block_size: 4096 };
+        assert_eq!(
+            round_trip(&null),
+            serde_json::json!({ "kind": "null", "size": 1u64 << 30, "logical_block_size": 4096 })
+        );
+        let lp = TargetSpec::Loop { path: "/dev/nvme0n1".into(), direct: DirectIo::On, logical_block_size: Some(512) };
+        assert_eq!(
+            round_trip(&lp),
+            serde_json::json!({ "kind": "loop", "path": "/dev/nvme0n1", "direct": "on", "logical_block_size": 512 })
+        );
+        for direct in [DirectIo::Auto, DirectIo::Off] {
+            round_trip(&TargetSpec::Loop { path: "/x.img".into(), direct, logical_block_size: None });
+        }
+        let e = serde_json::from_str::<TargetSpec>(r#"{"kind": "nbd", "host": "h"}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown variant `nbd`"), "{e}");
+        let e = serde_json::from_str::<TargetSpec>(r#"{"kind": "null", "logical_block_size": 512}"#).unwrap_err();
+        assert!(e.to_string().contains("missing field `size`"), "{e}");
+    }
+
+    #[test]
+    fn null_spec_reopens() {
+        let t = NullTarget::new(1 << 30, 4096);
+        let again = round_trip(&t.spec());
+        let reopened = serde_json::from_value::<TargetSpec>(again).unwrap().open().unwrap();
+        assert_eq!(reopened.name(), "null");
+        assert_eq!(reopened.info(), t.info());
+    }
+
+    #[test]
+    fn loop_spec_reopens_with_the_same_geometry() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        std::fs::File::create(&path).unwrap().set_len(4 << 20).unwrap();
+        let served = [
+            LoopOptions::default(),
+            LoopOptions { direct: DirectIo::Off, logical_block_size: Some(4096) },
+            LoopOptions { direct: DirectIo::Off, logical_block_size: None },
+        ];
+        for opts in served {
+            let t = LoopTarget::open(&path, &opts).unwrap();
+            let spec = t.spec();
+            let TargetSpec::Loop { path: p, direct, logical_block_size } = &spec else { panic!("{spec:?}") };
+            assert_eq!(p, &path);
+            assert_eq!(*direct, if t.direct_io() { DirectIo::On } else { DirectIo::Off });
+            assert_eq!(*logical_block_size, Some(t.info().logical_block_size));
+            let spec: TargetSpec = serde_json::from_str(&serde_json::to_string(&spec).unwrap()).unwrap();
+            let reopened = spec.open().unwrap();
+            assert_eq!(reopened.name(), "loop");
+            assert_eq!(reopened.info(), t.info(), "{opts:?}");
+            assert_eq!(reopened.describe(), t.describe(), "{opts:?}");
+        }
+    }
+}
