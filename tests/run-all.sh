@@ -37,15 +37,19 @@ unit_rc=${PIPESTATUS[0]}
 read -r unit_pass unit_fail < <(awk '/^test result:/ { p += $4; f += $6 } END { print p + 0, f + 0 }' /tmp/ubd-cargo-test.log)
 ((unit_rc == 0)) || unit_fail=$((unit_fail > 0 ? unit_fail : 1))
 
-step "cargo build --release"
+step "cargo build --release (and the e2e build, with the test hooks)"
 cargo build --release --quiet || die "release build failed"
+# The e2e suite needs the test hooks (UBD_DEBUG_PAUSE, UBD_DEBUG_QUEUE_PANIC), which a
+# release meant for use does not have: a build of its own, in target/e2e.
+cargo build --release --quiet --features ubd-tools/test-hooks --target-dir target/e2e -p ubd-tools ||
+    die "e2e build (--features test-hooks) failed"
 
 e2e_pass=0 e2e_fail=0 summary=()
 for k in $kernels; do
     step "end-to-end suite in a VM, kernel '$k'"
     log=/tmp/ubd-e2e-$k.log
     tests/vm/run.sh --kernel "$k" --quiet --timeout "${UBD_E2E_TIMEOUT:-1200}" \
-        --env UBD_BIN="$ROOT/target/release/ubd-engine" -- "$ROOT/tests/e2e/suite.sh" 2>&1 | tee "$log"
+        --env UBD_BIN="$ROOT/target/e2e/release/ubd-engine" -- "$ROOT/tests/e2e/suite.sh" 2>&1 | tee "$log"
     rc=${PIPESTATUS[0]}
     line=$(grep -E '^=== e2e on ' "$log" | tail -n1)
     read -r p f < <(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$log" | tail -n1 | awk '{ print $1, $3 }')

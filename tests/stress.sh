@@ -22,7 +22,7 @@ while (($#)); do
     esac
 done
 tests/vm/setup.sh >/dev/null || { echo "stress: tests/vm/setup.sh failed" >&2; exit 1; }
-cargo build --release --quiet -p ubd-tools || exit 1
+cargo build --release --quiet --features ubd-tools/test-hooks --target-dir target/e2e -p ubd-tools || exit 1
 total_pass=0 total_fail=0
 for k in $kernels; do
     for ((r = 0; r < repeat; r++)); do
@@ -32,7 +32,7 @@ for k in $kernels; do
         log=/tmp/ubd-stress-$k-$r.log
         echo "=== kernel $k, pass $((r + 1))/$repeat: $only"
         tests/vm/run.sh --kernel "$k" --quiet --timeout 7200 \
-            --env UBD_BIN="$ROOT/target/release/ubd-engine" --env UBD_E2E_ONLY="^($only)\$" \
+            --env UBD_BIN="$ROOT/target/e2e/release/ubd-engine" --env UBD_E2E_ONLY="^($only)\$" \
             --env UBD_RECOVER_ROUNDS="$rounds" --env UBD_CYCLES="$cycles" --env UBD_FIO_CYCLES=$((cycles / 10)) \
             -- "$ROOT/tests/e2e/suite.sh" 2>&1 | tee "$log" | grep -E '^(PASS|FAIL|SKIP|===)|recoveries|cycles|injected|KNOWN'
         read -r p f < <(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$log" | tail -n1 | awk '{ print $1, $3 }')
