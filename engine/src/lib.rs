@@ -5,6 +5,7 @@
 //! - [`queue`]: the per-queue reactor (one pinned thread and one io_uring each).
 //! - [`target`]: the interface backends implement.
 //! - [`daemon`]: the lifecycle of a served device.
+//! - [`os`]: the OS calls that targets and tools cannot make safely themselves.
 #![cfg_attr(
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, clippy::print_stderr, clippy::exit)
@@ -15,6 +16,7 @@ pub mod cpus;
 pub mod ctrl;
 pub mod daemon;
 pub mod error;
+pub mod os;
 pub mod queue;
 pub mod sys;
 pub mod target;

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use rustix::process::{Pid, Signal};
 use ubd_engine::ctrl::Control;
 use ubd_engine::daemon::{self, DeviceOptions, DeviceStats, Recovery, StartedDevice};
-use ubd_engine::sys::{self, features::feature_names, uapi};
+use ubd_engine::sys::{features::feature_names, uapi};
 use ubd_engine::target::Target;
 
 use crate::size::{human, parse_size};
@@ -78,8 +79,9 @@ fn preflight() -> Result<()> {
     if !Path::new(ubd_engine::ctrl::CONTROL_PATH).exists() {
         return Err(ubd_engine::Error::NoUblk { path: ubd_engine::ctrl::CONTROL_PATH.into() }.into());
     }
-    if sys::geteuid() != 0 {
-        bail!("ubd-engine must run as root to create ublk devices (euid is {})", sys::geteuid());
+    let euid = rustix::process::geteuid().as_raw();
+    if euid != 0 {
+        bail!("ubd-engine must run as root to create ublk devices (euid is {euid})");
     }
     Ok(())
 }
@@ -406,7 +408,7 @@ pub fn list(json: bool) -> Result<()> {
             depth: info.queue_depth,
             max_io_buf_bytes: info.max_io_buf_bytes,
             pid: info.ublksrv_pid,
-            daemon_alive: sys::pid_alive(info.ublksrv_pid),
+            daemon_alive: live_process(info.ublksrv_pid).is_some(),
             flags: feature_names(info.flags),
             target: st.as_ref().map(|s| s.target.clone()),
             target_info: st.map(|s| s.target_info),
@@ -451,15 +453,28 @@ pub fn del(id: Option<u32>, all: bool, force: bool) -> Result<()> {
     Ok(())
 }
 
+/// The process `pid`, if it exists (signal 0 checks; EPERM means it exists too).
+fn live_process(pid: i32) -> Option<Pid> {
+    // 0 and negative pids (process groups) are no daemon.
+    let p = Pid::from_raw(pid.max(0))?;
+    match rustix::process::test_kill_process(p) {
+        Ok(()) | Err(rustix::io::Errno::PERM) => Some(p),
+        Err(_) => None,
+    }
+}
+
 fn del_one(ctrl: &mut Control, id: u32, force: bool) -> Result<()> {
     let info = ctrl.dev_info(id)?;
     let pid = info.ublksrv_pid;
-    if pid != sys::getpid() && sys::pid_alive(pid) && info.state != uapi::DEV_DEAD {
+    let me = std::process::id().cast_signed();
+    let daemon = (pid != me && info.state != uapi::DEV_DEAD).then(|| live_process(pid)).flatten();
+    if let Some(daemon) = daemon {
         if !force {
             bail!("device {id} is served by running process {pid}; stop that process, or use --force");
         }
         // A live daemon serves it: ask it to stop, so that it cleans up after itself.
-        sys::send_signal(pid, libc::SIGTERM).with_context(|| format!("signalling daemon {pid} of device {id}"))?;
+        rustix::process::kill_process(daemon, Signal::TERM)
+            .with_context(|| format!("signalling daemon {pid} of device {id}"))?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             match ctrl.dev_info(id) {
