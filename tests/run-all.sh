@@ -26,9 +26,12 @@ tests/vm/setup.sh || die "tests/vm/setup.sh failed"
 command -v cargo >/dev/null || die "cargo is not installed (this project builds with the machine's stable Rust)"
 
 if ((lint)); then
-    step "cargo fmt --check, cargo clippy"
+    step "cargo fmt --check, cargo clippy, cargo doc"
     cargo fmt --all --check || die "cargo fmt --check failed (run cargo fmt)"
     cargo clippy --all-targets --quiet -- -D warnings || die "clippy failed"
+    cargo clippy -p ubd-engine-core --all-targets --features clap,test-hooks --quiet -- -D warnings ||
+        die "clippy (engine features clap, test-hooks) failed"
+    RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --quiet || die "cargo doc has warnings"
 fi
 
 step "cargo test"

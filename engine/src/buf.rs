@@ -117,7 +117,8 @@ impl clap::ValueEnum for BufferMode {
 /// What the user asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BufferChoice {
-    /// The fastest mode the kernel offers (see [`resolve`]).
+    /// The fastest mode the kernel offers for the target (copy, or auto-reg where the
+    /// kernel has AUTO_BUF_REG; `none` for a target that never touches data).
     #[default]
     Auto,
     Force(BufferMode),

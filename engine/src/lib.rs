@@ -90,12 +90,11 @@ mod ctrl;
 mod daemon;
 mod error;
 mod hooks;
+pub mod os;
 mod queue;
 mod request;
 mod ring;
-// Public until the targets and the CLI take these helpers from rustix.
-#[doc(hidden)]
-pub mod sys;
+mod sys;
 mod target;
 
 pub use buf::{BufferChoice, BufferMode};

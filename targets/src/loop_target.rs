@@ -15,7 +15,6 @@ use std::sync::Arc;
 
 use crate::TargetSpec;
 use ubd_engine::Error;
-use ubd_engine::sys;
 use ubd_engine::{
     DiscardInfo, Disposition, FileSlot, IoCtx, IoRequest, Op, QueueSetup, QueueTarget, Target, TargetInfo,
 };
@@ -108,20 +107,17 @@ impl LoopTarget {
         };
         let (size, mut lbs, pbs, discard) = match backing {
             Backing::BlockDevice => {
-                let size = sys::blk_size_bytes(file.as_fd())
+                let size = ubd_engine::os::blk_size_bytes(file.as_fd())
                     .map_err(|e| Error::io(format!("BLKGETSIZE64 on {}", path.display()), e))?;
-                let (l, p) = sys::blk_block_sizes(file.as_fd())
-                    .map_err(|e| Error::io(format!("BLKSSZGET on {}", path.display()), e))?;
+                let blksz = |e: rustix::io::Errno| Error::io(format!("BLKSSZGET on {}", path.display()), e.into());
+                let l = rustix::fs::ioctl_blksszget(&file).map_err(blksz)?;
+                let p = rustix::fs::ioctl_blkpbszget(&file).map_err(blksz)?;
                 (size, l, p, blockdev_discards(&meta))
             }
             Backing::File => {
-                let discard = sys::fallocate(
-                    file.as_fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    meta.len(),
-                    4096,
-                )
-                .is_ok();
+                use rustix::fs::FallocateFlags;
+                let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+                let discard = rustix::fs::fallocate(&file, punch, meta.len(), 4096).is_ok();
                 (meta.len(), 512, 4096, discard)
             }
         };
@@ -287,7 +283,7 @@ impl QueueTarget for LoopQueue {
                 )),
                 // No io_uring opcode for a block discard on older kernels: the ioctl is
                 // synchronous, but discards are rare and cheap on the devices that take them.
-                Backing::BlockDevice => match sys::blk_discard(self.file.as_fd(), req.offset, req.len) {
+                Backing::BlockDevice => match ubd_engine::os::blk_discard(self.file.as_fd(), req.offset, req.len) {
                     Ok(()) => Disposition::Done(0),
                     Err(e) => Disposition::Done(-e.raw_os_error().unwrap_or(libc::EIO)),
                 },

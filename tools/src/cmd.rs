@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use ubd_engine::sys::{self, uapi};
+use rustix::process::{Pid, Signal};
 use ubd_engine::{Control, DeviceOptions, DeviceStats, StartedDevice, Target, feature_names};
 
 use crate::DevArgs;
@@ -57,8 +57,9 @@ fn preflight() -> Result<()> {
     if !Path::new(ubd_engine::CONTROL_PATH).exists() {
         return Err(ubd_engine::Error::NoUblk { path: ubd_engine::CONTROL_PATH.into() }.into());
     }
-    if sys::geteuid() != 0 {
-        bail!("ubd-engine must run as root to create ublk devices (euid is {})", sys::geteuid());
+    let euid = rustix::process::geteuid().as_raw();
+    if euid != 0 {
+        bail!("ubd-engine must run as root to create ublk devices (euid is {euid})");
     }
     Ok(())
 }
@@ -344,16 +345,6 @@ struct ListEntry {
     target_info: Option<serde_json::Value>,
 }
 
-fn state_name(s: u16) -> &'static str {
-    match s {
-        uapi::DEV_DEAD => "dead",
-        uapi::DEV_LIVE => "live",
-        uapi::DEV_QUIESCED => "quiesced",
-        uapi::DEV_FAIL_IO => "fail-io",
-        _ => "unknown",
-    }
-}
-
 pub fn list(json: bool) -> Result<()> {
     let mut ctrl = Control::open()?;
     let mut entries = Vec::new();
@@ -369,12 +360,12 @@ pub fn list(json: bool) -> Result<()> {
         });
         entries.push(ListEntry {
             dev_id: id,
-            state: state_name(info.state),
+            state: info.state_name(),
             queues: info.nr_hw_queues,
             depth: info.queue_depth,
             max_io_buf_bytes: info.max_io_buf_bytes,
             pid: info.ublksrv_pid,
-            daemon_alive: sys::pid_alive(info.ublksrv_pid),
+            daemon_alive: live_process(info.ublksrv_pid).is_some(),
             flags: feature_names(info.flags),
             target: st.as_ref().map(|s| s.target.clone()),
             target_info: st.map(|s| s.target_info),
@@ -419,15 +410,28 @@ pub fn del(id: Option<u32>, all: bool, force: bool) -> Result<()> {
     Ok(())
 }
 
+/// The process `pid`, if it exists (signal 0 checks; EPERM means it exists too).
+fn live_process(pid: i32) -> Option<Pid> {
+    // 0 and negative pids (process groups) are no daemon.
+    let p = Pid::from_raw(pid.max(0))?;
+    match rustix::process::test_kill_process(p) {
+        Ok(()) | Err(rustix::io::Errno::PERM) => Some(p),
+        Err(_) => None,
+    }
+}
+
 fn del_one(ctrl: &mut Control, id: u32, force: bool) -> Result<()> {
     let info = ctrl.dev_info(id)?;
     let pid = info.ublksrv_pid;
-    if pid != sys::getpid() && sys::pid_alive(pid) && info.state != uapi::DEV_DEAD {
+    let me = std::process::id().cast_signed();
+    let daemon = (pid != me && !info.is_dead()).then(|| live_process(pid)).flatten();
+    if let Some(daemon) = daemon {
         if !force {
             bail!("device {id} is served by running process {pid}; stop that process, or use --force");
         }
         // A live daemon serves it: ask it to stop, so that it cleans up after itself.
-        sys::send_signal(pid, libc::SIGTERM).with_context(|| format!("signalling daemon {pid} of device {id}"))?;
+        rustix::process::kill_process(daemon, Signal::TERM)
+            .with_context(|| format!("signalling daemon {pid} of device {id}"))?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             match ctrl.dev_info(id) {

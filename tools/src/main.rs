@@ -184,7 +184,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     if matches!(cli.command, Command::List { .. } | Command::Features { .. } | Command::Stats { .. }) {
-        ubd_engine::sys::default_sigpipe();
+        ubd_engine::os::default_sigpipe();
     }
     let result = match cli.command {
         Command::Loop { path, direct, block_size } => cmd::serve_loop(&cli.dev, &path, direct, block_size),

@@ -61,7 +61,7 @@ impl Latency {
 }
 
 /// The counters of a queue, or of several queues together ([`Counters::merge`]). The
-/// queue thread's [`Recorder`] keeps them with plain arithmetic and publishes a copy;
+/// queue thread's `Recorder` keeps them with plain arithmetic and publishes a copy;
 /// `stats --json` shows them at the top level of each queue and of the total.
 #[derive(Debug, Default, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Counters {

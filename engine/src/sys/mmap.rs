@@ -1,9 +1,24 @@
 //! Memory mappings: the kernel-written descriptor table and the IO buffer regions.
+//!
+//! [`IoDescTable`] is a `memmap2::MmapRaw`: a read-only shared mapping at an offset,
+//! raw pointers only (never a `&[u8]` over memory the kernel writes), unmapped on drop.
+//!
+//! [`Region`] stays hand-written (its system calls through `rustix::mm`), because
+//! memmap2 cannot do what its THP path needs: a 2 MiB-aligned range. mmap gives only
+//! page alignment, so the region over-allocates by 2 MiB and unmaps the unaligned head
+//! and tail; a memmap2 map cannot be trimmed (it unmaps its whole original range on
+//! drop, and `remap` can shrink only the tail) nor placed at a chosen address, and
+//! keeping the slack mapped would have `lock()` (whole-map mlock) pin 2 MiB more per
+//! region. Hugetlb, `MADV_HUGEPAGE`, mlock and `MADV_POPULATE_WRITE` it could do.
 
+use std::ffi::c_void;
 use std::fmt;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use std::ptr::NonNull;
+
+use memmap2::{MmapOptions, MmapRaw};
+use rustix::mm::{self, Advice, MapFlags, ProtFlags};
 
 use super::uapi::{IoDesc, io_desc_queue_offset};
 
@@ -12,56 +27,31 @@ use super::uapi::{IoDesc, io_desc_queue_offset};
 /// The kernel writes these entries; we never form a reference to them and copy each
 /// one out with a volatile read.
 pub struct IoDescTable {
-    ptr: NonNull<IoDesc>,
+    map: MmapRaw,
     depth: u16,
-    map_len: usize,
 }
-
-// SAFETY: the mapping is plain shared memory; reads are volatile copies and the
-// table is only read, so moving it to another thread is sound.
-unsafe impl Send for IoDescTable {}
 
 impl IoDescTable {
     pub fn map(cdev: BorrowedFd<'_>, q_id: u16, depth: u16) -> io::Result<Self> {
         let ps = super::page_size();
         let map_len = (usize::from(depth) * size_of::<IoDesc>()).next_multiple_of(ps);
-        let off = libc::off_t::try_from(io_desc_queue_offset(q_id, ps))
+        let off = u64::try_from(io_desc_queue_offset(q_id, ps))
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "queue offset overflow"))?;
-        // SAFETY: a fresh shared read-only mapping of the char device; no existing
-        // memory is affected and the result is checked below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ,
-                libc::MAP_SHARED | libc::MAP_POPULATE,
-                cdev.as_raw_fd(),
-                off,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let ptr = NonNull::new(p.cast::<IoDesc>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
-        Ok(Self { ptr, depth, map_len })
+        // PROT_READ, MAP_SHARED | MAP_POPULATE; `len` is given, so the char device is
+        // not asked for its size.
+        let map = MmapOptions::new().offset(off).len(map_len).populate().map_raw_read_only(&cdev)?;
+        Ok(Self { map, depth })
     }
 
     /// Copies out the descriptor of `tag`.
     pub fn get(&self, tag: u16) -> IoDesc {
         assert!(tag < self.depth, "tag {tag} >= depth {}", self.depth);
+        let base = self.map.as_ptr().cast::<IoDesc>();
         // SAFETY: tag < depth, and the mapping holds `depth` descriptors.
-        let p = unsafe { self.ptr.add(usize::from(tag)) };
-        // SAFETY: `p` is an aligned descriptor inside the live mapping; the read is
-        // volatile because the kernel writes this memory.
+        let p = unsafe { base.add(usize::from(tag)) };
+        // SAFETY: `p` is an aligned descriptor inside the live mapping (page-aligned
+        // start, whole descriptors); the read is volatile because the kernel writes it.
         unsafe { p.read_volatile() }
-    }
-}
-
-impl Drop for IoDescTable {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the region mapped in `map`; nothing borrows it.
-        // A failure here cannot be acted upon, so it is ignored.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.map_len) };
     }
 }
 
@@ -71,7 +61,7 @@ impl fmt::Debug for IoDescTable {
     }
 }
 
-/// What kind of pages back a [`Region`].
+/// What kind of pages back the per-tag buffers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PageKind {
@@ -117,68 +107,67 @@ impl Region {
         let region = Self::map(len, allow_huge)?;
         // SAFETY: locks exactly the mapping we own; mlock faults its pages in (with
         // MADV_HUGEPAGE already set, as huge pages where the kernel can).
-        if unsafe { libc::mlock(region.ptr.as_ptr().cast(), region.len) } != 0 {
-            let e = io::Error::last_os_error();
+        if let Err(e) = unsafe { mm::mlock(region.raw(), region.len) } {
+            let e = io::Error::from(e);
             tracing::warn!("cannot lock {} bytes of IO buffers in memory ({e}); they may be swapped", region.len);
             // SAFETY: MADV_POPULATE_WRITE on our own mapping only faults pages in.
-            if unsafe { libc::madvise(region.ptr.as_ptr().cast(), region.len, libc::MADV_POPULATE_WRITE) } != 0 {
-                tracing::debug!("MADV_POPULATE_WRITE failed: {}", io::Error::last_os_error());
+            if let Err(e) = unsafe { mm::madvise(region.raw(), region.len, Advice::LinuxPopulateWrite) } {
+                tracing::debug!("MADV_POPULATE_WRITE failed: {}", io::Error::from(e));
             }
         }
         Ok(region)
     }
 
+    fn raw(&self) -> *mut c_void {
+        self.ptr.as_ptr().cast()
+    }
+
     fn map(len: usize, allow_huge: bool) -> io::Result<Self> {
         if allow_huge {
             let huge_len = len.next_multiple_of(HUGE);
-            if let Ok(ptr) = Self::mmap_anon(huge_len, libc::MAP_HUGETLB) {
+            if let Ok(ptr) = Self::mmap_anon(huge_len, MapFlags::HUGETLB) {
                 return Ok(Self { ptr, len: huge_len, kind: PageKind::Hugetlb });
             }
             // THP: a 2 MiB-aligned range (over-allocate, trim), advised before any page
             // is touched, so that the first faults already allocate huge pages.
-            if let Ok(raw) = Self::mmap_anon(huge_len + HUGE, 0) {
+            if let Ok(raw) = Self::mmap_anon(huge_len + HUGE, MapFlags::empty()) {
                 let start = raw.as_ptr() as usize;
                 let aligned = start.next_multiple_of(HUGE);
                 let (head, tail) = (aligned - start, HUGE - (aligned - start));
                 if head > 0 {
                     // SAFETY: unmaps the part of the new mapping below `aligned`, which
-                    // this Region does not keep.
-                    unsafe { libc::munmap(raw.as_ptr().cast(), head) };
+                    // this Region does not keep. A failure only leaves it mapped.
+                    let _ = unsafe { mm::munmap(raw.as_ptr().cast(), head) };
                 }
                 if tail > 0 {
                     // SAFETY: unmaps the part of the new mapping past aligned + huge_len.
-                    unsafe { libc::munmap((aligned + huge_len) as *mut libc::c_void, tail) };
+                    let _ = unsafe { mm::munmap((aligned + huge_len) as *mut c_void, tail) };
                 }
                 let ptr = NonNull::new(aligned as *mut u8).ok_or_else(|| io::Error::other("null mapping"))?;
                 // SAFETY: advice on the mapping we own, over exactly its length.
-                let r = unsafe { libc::madvise(ptr.as_ptr().cast(), huge_len, libc::MADV_HUGEPAGE) };
-                let kind = if r == 0 { PageKind::Thp } else { PageKind::Small };
+                let r = unsafe { mm::madvise(ptr.as_ptr().cast(), huge_len, Advice::LinuxHugepage) };
+                let kind = if r.is_ok() { PageKind::Thp } else { PageKind::Small };
                 return Ok(Self { ptr, len: huge_len, kind });
             }
         }
-        let ptr = Self::mmap_anon(len, 0)?;
+        let ptr = Self::mmap_anon(len, MapFlags::empty())?;
         Ok(Self { ptr, len, kind: PageKind::Small })
     }
 
     /// A private anonymous mapping; hugetlb ones are populated at once (so that a
     /// shortage of reserved pages fails here, not at first use).
-    fn mmap_anon(len: usize, extra: libc::c_int) -> io::Result<NonNull<u8>> {
-        let populate = if extra & libc::MAP_HUGETLB != 0 { libc::MAP_POPULATE } else { 0 };
-        // SAFETY: a fresh private anonymous mapping; no existing memory is affected
-        // and the result is checked below.
+    fn mmap_anon(len: usize, extra: MapFlags) -> io::Result<NonNull<u8>> {
+        let populate = if extra.contains(MapFlags::HUGETLB) { MapFlags::POPULATE } else { MapFlags::empty() };
+        // SAFETY: a fresh private anonymous mapping (no address hint); no existing
+        // memory is affected.
         let p = unsafe {
-            libc::mmap(
+            mm::mmap_anonymous(
                 std::ptr::null_mut(),
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | populate | extra,
-                -1,
-                0,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::PRIVATE | populate | extra,
             )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        }?;
         NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))
     }
 
@@ -187,9 +176,6 @@ impl Region {
     }
     pub fn len(&self) -> usize {
         self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
     pub fn kind(&self) -> PageKind {
         self.kind
@@ -242,7 +228,7 @@ impl Drop for Region {
         // SAFETY: unmaps exactly the mapping created in `new`; users of the memory
         // (ring registrations, in-flight IO) are torn down before the region by
         // field order in the queue. Errors cannot be acted upon here.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        let _ = unsafe { mm::munmap(self.raw(), self.len) };
     }
 }
 
@@ -255,6 +241,37 @@ impl fmt::Debug for Region {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn io_desc_table_maps_its_queue_at_the_offset_and_sees_later_writes() {
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::FileExt;
+        // A file stands in for /dev/ublkcN: queue 1's table starts at its offset.
+        let path = std::env::temp_dir().join(format!("ubd-iodesc-test-{}", std::process::id()));
+        let f = std::fs::File::options().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let ps = crate::sys::page_size();
+        let base = io_desc_queue_offset(1, ps) as u64;
+        f.set_len(io_desc_queue_offset(2, ps) as u64).unwrap();
+        let desc_bytes = |d: IoDesc| {
+            let mut b = [0u8; 24];
+            b[..4].copy_from_slice(&d.op_flags.to_ne_bytes());
+            b[4..8].copy_from_slice(&d.nr_sectors.to_ne_bytes());
+            b[8..16].copy_from_slice(&d.start_sector.to_ne_bytes());
+            b[16..].copy_from_slice(&d.addr.to_ne_bytes());
+            b
+        };
+        let d3 = IoDesc { op_flags: 1, nr_sectors: 8, start_sector: 4242, addr: 7 };
+        f.write_all_at(&desc_bytes(d3), base + 3 * 24).unwrap();
+        let table = IoDescTable::map(f.as_fd(), 1, 64).unwrap();
+        assert_eq!(table.get(3), d3);
+        assert_eq!(table.get(0), IoDesc::default());
+        // Shared mapping: a write after mapping shows through (as the kernel's do).
+        let d63 = IoDesc { op_flags: 0x102, nr_sectors: 1, start_sector: 9, addr: 0 };
+        f.write_all_at(&desc_bytes(d63), base + 63 * 24).unwrap();
+        assert_eq!(table.get(63), d63);
+        std::panic::catch_unwind(|| table.get(64)).unwrap_err();
+    }
 
     #[test]
     fn region_small_is_zeroed_and_writable() {

@@ -1,4 +1,14 @@
-//! The raw kernel boundary: thin, checked wrappers over libc. No policy lives here.
+//! The raw kernel boundary: thin, checked wrappers over the system calls the engine
+//! makes. No policy lives here.
+//!
+//! Most of them are [`rustix`] (safe, typed, direct system calls, no errno juggling).
+//! Kept on libc, and why:
+//! - signal masks and waits (`pthread_sigmask`, `sigtimedwait`) and `signal(SIGPIPE)`:
+//!   rustix has them only in its unstable, `doc(hidden)` `runtime` module, which
+//!   bypasses libc's reserved signals and is unsound in a process that has a libc.
+//!
+//! `BLKGETSIZE64` and `BLKDISCARD` go through `rustix::ioctl` with their opcodes spelt
+//! out here (rustix has safe wrappers only for `BLKSSZGET` and `BLKPBSZGET`).
 
 pub mod features;
 pub mod mmap;
@@ -6,8 +16,12 @@ pub mod uapi;
 pub(crate) mod uring;
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::time::Duration;
+
+use rustix::ioctl::{self, Getter, Setter, opcode};
+use rustix::process::Pid;
+use rustix::thread::CpuSet;
 
 /// Turns a -1 return into the thread's `errno` as an `io::Error`.
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
@@ -15,14 +29,7 @@ fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
 }
 
 pub fn page_size() -> usize {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let ps = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(ps).ok().filter(|&p| p > 0).unwrap_or(4096)
-}
-
-pub fn geteuid() -> u32 {
-    // SAFETY: geteuid cannot fail and touches no memory of ours.
-    unsafe { libc::geteuid() }
+    rustix::param::page_size()
 }
 
 pub fn getpid() -> i32 {
@@ -30,24 +37,13 @@ pub fn getpid() -> i32 {
 }
 
 pub fn gettid() -> i32 {
-    // SAFETY: gettid cannot fail and touches no memory of ours.
-    unsafe { libc::gettid() }
+    rustix::thread::gettid().as_raw_pid()
 }
 
 /// CPUs this process may run on (its affinity mask), ascending.
 pub fn allowed_cpus() -> io::Result<Vec<usize>> {
-    // SAFETY: cpu_set_t is plain data; all-zero is a valid empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid, writable cpu_set_t of the size passed.
-    cvt(unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &raw mut set) })?;
-    Ok(cpuset_to_vec(&set))
-}
-
-fn cpuset_to_vec(set: &libc::cpu_set_t) -> Vec<usize> {
-    (0..libc::CPU_SETSIZE as usize)
-        // SAFETY: `cpu` is below CPU_SETSIZE, so CPU_ISSET stays inside the set.
-        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, set) })
-        .collect()
+    let set = rustix::thread::sched_getaffinity(None)?;
+    Ok((0..CpuSet::MAX_CPU).filter(|&cpu| set.is_set(cpu)).collect())
 }
 
 /// Decodes a kernel cpumask given as raw bytes (as GET_QUEUE_AFFINITY returns it).
@@ -65,48 +61,48 @@ pub fn cpumask_bytes_to_vec(bytes: &[u8]) -> Vec<usize> {
 
 /// Binds the calling thread to `cpus`.
 pub fn set_thread_affinity(cpus: &[usize]) -> io::Result<()> {
-    // SAFETY: cpu_set_t is plain data; all-zero is a valid empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let mut set = CpuSet::new();
     for &cpu in cpus {
-        if cpu >= libc::CPU_SETSIZE as usize {
+        if cpu >= CpuSet::MAX_CPU {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("CPU {cpu} out of range")));
         }
-        // SAFETY: `cpu` was checked to be below CPU_SETSIZE.
-        unsafe { libc::CPU_SET(cpu, &mut set) };
+        set.set(cpu);
     }
-    // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is this thread.
-    cvt(unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) })?;
+    // `None` is the calling thread.
+    rustix::thread::sched_setaffinity(None, &set)?;
     Ok(())
 }
 
 /// Marks the calling thread as an IO flusher (it serves writeback: reclaim must not
 /// recurse into it), as `PR_SET_IO_FLUSHER` does.
 pub fn set_io_flusher() -> io::Result<()> {
-    const PR_SET_IO_FLUSHER: libc::c_int = 57;
-    // SAFETY: prctl with integer arguments only; no memory is passed.
-    cvt(unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) })?;
+    rustix::process::configure_io_flusher_behavior(true)?;
     Ok(())
 }
 
 /// A non-blocking eventfd used to wake a queue thread.
 pub fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: eventfd takes no pointers.
-    let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
-    // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    use rustix::event::EventfdFlags;
+    Ok(rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?)
 }
 
 /// Adds `value` to an eventfd's counter.
 pub fn eventfd_add(fd: BorrowedFd<'_>, value: u64) -> io::Result<()> {
-    // SAFETY: writes 8 bytes from a live local u64 to an open eventfd.
-    let n = unsafe { libc::write(fd.as_raw_fd(), (&raw const value).cast(), 8) };
-    if n == 8 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    match rustix::io::write(fd, &value.to_ne_bytes())? {
+        8 => Ok(()),
+        n => Err(io::Error::new(io::ErrorKind::WriteZero, format!("eventfd write took {n} of 8 bytes"))),
+    }
 }
 
 /// Stops the whole process (SIGSTOP) until a SIGCONT or SIGKILL.
+///
+/// Sent to the process: the kernel gives a process-directed signal to the calling
+/// thread when it is the main one (as `raise` would); from another thread the group
+/// stop reaches the caller a moment later.
+#[cfg(feature = "test-hooks")]
 pub fn stop_self() {
-    // SAFETY: raise has no memory-safety preconditions.
-    unsafe { libc::raise(libc::SIGSTOP) };
+    // Cannot fail for our own pid and a valid signal.
+    let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::STOP);
 }
 
 /// Restores the default SIGPIPE action (the Rust runtime ignores it), so a report
@@ -119,18 +115,13 @@ pub fn default_sigpipe() {
 
 /// Does a process with this pid exist?
 pub fn pid_alive(pid: i32) -> bool {
-    if pid <= 0 {
-        return false;
+    // (`Pid::from_raw` debug-asserts a non-negative pid: check the sign first.)
+    let Some(pid) = (pid > 0).then(|| Pid::from_raw(pid)).flatten() else { return false };
+    // Signal 0 only checks for existence and permission (EPERM: it exists).
+    match rustix::process::test_kill_process(pid) {
+        Ok(()) => true,
+        Err(e) => e == rustix::io::Errno::PERM,
     }
-    // SAFETY: signal 0 only checks for existence and permission.
-    let r = unsafe { libc::kill(pid, 0) };
-    r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
-}
-
-pub fn send_signal(pid: i32, sig: libc::c_int) -> io::Result<()> {
-    // SAFETY: kill takes no pointers.
-    cvt(unsafe { libc::kill(pid, sig) })?;
-    Ok(())
 }
 
 /// Blocks `signals` in the calling thread; threads spawned after inherit the mask.
@@ -171,45 +162,26 @@ pub fn wait_signal(signals: &[libc::c_int], timeout: Duration) -> io::Result<Opt
     }
 }
 
-// Block device ioctls (linux/fs.h).
-const BLKSSZGET: libc::c_ulong = 0x1268;
-const BLKDISCARD: libc::c_ulong = 0x1277;
-const BLKPBSZGET: libc::c_ulong = 0x127b;
-const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+// Block device ioctls (linux/fs.h) that rustix has no wrapper for.
+/// `BLKGETSIZE64`: `_IOR(0x12, 114, size_t)`, writes the size in bytes as a u64.
+const BLKGETSIZE64: ioctl::Opcode = opcode::read::<u64>(0x12, 114);
+/// `BLKDISCARD`: `_IO(0x12, 119)`, reads `{offset, len}` as two u64 through the pointer.
+const BLKDISCARD: ioctl::Opcode = opcode::none(0x12, 119);
 
 /// Size in bytes of an open block device.
 pub fn blk_size_bytes(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    let mut size: u64 = 0;
-    // SAFETY: BLKGETSIZE64 writes one u64 to the pointer, which is a live local.
-    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), BLKGETSIZE64, &raw mut size) })?;
-    Ok(size)
-}
-
-/// Logical and physical block sizes of an open block device.
-pub fn blk_block_sizes(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
-    let mut logical: libc::c_int = 0;
-    let mut physical: libc::c_uint = 0;
-    // SAFETY: BLKSSZGET writes one int to the pointer, which is a live local.
-    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), BLKSSZGET, &raw mut logical) })?;
-    // SAFETY: BLKPBSZGET writes one unsigned int to the pointer, which is a live local.
-    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), BLKPBSZGET, &raw mut physical) })?;
-    Ok((logical.cast_unsigned(), physical))
+    // SAFETY: BLKGETSIZE64 is a getter whose kernel side writes exactly one u64.
+    let get = unsafe { Getter::<BLKGETSIZE64, u64>::new() };
+    // SAFETY: the opcode and operand type match (above); the fd is borrowed, so open.
+    Ok(unsafe { ioctl::ioctl(fd, get) }?)
 }
 
 /// Discards `[offset, offset + len)` of an open block device (synchronous).
 pub fn blk_discard(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
-    let range: [u64; 2] = [offset, len];
-    // SAFETY: BLKDISCARD reads two u64 from the pointer, a live local array.
-    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), BLKDISCARD, range.as_ptr()) })?;
-    Ok(())
-}
-
-/// `fallocate(2)` on an open file (synchronous).
-pub fn fallocate(fd: BorrowedFd<'_>, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-    let off = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    let len = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: fallocate takes no pointers; the fd is borrowed, so it is open.
-    cvt(unsafe { libc::fallocate(fd.as_raw_fd(), mode, off, len) })?;
+    // SAFETY: BLKDISCARD takes a pointer to `{offset, len}` (two u64) and only reads it.
+    let discard = unsafe { Setter::<BLKDISCARD, [u64; 2]>::new([offset, len]) };
+    // SAFETY: the opcode and operand type match (above); the fd is borrowed, so open.
+    unsafe { ioctl::ioctl(fd, discard) }?;
     Ok(())
 }
 
@@ -249,6 +221,27 @@ mod tests {
         assert_eq!(u64::from_ne_bytes(buf), 1);
         assert!(pid_alive(getpid()));
         assert!(!pid_alive(0));
+        assert!(!pid_alive(-1));
         assert!(!pid_alive(i32::MAX));
+        assert_eq!(getpid(), rustix::process::getpid().as_raw_pid());
+        assert!(gettid() > 0);
+        assert!(page_size().is_power_of_two());
+    }
+
+    #[test]
+    fn block_ioctl_opcodes_match_linux_fs_h() {
+        assert_eq!(u64::from(BLKGETSIZE64), 0x8008_1272);
+        assert_eq!(u64::from(BLKDISCARD), 0x1277);
+    }
+
+    #[test]
+    fn block_ioctls_on_a_regular_file_are_enotty() {
+        use std::os::fd::AsFd;
+        let path = std::env::temp_dir().join(format!("ubd-sys-test-{}", getpid()));
+        let f = std::fs::File::options().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let enotty = Some(libc::ENOTTY);
+        assert_eq!(blk_size_bytes(f.as_fd()).unwrap_err().raw_os_error(), enotty);
+        assert_eq!(blk_discard(f.as_fd(), 0, 4096).unwrap_err().raw_os_error(), enotty);
     }
 }

@@ -131,6 +131,25 @@ pub struct DevInfo {
 }
 
 /// `struct ublksrv_io_desc`: written by the kernel, one per tag, in the mmapped area.
+impl DevInfo {
+    /// The state's name: `dead` (not started, or stopped), `live`, `quiesced` (its
+    /// daemon died, recoverable), `fail-io`; `unknown` for a state this build does not know.
+    pub fn state_name(&self) -> &'static str {
+        match self.state {
+            DEV_DEAD => "dead",
+            DEV_LIVE => "live",
+            DEV_QUIESCED => "quiesced",
+            DEV_FAIL_IO => "fail-io",
+            _ => "unknown",
+        }
+    }
+
+    /// Not started, or stopped.
+    pub fn is_dead(&self) -> bool {
+        self.state == DEV_DEAD
+    }
+}
+
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct IoDesc {
