@@ -11,7 +11,8 @@ set -euo pipefail
 ubd=${1:?usage: smoke.sh UBD_ENGINE_BINARY OUT_DIR [BACKING]}
 out=${2:?usage: smoke.sh UBD_ENGINE_BINARY OUT_DIR [BACKING]}
 backing=${3:-}
-perf=$(dirname "$ubd")/ubd-perf
+# UBD_PERF names ubd-perf when it is not next to the engine binary (the e2e build has its own target dir).
+perf=${UBD_PERF:-$(dirname "$ubd")/ubd-perf}
 [[ -x $perf ]] || { echo "smoke.sh: $perf not found (cargo build --release -p ubd-perf)" >&2; exit 1; }
 args=(compare --engine "$ubd" --rounds 1 --runtime 1 --ramp 0 --workloads randread-4k-qd1 --out "$out")
 [[ -n $backing ]] && args+=(--backing "$backing")

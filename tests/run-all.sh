@@ -52,7 +52,7 @@ for k in $kernels; do
     step "end-to-end suite in a VM, kernel '$k'"
     log=/tmp/ubd-e2e-$k.log
     tests/vm/run.sh --kernel "$k" --quiet --timeout "${UBD_E2E_TIMEOUT:-1200}" \
-        --env UBD_BIN="$ROOT/target/e2e/release/ubd-engine" -- "$ROOT/tests/e2e/suite.sh" 2>&1 | tee "$log"
+        --env UBD_BIN="$ROOT/target/e2e/release/ubd-engine" --env UBD_PERF="$ROOT/target/release/ubd-perf" -- "$ROOT/tests/e2e/suite.sh" 2>&1 | tee "$log"
     rc=${PIPESTATUS[0]}
     line=$(grep -E '^=== e2e on ' "$log" | tail -n1)
     read -r p f < <(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$log" | tail -n1 | awk '{ print $1, $3 }')
