@@ -147,14 +147,20 @@ impl clap::ValueEnum for BufferChoice {
 /// offers it. Otherwise `auto` prefers AUTO_BUF_REG, then copy. Measured under QEMU
 /// TCG on Debian 7.2 (see the fast-path issue): auto-reg beats copy on every workload,
 /// and REGISTER_IO_BUF zero-copy costs two extra commands per request, so it is used
-/// only when asked for. `target` names the target in messages.
-pub fn resolve(
+/// only when asked for. A target whose data IO cannot use the request's own pages
+/// (`zero_copy` false: it sends request data over a socket) gets copy, and the
+/// zero-copy modes are refused for it. `target` names the target in messages.
+pub(crate) fn resolve(
     choice: BufferChoice,
     kernel_features: u64,
     moves_data: bool,
+    zero_copy: bool,
     target: &str,
 ) -> Result<(BufferMode, String)> {
     match choice {
+        BufferChoice::Force(mode) if mode.is_zero_copy() && !zero_copy => Err(Error::Config(format!(
+            "buffer mode {mode} keeps request data in the kernel's pages, which the {target} target cannot send or receive: use buffer mode copy"
+        ))),
         BufferChoice::Force(BufferMode::NoData) if moves_data => Err(Error::Config(format!(
             "buffer mode none moves no request data, so it serves only targets that never touch it (null); the {target} target reads and writes data"
         ))),
@@ -168,6 +174,9 @@ pub fn resolve(
             BufferMode::NoData,
             format!("auto: the {target} target never touches request data and the kernel offers USER_COPY"),
         )),
+        BufferChoice::Auto if !zero_copy => {
+            Ok((BufferMode::Copy, format!("auto: the {target} target moves request data over a socket; copying")))
+        }
         BufferChoice::Auto if BufferMode::AutoReg.supported(kernel_features) => {
             Ok((BufferMode::AutoReg, "auto: the kernel offers AUTO_BUF_REG".into()))
         }
@@ -186,12 +195,12 @@ mod tests {
 
     /// For a target that moves data (loop).
     fn data(choice: BufferChoice, kernel_features: u64) -> Result<(BufferMode, String)> {
-        resolve(choice, kernel_features, true, "loop")
+        resolve(choice, kernel_features, true, true, "loop")
     }
 
     /// For a target that never touches data (null).
     fn no_data(choice: BufferChoice, kernel_features: u64) -> Result<(BufferMode, String)> {
-        resolve(choice, kernel_features, false, "null")
+        resolve(choice, kernel_features, false, true, "null")
     }
 
     #[test]
@@ -228,6 +237,19 @@ mod tests {
         assert!(e.contains("buffer mode auto-reg needs the ublk feature AUTO_BUF_REG"), "{e}");
         let e = data(BufferChoice::Force(BufferMode::ZeroCopy), DEBIAN_612).unwrap_err().to_string();
         assert!(e.contains("SUPPORT_ZERO_COPY"), "{e}");
+    }
+
+    #[test]
+    fn a_target_without_zero_copy_gets_copy() {
+        let sock = |choice| resolve(choice, DEBIAN_72, true, false, "sockram");
+        let (mode, why) = sock(BufferChoice::Auto).unwrap();
+        assert_eq!(mode, BufferMode::Copy);
+        assert!(why.contains("sockram target moves request data over a socket"), "{why}");
+        assert_eq!(sock(BufferChoice::Force(BufferMode::Copy)).unwrap().0, BufferMode::Copy);
+        for mode in [BufferMode::ZeroCopy, BufferMode::AutoReg] {
+            let e = sock(BufferChoice::Force(mode)).unwrap_err().to_string();
+            assert!(e.contains("the sockram target cannot send or receive: use buffer mode copy"), "{e}");
+        }
     }
 
     #[test]

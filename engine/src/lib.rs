@@ -35,7 +35,7 @@
 //!     fn describe(&self) -> serde_json::Value {
 //!         serde_json::json!({ "size": self.0.dev_size })
 //!     }
-//!     fn open_queue(&self, _q_id: u16, _setup: &mut QueueSetup) -> std::io::Result<Box<dyn QueueTarget>> {
+//!     fn open_queue(&self, _setup: &mut QueueSetup) -> std::io::Result<Box<dyn QueueTarget>> {
 //!         Ok(Box::new(ForgetfulQueue))
 //!     }
 //! }
@@ -104,9 +104,9 @@ pub use daemon::{DeviceOptions, DeviceStats, Recovery, ServeSummary, StartedDevi
 pub use error::{Error, Result};
 pub use queue::config::{IoProtocol, QueueReport};
 pub use queue::stats::{BatchCounters, Counters, LatencySummary, SizeCounter, StatsSnapshot};
-pub use request::{DiscardInfo, FileSlot, IoRequest, Op, TargetInfo};
+pub use request::{DiscardInfo, FileSlot, IoRequest, Mem, MemId, Op, TargetInfo};
 pub use ring::RingMode;
 pub use sys::features::feature_names;
 pub use sys::mmap::PageKind;
 pub use sys::uapi::DevInfo;
-pub use target::{Disposition, IoCtx, QueueSetup, QueueTarget, Target};
+pub use target::{Disposition, IoCtx, QueueSetup, QueueTarget, Target, Waker};

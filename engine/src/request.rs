@@ -81,6 +81,21 @@ impl IoRequest {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileSlot(pub(crate) u32);
 
+/// Memory a queue target owns beyond the request buffers (protocol headers, a receive
+/// buffer), from [`QueueSetup::alloc`](crate::QueueSetup::alloc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MemId(pub(crate) u16);
+
+/// The memory a send or receive moves bytes from or into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mem {
+    /// Bytes `off..off + len` of the request's own buffer (buffer mode copy; a target
+    /// that uses this says so with [`Target::supports_zero_copy`](crate::Target::supports_zero_copy)).
+    Request { off: u32, len: u32 },
+    /// Bytes `off..off + len` of target memory `id`.
+    Owned { id: MemId, off: u32, len: u32 },
+}
+
 /// Turns a kernel descriptor into a checked request, or the `-errno` to fail it with.
 pub(crate) fn decode_request(tag: u16, desc: &IoDesc, buf_size: u32, dev_size: u64) -> Result<IoRequest, i32> {
     let op = match desc.op() {

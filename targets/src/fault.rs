@@ -226,6 +226,9 @@ impl Target for FaultTarget {
     fn moves_data(&self) -> bool {
         self.inner.moves_data()
     }
+    fn supports_zero_copy(&self) -> bool {
+        self.inner.supports_zero_copy()
+    }
     fn describe(&self) -> serde_json::Value {
         let mut d = self.inner.describe();
         if let Some(obj) = d.as_object_mut() {
@@ -233,8 +236,9 @@ impl Target for FaultTarget {
         }
         d
     }
-    fn open_queue(&self, q_id: u16, setup: &mut QueueSetup) -> io::Result<Box<dyn QueueTarget>> {
-        let inner = self.inner.open_queue(q_id, setup)?;
+    fn open_queue(&self, setup: &mut QueueSetup) -> io::Result<Box<dyn QueueTarget>> {
+        let q_id = setup.q_id();
+        let inner = self.inner.open_queue(setup)?;
         Ok(Box::new(FaultQueue {
             inner,
             spec: Arc::clone(&self.spec),
@@ -343,6 +347,20 @@ impl QueueTarget for FaultQueue {
             };
         }
         self.inner.submit(req, io)
+    }
+
+    // The queue's own hooks pass through: faults apply to requests.
+    fn start(&mut self, io: &mut IoCtx<'_>) -> Result<(), i32> {
+        self.inner.start(io)
+    }
+    fn queue_complete(&mut self, cookie: u16, res: i32, io: &mut IoCtx<'_>) {
+        self.inner.queue_complete(cookie, res, io);
+    }
+    fn woken(&mut self, io: &mut IoCtx<'_>) {
+        self.inner.woken(io);
+    }
+    fn stop(&mut self, io: &mut IoCtx<'_>) {
+        self.inner.stop(io);
     }
 
     fn complete(&mut self, req: &IoRequest, cookie: u16, res: i32, io: &mut IoCtx<'_>) -> Disposition {

@@ -224,9 +224,10 @@ impl Target for LoopTarget {
             "discard": self.info.discard.is_some(),
         })
     }
-    fn open_queue(&self, _q_id: u16, setup: &mut QueueSetup) -> io::Result<Box<dyn QueueTarget>> {
+    fn open_queue(&self, setup: &mut QueueSetup) -> io::Result<Box<dyn QueueTarget>> {
         let slot = setup.add_file(self.file.as_fd());
-        Ok(Box::new(LoopQueue { file: Arc::clone(&self.file), slot, backing: self.backing, progress: Vec::new() }))
+        let progress = vec![0; usize::from(setup.depth())];
+        Ok(Box::new(LoopQueue { file: Arc::clone(&self.file), slot, backing: self.backing, progress }))
     }
 }
 
@@ -240,11 +241,8 @@ struct LoopQueue {
 
 impl LoopQueue {
     fn done_so_far(&mut self, tag: u16) -> &mut u32 {
-        let i = usize::from(tag);
-        if self.progress.len() <= i {
-            self.progress.resize(i + 1, 0);
-        }
-        &mut self.progress[i]
+        // Sized to the queue depth at open: every tag is below it.
+        &mut self.progress[usize::from(tag)]
     }
 
     /// Pushes the (rest of the) transfer for `req` from byte `done`.

@@ -41,7 +41,7 @@ impl Target for NullTarget {
     fn describe(&self) -> serde_json::Value {
         serde_json::json!({ "size": self.info.dev_size, "logical_block_size": self.info.logical_block_size })
     }
-    fn open_queue(&self, _q_id: u16, _setup: &mut QueueSetup) -> io::Result<Box<dyn QueueTarget>> {
+    fn open_queue(&self, _setup: &mut QueueSetup) -> io::Result<Box<dyn QueueTarget>> {
         Ok(Box::new(NullQueue))
     }
     /// Like null_blk: the data is never looked at, so the kernel need not move it.

@@ -27,6 +27,12 @@ pub enum TargetSpec {
         size: u64,
         logical_block_size: u32,
     },
+    /// The socket-RAM test target: its data lived in the dead daemon, so it is not
+    /// recoverable (opening it again is refused).
+    SockRam {
+        size: u64,
+        logical_block_size: u32,
+    },
 }
 
 impl TargetSpec {
@@ -38,6 +44,11 @@ impl TargetSpec {
                 Arc::new(LoopTarget::open(path, &opts)?)
             }
             TargetSpec::Null { size, logical_block_size } => Arc::new(NullTarget::new(*size, *logical_block_size)),
+            TargetSpec::SockRam { .. } => {
+                return Err(ubd_engine::Error::Config(
+                    "the sockram test target kept its data in the daemon that died: it cannot be recovered (delete the device with `ubd-engine del`)".into(),
+                ));
+            }
         })
     }
 }

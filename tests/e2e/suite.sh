@@ -813,9 +813,43 @@ case_placement() {
     log "features into a closed pipe: exit $rc, quiet"
 }
 
+# The target API for targets that are not a file, end to end: the sockram test target
+# keeps the data in a thread reached over a socketpair (own header memory, linked
+# sends, a standing receive on the queue, read data received for its request, FLUSH
+# finished from another thread through a waker, stop ending the receive).
+case_sockram() {
+    start_dev --queues 2 --depth 32 sockram --size 128M
+    grep -q "buffer mode copy (auto: the sockram target moves request data over a socket; copying)" "$LOG" ||
+        fail "buffer mode: $(grep "buffer mode" "$LOG")"
+    fio_verify --rw=randwrite --bs=4k --iodepth=1 --size=4M
+    fio_verify --rw=randwrite --bsrange=512-128k --iodepth=32 --numjobs=2 --offset_increment=48M --size=32M --fsync=16
+    fio_verify --rw=write --bs=512k --iodepth=8 --size=64M
+    dd if=/dev/urandom of="$WORK/pat" bs=1M count=8 status=none
+    dd if="$WORK/pat" of="$DEV" bs=64k seek=3149824 oflag=direct,seek_bytes conv=fsync status=none
+    cmp <(dd if="$DEV" bs=1M iflag=direct,skip_bytes,count_bytes skip=3149824 count=8M status=none) "$WORK/pat"
+    blkdiscard -z -o 4M -l 1M "$DEV"
+    cmp -n 1048576 <(dd if="$DEV" bs=1M skip=4 count=1 iflag=direct status=none) /dev/zero
+    stop_dev
+    grep -qE "flushes [1-9]" "$LOG" || fail "no FLUSH reached the target: $(grep "stopped and deleted" "$LOG")"
+    grep -qE "write-zeroes [1-9]" "$LOG" || fail "no WRITE_ZEROES reached the target"
+    log "fio verify (4k qd1, 512-128k qd32 x2 with fsync, 512k seq), 8 MiB round trip, write-zeroes; $(grep "stopped and deleted" "$LOG" | sed 's/.*(SIGTERM received): //')"
+    if "$UBD" features --json | grep -q '"AUTO_BUF_REG"'; then
+        expect_error "buffer mode auto-reg keeps request data in the kernel's pages, which the sockram target cannot send or receive" \
+            --buffer-mode auto-reg sockram --size 16M
+    fi
+    # Its data died with the daemon: recover refuses, and del removes the device.
+    start_dev --queues 1 sockram --size 16M
+    local id=${DEV#/dev/ublkb}
+    kill -9 "$PID"
+    wait "$PID" 2>/dev/null || true
+    expect_error "sockram test target kept its data in the daemon that died: it cannot be recovered" recover "$id"
+    "$UBD" del "$id" >/dev/null
+    log "kill -9: recover refused, del done"
+}
+
 cases=(features null null_nocopy loop_file loop_file_buffered loop_bdev mkfs_mount discard_flush discard_bdev
     list_del bad_input hugepages buffer_modes placement batch_io recover sigterm_under_load fault_errors fault_delay_stall abort
-    kill9_states cycles perf_smoke)
+    kill9_states cycles perf_smoke sockram)
 for c in "${cases[@]}"; do
     [[ -n ${UBD_E2E_ONLY:-} && ! $c =~ $UBD_E2E_ONLY ]] && continue
     run_case "$c" "case_$c"

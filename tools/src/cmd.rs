@@ -73,7 +73,8 @@ pub fn serve_loop(a: &DevArgs, path: &Path, direct: ubd_targets::DirectIo, block
     serve(with_faults(Arc::new(t), fault), spec, &opts, None)
 }
 
-pub fn serve_null(a: &DevArgs, size: &str, block_size: u32) -> Result<()> {
+/// `null`, or (`sockram`) the socket-RAM test target, of `size` bytes.
+pub fn serve_null(a: &DevArgs, size: &str, block_size: u32, sockram: bool) -> Result<()> {
     let opts = device_options(a)?;
     let size = parse_size(size).map_err(anyhow::Error::msg).context("--size")?;
     if !block_size.is_power_of_two() || block_size < 512 {
@@ -84,6 +85,11 @@ pub fn serve_null(a: &DevArgs, size: &str, block_size: u32) -> Result<()> {
     }
     let fault = fault_spec(a)?;
     preflight()?;
+    if sockram {
+        let t = ubd_targets::SockRamTarget::new(size, block_size).context("sockram")?;
+        let spec = t.spec();
+        return serve(with_faults(Arc::new(t), fault), spec, &opts, None);
+    }
     let t = ubd_targets::NullTarget::new(size, block_size);
     let spec = t.spec();
     serve(with_faults(Arc::new(t), fault), spec, &opts, None)

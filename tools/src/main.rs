@@ -126,6 +126,17 @@ enum Command {
         #[arg(long, value_name = "BYTES", default_value_t = 512)]
         block_size: u32,
     },
+    /// A test device: RAM served by an in-process thread over a socket (the target API
+    /// for targets that are not a file, end to end). Its data dies with the process.
+    #[command(hide = true)]
+    Sockram {
+        /// Device size, e.g. 64M.
+        #[arg(long, value_name = "SIZE")]
+        size: String,
+        /// Logical block size in bytes.
+        #[arg(long, value_name = "BYTES", default_value_t = 512)]
+        block_size: u32,
+    },
     /// Take over a device whose ubd-engine died (kill -9, crash): the target is
     /// re-opened as recorded in /run/ubd-engine/ID.json, in-flight IO is re-issued.
     Recover {
@@ -188,7 +199,8 @@ fn main() -> std::process::ExitCode {
     }
     let result = match cli.command {
         Command::Loop { path, direct, block_size } => cmd::serve_loop(&cli.dev, &path, direct, block_size),
-        Command::Null { size, block_size } => cmd::serve_null(&cli.dev, &size, block_size),
+        Command::Null { size, block_size } => cmd::serve_null(&cli.dev, &size, block_size, false),
+        Command::Sockram { size, block_size } => cmd::serve_null(&cli.dev, &size, block_size, true),
         Command::List { json } => cmd::list(json),
         Command::Del { id, all, force } => cmd::del(id, all, force),
         Command::Features { json } => cmd::features(json),

@@ -232,7 +232,8 @@ pub fn serve(
     block_stop_signals()?;
     let mut ctrl = Control::open()?;
     let kernel_features = ctrl.features()?;
-    let (buffer_mode, buffer_reason) = resolve(opts.buffer, kernel_features, target.moves_data(), target.name())?;
+    let (buffer_mode, buffer_reason) =
+        resolve(opts.buffer, kernel_features, target.moves_data(), target.supports_zero_copy(), target.name())?;
     let want_recovery = opts.recovery.dev_flags();
     let want_batch = if opts.io_protocol == IoProtocol::Batch { features::F_BATCH_IO } else { 0 };
     if kernel_features & want_batch != want_batch {
@@ -303,6 +304,12 @@ pub fn recover(
     }
     // The mode comes from the device (USER_COPY: `none`), whatever --buffer-mode says.
     let buffer_mode = BufferMode::from_dev_flags(info.flags);
+    if buffer_mode.is_zero_copy() && !target.supports_zero_copy() {
+        return Err(Error::Config(format!(
+            "device {dev_id} was created in buffer mode {buffer_mode}, which the {} target cannot serve",
+            target.name()
+        )));
+    }
     if !buffer_mode.moves_data() && target.moves_data() {
         return Err(Error::Config(format!(
             "device {dev_id} was created in buffer mode none (no data moved), which the {} target cannot serve",

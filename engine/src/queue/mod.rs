@@ -146,10 +146,18 @@ fn run(
         Some(r)
     };
     let batch = cfg.protocol == IoProtocol::Batch;
-    let setup = RingSetup { ring: cfg.ring, mode: cfg.buffer_mode, region, batch, offload_min: cfg.offload_min };
-    let mut files = QueueSetup::default();
-    let qt = target.open_queue(q_id, &mut files).map_err(|e| qerr(format!("opening {} target: {e}", target.name())))?;
-    let ring = QueueRing::new(q_id, cfg.depth, cfg.buf_size, setup, wake, cdev.as_raw_fd(), &files.fds)
+    let mut asked = QueueSetup::new(q_id, cfg.depth, cfg.buf_size);
+    let qt = target.open_queue(&mut asked).map_err(|e| qerr(format!("opening {} target: {e}", target.name())))?;
+    let setup = RingSetup {
+        ring: cfg.ring,
+        mode: cfg.buffer_mode,
+        region,
+        batch,
+        offload_min: cfg.offload_min,
+        owned: asked.mem,
+        target_wake: asked.waker,
+    };
+    let ring = QueueRing::new(q_id, cfg.depth, cfg.buf_size, setup, wake, cdev.as_raw_fd(), &asked.fds)
         .map_err(|e| qerr(format!("setting up io_uring: {e}")))?;
     let report = QueueReport {
         q_id,
@@ -166,6 +174,9 @@ fn run(
     let mut reactor = Reactor::new(ring, qt, descs, g, events.clone(), stats);
     let what = if batch { "PREP_IO_CMDS / FETCH_IO_CMDS" } else { "FETCH_REQ" };
     reactor.arm().map_err(|errno| qerr(format!("submitting {what}: {}", std::io::Error::from_raw_os_error(-errno))))?;
+    reactor.start().map_err(|errno| {
+        qerr(format!("starting the {} target: {}", target.name(), std::io::Error::from_raw_os_error(-errno)))
+    })?;
     let _ = events.send(QueueEvent::Ready(report));
     reactor.serve().map_err(|e| qerr(format!("io_uring_enter: {e}")))
 }

@@ -13,9 +13,10 @@ use super::config::{IoProtocol, QueueEvent};
 use super::stats::{self, QueueStats, Recorder};
 use crate::hooks::QueuePanic;
 use crate::request::{IoRequest, decode_request};
+use crate::ring::io::Owner;
 use crate::ring::{BatchRing, CommitOutcome, Cqe, Kind, Ring, errno_of};
 use crate::sys::uapi::{self, IoDesc};
-use crate::target::{Disposition, IoCtx, QueueTarget};
+use crate::target::{Disposition, Inflight, IoCtx, QueueTarget};
 
 /// Wake-up values added to a queue's eventfd (a read returns their sum).
 pub(crate) const WAKE_STOP: u64 = 1;
@@ -81,9 +82,15 @@ pub(crate) struct Reactor<'a, R: Ring + BatchRing, D: Descs> {
     descs: D,
     g: Geometry,
     slots: Vec<Slot>,
-    /// Target SQEs in flight, per tag and in all.
-    tag_sqes: Vec<u16>,
-    target_inflight: u32,
+    /// Target SQEs in flight, per request and for the queue.
+    inflight: Inflight,
+    /// Requests a target call finished for other tags ([`IoCtx::finish`]).
+    finished: Vec<(u16, i32)>,
+    /// The target's `stop` has been called.
+    stop_called: bool,
+    /// Requests the target finished while SQEs of theirs were still in flight: committed
+    /// (with this result) once those complete, without calling the target again.
+    deferred: Vec<Option<i32>>,
     /// Per-tag protocol: FETCH / COMMIT_AND_FETCH commands with the kernel.
     cmds_inflight: u32,
     /// Batch protocol: the multishot FETCH_IO_CMDS is with the kernel.
@@ -111,7 +118,7 @@ impl<R: Ring + BatchRing, D: Descs> Drop for Reactor<'_, R, D> {
     fn drop(&mut self) {
         // Gone with target IO in flight (an abort, a panic): the ring's teardown in the
         // kernel is asynchronous, so the buffers that IO uses must stay mapped.
-        if self.target_inflight > 0 {
+        if self.inflight.requests > 0 || self.inflight.queue > 0 {
             self.ring.abandon_buffers();
         }
     }
@@ -133,8 +140,10 @@ impl<'a, R: Ring + BatchRing, D: Descs> Reactor<'a, R, D> {
             descs,
             g,
             slots: vec![Slot::Idle; depth],
-            tag_sqes: vec![0; depth],
-            target_inflight: 0,
+            inflight: Inflight::new(g.depth),
+            finished: Vec::new(),
+            stop_called: false,
+            deferred: vec![None; depth],
             cmds_inflight: 0,
             fetch_armed: false,
             in_target: 0,
@@ -178,35 +187,61 @@ impl<'a, R: Ring + BatchRing, D: Descs> Reactor<'a, R, D> {
         Ok(())
     }
 
+    /// The target's start hook, then the waker's read: the queue is about to serve.
+    pub(crate) fn start(&mut self) -> Result<(), i32> {
+        let started = self.call(Owner::Queue, |t, io| t.start(io));
+        self.after_call(started.is_none());
+        started.unwrap_or(Err(-libc::EIO))?;
+        self.ring.push_target_wake()
+    }
+
+    /// Does the kernel still hold a fetch of ours (a tag it may send a request on)?
+    fn fetching(&self) -> bool {
+        match self.g.protocol {
+            IoProtocol::Batch => self.fetch_armed,
+            IoProtocol::PerTag => self.cmds_inflight > 0,
+        }
+    }
+
     /// Nothing is left to wait for: told to abort, or nothing of ours is in flight and
     /// the kernel holds no fetch (it aborted them all), or we are told to stop.
     fn done(&self) -> bool {
         if self.aborting {
             return true;
         }
-        if self.target_inflight > 0 || self.in_target > 0 || self.ring.busy() {
+        if self.inflight.requests > 0 || self.inflight.queue > 0 || self.in_target > 0 || self.ring.busy() {
             return false;
         }
-        let fetching = match self.g.protocol {
-            IoProtocol::Batch => self.fetch_armed,
-            IoProtocol::PerTag => self.cmds_inflight > 0,
-        };
-        !fetching || self.stopping
+        !self.fetching() || self.stopping
+    }
+
+    /// Once no request is in the target and none can come (told to stop, or the
+    /// kernel aborted every fetch), the target's stop hook ends its queue IO.
+    fn maybe_stop(&mut self) {
+        if self.stop_called || self.aborting || self.in_target > 0 || (self.fetching() && !self.stopping) {
+            return;
+        }
+        self.stop_called = true;
+        self.call_queue(|t, io| t.stop(io));
     }
 
     /// Serves requests until [`done`](Self::done).
     pub(crate) fn serve(&mut self) -> std::io::Result<()> {
         let mut cqes = Vec::with_capacity(usize::from(self.g.depth) * 2 + 1);
-        while !self.done() {
+        loop {
+            self.maybe_stop();
+            if self.done() {
+                break;
+            }
             self.pass(&mut cqes)?;
         }
         self.recorder.maybe_flush(self.stats, true);
-        if self.aborting && (self.in_target > 0 || self.target_inflight > 0 || self.ring.busy()) {
+        let left = self.inflight.requests + self.inflight.queue;
+        if self.aborting && (self.in_target > 0 || left > 0 || self.ring.busy()) {
             tracing::warn!(
                 q_id = self.g.q_id,
-                "aborting with {} requests in the target ({} target SQEs in flight): the kernel fails them",
+                "aborting with {} requests in the target ({left} target SQEs in flight): the kernel fails them",
                 self.in_target,
-                self.target_inflight
             );
             self.ring.abandon_buffers();
         }
@@ -266,6 +301,16 @@ impl<'a, R: Ring + BatchRing, D: Descs> Reactor<'a, R, D> {
                 }
             }
             Kind::Target => self.on_target(c.tag, c.cookie, c.res),
+            Kind::QueueIo => {
+                self.inflight.queue -= 1;
+                self.call_queue(|t, io| t.queue_complete(c.cookie, c.res, io));
+            }
+            Kind::Waker => {
+                if let Err(errno) = self.ring.push_target_wake() {
+                    tracing::error!(q_id, "cannot re-arm the target's waker: errno {}", -errno);
+                }
+                self.call_queue(|t, io| t.woken(io));
+            }
             // The ring handles its own commands' completions.
             Kind::Aux => {}
         }
@@ -315,9 +360,7 @@ impl<'a, R: Ring + BatchRing, D: Descs> Reactor<'a, R, D> {
             Ok(req) => {
                 self.slots[idx] = Slot::InTarget(req);
                 self.in_target += 1;
-                if let Disposition::Done(r) = self.call_target(tag, |t, io| t.submit(&req, io)) {
-                    self.commit(tag, r);
-                }
+                self.run_target(tag, |t, io| t.submit(&req, io));
             }
             Err(errno) => {
                 self.recorder.count_bad_request();
@@ -346,56 +389,103 @@ impl<'a, R: Ring + BatchRing, D: Descs> Reactor<'a, R, D> {
     }
 
     fn on_target(&mut self, tag: u16, cookie: u16, res: i32) {
-        self.target_inflight -= 1;
+        self.inflight.requests -= 1;
         let idx = usize::from(tag);
         let Some(Slot::InTarget(req)) = self.slots.get(idx).copied() else {
             tracing::error!(q_id = self.g.q_id, tag, "target completion for a tag not in the target");
             return;
         };
-        self.tag_sqes[idx] = self.tag_sqes[idx].saturating_sub(1);
-        if self.poisoned {
-            // The target is not called again; the request fails once none of its SQEs
-            // is in flight (they may still use its buffer).
-            if self.tag_sqes[idx] == 0 {
-                self.commit(tag, -libc::EIO);
+        self.inflight.per_tag[idx] = self.inflight.per_tag[idx].saturating_sub(1);
+        if self.poisoned || self.deferred[idx].is_some() {
+            // The target is not called again; the request is committed once none of its
+            // SQEs is in flight (they may still use its buffer): failed on a poisoned queue.
+            if self.inflight.per_tag[idx] == 0 {
+                let res = if self.poisoned { -libc::EIO } else { self.deferred[idx].unwrap_or(-libc::EIO) };
+                self.commit(tag, res);
             }
             return;
         }
-        if let Disposition::Done(r) = self.call_target(tag, |t, io| t.complete(&req, cookie, res, io)) {
-            self.commit(tag, r);
-        }
+        self.run_target(tag, |t, io| t.complete(&req, cookie, res, io));
     }
 
-    /// Calls into the target for `tag`. A panic there poisons the queue: the request
-    /// fails with EIO (once its SQEs are done), as does every later one, and the
-    /// control thread is told so that it stops the device.
-    fn call_target(
-        &mut self,
-        tag: u16,
-        f: impl FnOnce(&mut dyn QueueTarget, &mut IoCtx<'_>) -> Disposition,
-    ) -> Disposition {
+    /// Calls into the target for request `tag`, and commits what it finished: the
+    /// request itself (`Done`) and any other it finished ([`IoCtx::finish`]).
+    fn run_target(&mut self, tag: u16, f: impl FnOnce(&mut dyn QueueTarget, &mut IoCtx<'_>) -> Disposition) {
         if self.poisoned {
-            return Disposition::Done(-libc::EIO);
+            self.commit(tag, -libc::EIO);
+            return;
         }
+        let poisoned = match self.call(Owner::Request(tag), f) {
+            Some(Disposition::Done(r)) if self.inflight.per_tag[usize::from(tag)] > 0 => {
+                tracing::warn!(
+                    q_id = self.g.q_id,
+                    tag,
+                    "the target finished a request with SQEs of its in flight: committed when they complete"
+                );
+                self.deferred[usize::from(tag)] = Some(r);
+                false
+            }
+            Some(Disposition::Done(r)) => {
+                self.commit(tag, r);
+                false
+            }
+            Some(Disposition::Pending) => false,
+            None => true,
+        };
+        self.after_call(poisoned);
+    }
+
+    /// Calls into the target in the queue's own context.
+    fn call_queue(&mut self, f: impl FnOnce(&mut dyn QueueTarget, &mut IoCtx<'_>)) {
+        if self.poisoned {
+            return;
+        }
+        let poisoned = self.call(Owner::Queue, f).is_none();
+        self.after_call(poisoned);
+    }
+
+    /// Calls into the target in `owner`'s context; None if it panicked. A panic
+    /// poisons the queue: the target is not called again, and the control thread is
+    /// told so that it stops the device.
+    fn call<T>(&mut self, owner: Owner, f: impl FnOnce(&mut dyn QueueTarget, &mut IoCtx<'_>) -> T) -> Option<T> {
+        let slots = &self.slots;
+        let live = |t: u16| matches!(slots.get(usize::from(t)), Some(Slot::InTarget(_)));
         let target = &mut *self.target;
-        let mut io = IoCtx::new(self.ring.sq(), tag);
+        let mut io = IoCtx::new(self.ring.sq(), owner, &mut self.inflight, &live, &mut self.finished);
         IN_TARGET.with(|t| t.set(true));
         let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(target, &mut io)));
         IN_TARGET.with(|t| t.set(false));
-        let pushed = io.pushed();
-        let idx = usize::from(tag);
-        self.tag_sqes[idx] = self.tag_sqes[idx].saturating_add(pushed);
-        self.target_inflight += u32::from(pushed);
         match out {
-            Ok(d) => d,
+            Ok(v) => Some(v),
             Err(payload) => {
                 let msg = format!("target panicked: {}", panic_message(&*payload));
                 tracing::error!(q_id = self.g.q_id, "{msg}; failing every request on this queue");
                 let _ = self.events.send(QueueEvent::TargetFailed { q_id: self.g.q_id, msg });
                 self.poisoned = true;
-                if self.tag_sqes[idx] == 0 { Disposition::Done(-libc::EIO) } else { Disposition::Pending }
+                None
             }
         }
+    }
+
+    /// After a target call: commit the requests it finished for other tags; after a
+    /// panic, fail instead every request in the target that waits on no SQE of its own
+    /// (the others fail as their SQEs complete: those may still use the buffer).
+    fn after_call(&mut self, panicked: bool) {
+        let mut finished = std::mem::take(&mut self.finished);
+        if panicked {
+            finished.clear();
+            for tag in 0..self.g.depth {
+                if matches!(self.slots[usize::from(tag)], Slot::InTarget(_))
+                    && self.inflight.per_tag[usize::from(tag)] == 0
+                {
+                    self.commit(tag, -libc::EIO);
+                }
+            }
+        }
+        for (tag, res) in finished.drain(..) {
+            self.commit(tag, res);
+        }
+        self.finished = finished;
     }
 
     /// Logs a failed request: the first few, then one in every thousand.
@@ -417,12 +507,15 @@ impl<'a, R: Ring + BatchRing, D: Descs> Reactor<'a, R, D> {
     /// The target finished the request on `tag` with `res`: record it and commit it.
     fn commit(&mut self, tag: u16, res: i32) {
         let idx = usize::from(tag);
-        if let Slot::InTarget(req) = self.slots[idx] {
-            self.in_target -= 1;
-            self.recorder.record(req.op, res, self.started[idx]);
-            if res < 0 {
-                self.log_error(&req, res);
-            }
+        let Slot::InTarget(req) = self.slots[idx] else {
+            tracing::error!(q_id = self.g.q_id, tag, "a request finished twice: the second is ignored");
+            return;
+        };
+        self.in_target -= 1;
+        self.deferred[idx] = None;
+        self.recorder.record(req.op, res, self.started[idx]);
+        if res < 0 {
+            self.log_error(&req, res);
         }
         self.send_commit(tag, res);
     }

@@ -1,14 +1,24 @@
-//! The SQEs a target pushes on behalf of a request: reads and writes into the
-//! request's own buffer, fsync, fallocate, timers. [`TargetSq`] is the seam between
-//! the target API's `IoCtx` and the ring (the reactor's tests put a fake behind it).
+//! The SQEs a target pushes: reads and writes between a file and the request's own
+//! buffer, sends and receives between a socket and the request buffer or memory the
+//! target owns, fsync, fallocate, timers. [`TargetSq`] is the seam between the target
+//! API's `IoCtx` and the ring (the reactor's tests put a fake behind it).
 
+use std::ptr::NonNull;
 use std::time::Duration;
 
 use io_uring::{opcode, squeue, types};
 
 use super::{Kind, QueueRing, tag};
 use crate::buf::BufferMode;
-use crate::request::FileSlot;
+use crate::request::{FileSlot, Mem, MemId};
+
+/// Who an SQE belongs to: its completion goes to that request's `complete`, or to the
+/// queue target's `queue_complete`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Owner {
+    Request(u16),
+    Queue,
+}
 
 /// A read or write between a registered file and the request's buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,15 +34,92 @@ pub(crate) struct Rw {
     pub(crate) rw_flags: i32,
 }
 
-/// The SQEs a target may push for request `tag`; each completion comes back to the
-/// target with `cookie`. Errors are `-errno`.
+/// A send or receive on a registered socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Sock {
+    pub(crate) send: bool,
+    pub(crate) file: FileSlot,
+    pub(crate) mem: Mem,
+    /// `MSG_*` flags.
+    pub(crate) flags: i32,
+}
+
+/// The SQEs a target may push; each completion comes back to the owner with `cookie`.
+/// Errors are `-errno`.
 pub(crate) trait TargetSq {
     fn rw(&mut self, tag: u16, rw: Rw, cookie: u16) -> Result<(), i32>;
-    fn fsync(&mut self, tag: u16, file: FileSlot, datasync: bool, cookie: u16) -> Result<(), i32>;
-    fn fallocate(&mut self, tag: u16, file: FileSlot, mode: i32, offset: u64, len: u64, cookie: u16)
-    -> Result<(), i32>;
+    fn sock(&mut self, owner: Owner, io: Sock, cookie: u16) -> Result<(), i32>;
+    fn fsync(&mut self, owner: Owner, file: FileSlot, datasync: bool, cookie: u16) -> Result<(), i32>;
+    fn fallocate(&mut self, owner: Owner, file: FileSlot, range: (i32, u64, u64), cookie: u16) -> Result<(), i32>;
     /// Completes with `-ETIME` after `after`.
-    fn timeout(&mut self, tag: u16, after: Duration, cookie: u16) -> Result<(), i32>;
+    fn timeout(&mut self, owner: Owner, after: Duration, cookie: u16) -> Result<(), i32>;
+    /// The next SQE pushed is linked to the one pushed after it (IOSQE_IO_LINK).
+    fn link_next(&mut self) -> Result<(), i32>;
+    /// Target memory `id`, unless an SQE in flight names it.
+    fn mem(&mut self, id: MemId) -> Option<&mut [u8]>;
+}
+
+/// Memory a target owns, allocated with the ring and named by its SQEs.
+pub(crate) struct OwnedMem {
+    ptr: NonNull<u8>,
+    len: usize,
+    /// SQEs in flight that name it (the kernel may read or write it meanwhile).
+    pub(super) inflight: u32,
+}
+
+impl OwnedMem {
+    pub(super) fn new(len: u32) -> Self {
+        let b: Box<[u8]> = vec![0u8; len.max(1) as usize].into_boxed_slice();
+        let len = b.len();
+        let ptr = NonNull::new(Box::into_raw(b).cast::<u8>()).unwrap_or(NonNull::dangling());
+        Self { ptr, len, inflight: 0 }
+    }
+
+    /// The pointer and length of `off..off + len`, or EINVAL past the end.
+    fn range(&self, off: u32, len: u32) -> Result<*mut u8, i32> {
+        if u64::from(off) + u64::from(len) > self.len as u64 {
+            return Err(-libc::EINVAL);
+        }
+        Ok(self.ptr.as_ptr().wrapping_add(off as usize))
+    }
+}
+
+impl Drop for OwnedMem {
+    fn drop(&mut self) {
+        // With an SQE still in flight the kernel may write here after the ring closes
+        // (its teardown is asynchronous): such memory is never freed.
+        if self.inflight == 0 {
+            let raw = std::ptr::slice_from_raw_parts_mut(self.ptr.as_ptr(), self.len);
+            // SAFETY: `raw` is the Box<[u8]> leaked in `new`, freed once, here; nothing
+            // names it any more (no SQE in flight, and `mem` borrows end with &mut self).
+            drop(unsafe { Box::from_raw(raw) });
+        }
+    }
+}
+
+impl QueueRing {
+    /// The user_data kind and tag of an SQE of `owner`.
+    fn owned_by(owner: Owner) -> (Kind, u16) {
+        match owner {
+            Owner::Request(tag) => (Kind::Target, tag),
+            Owner::Queue => (Kind::QueueIo, 0),
+        }
+    }
+
+    /// Pushes a target SQE (linked to the next one if asked), naming target memory `mem`.
+    fn push_target(&mut self, sqe: squeue::Entry, owner: Owner, cookie: u16, mem: Option<MemId>) -> Result<(), i32> {
+        let (kind, tag) = Self::owned_by(owner);
+        let sqe = if std::mem::take(&mut self.link_pending) { sqe.flags(squeue::Flags::IO_LINK) } else { sqe };
+        let sqe = sqe.user_data(tag::encode_mem(kind, tag, cookie, mem.map(|m| m.0)));
+        // SAFETY: the callers' contract: what the SQE names lives until its CQE is reaped
+        // (request buffers and target memory live as long as the ring, and are leaked if
+        // it goes with the SQE in flight).
+        unsafe { self.push(&sqe) }?;
+        if let Some(m) = mem {
+            self.owned[usize::from(m.0)].inflight += 1;
+        }
+        Ok(())
+    }
 }
 
 impl TargetSq for QueueRing {
@@ -48,8 +135,9 @@ impl TargetSq for QueueRing {
         let fd = types::Fixed(file.0);
         let sqe = if self.mode.is_zero_copy() {
             if self.mode == BufferMode::ZeroCopy {
-                // REGISTER_IO_BUF linked before the IO, both in one submission.
-                self.register_request_buf(tag)?;
+                // REGISTER_IO_BUF linked before the IO, both in one submission (with
+                // the SQE this one is linked to, if any).
+                self.register_request_buf(tag, if self.link_pending { 3 } else { 2 })?;
             }
             // Buffer-table slot `tag` holds the request's pages; the address is an
             // offset into them.
@@ -75,41 +163,82 @@ impl TargetSq for QueueRing {
         // Copy mode: the range is inside this tag's buffer (checked above), which lives as
         // long as the ring. Zero-copy modes: the kernel owns the registered request pages,
         // and the request is not committed (so they stay registered) until this CQE is reaped.
-        // SAFETY: the data range is valid for the whole IO, as just said.
-        unsafe { self.push(&sqe.user_data(tag::encode(Kind::Target, tag, cookie))) }
+        self.push_target(sqe, Owner::Request(tag), cookie, None)
     }
 
-    fn fsync(&mut self, tag: u16, file: FileSlot, datasync: bool, cookie: u16) -> Result<(), i32> {
+    fn sock(&mut self, owner: Owner, io: Sock, cookie: u16) -> Result<(), i32> {
+        let (ptr, len, mem) = match io.mem {
+            Mem::Request { off, len } => {
+                let Owner::Request(tag) = owner else { return Err(-libc::EINVAL) };
+                // Only copy mode has request data in memory of ours.
+                if self.mode != BufferMode::Copy {
+                    return Err(-libc::EOPNOTSUPP);
+                }
+                if tag >= self.depth || u64::from(off) + u64::from(len) > u64::from(self.buf_size) {
+                    return Err(-libc::EINVAL);
+                }
+                (self.buf_addr(tag).wrapping_add(off as usize), len, None)
+            }
+            Mem::Owned { id, off, len } => {
+                let m = self.owned.get(usize::from(id.0)).ok_or(-libc::EINVAL)?;
+                (m.range(off, len)?, len, Some(id))
+            }
+        };
+        let fd = types::Fixed(io.file.0);
+        let sqe = if io.send {
+            opcode::Send::new(fd, ptr.cast_const(), len).flags(io.flags).build()
+        } else {
+            opcode::Recv::new(fd, ptr, len).flags(io.flags).build()
+        };
+        // The range is inside this tag's buffer or the target memory (checked), which
+        // live as long as the ring.
+        self.push_target(sqe, owner, cookie, mem)
+    }
+
+    fn fsync(&mut self, owner: Owner, file: FileSlot, datasync: bool, cookie: u16) -> Result<(), i32> {
         let flags = if datasync { types::FsyncFlags::DATASYNC } else { types::FsyncFlags::empty() };
-        let sqe = opcode::Fsync::new(types::Fixed(file.0)).flags(flags).build();
-        // SAFETY: fsync names no memory; the file is registered.
-        unsafe { self.push(&sqe.user_data(tag::encode(Kind::Target, tag, cookie))) }
+        // Names no memory; the file is registered.
+        self.push_target(opcode::Fsync::new(types::Fixed(file.0)).flags(flags).build(), owner, cookie, None)
     }
 
-    fn fallocate(
-        &mut self,
-        tag: u16,
-        file: FileSlot,
-        mode: i32,
-        offset: u64,
-        len: u64,
-        cookie: u16,
-    ) -> Result<(), i32> {
+    fn fallocate(&mut self, owner: Owner, file: FileSlot, range: (i32, u64, u64), cookie: u16) -> Result<(), i32> {
+        let (mode, offset, len) = range;
         let sqe = opcode::Fallocate::new(types::Fixed(file.0), len).offset(offset).mode(mode).build();
-        // SAFETY: fallocate names no memory; the file is registered.
-        unsafe { self.push(&sqe.user_data(tag::encode(Kind::Target, tag, cookie))) }
+        // Names no memory; the file is registered.
+        self.push_target(sqe, owner, cookie, None)
     }
 
     /// Names no memory past submission: the kernel copies the timespec when it
-    /// prepares the SQE.
-    fn timeout(&mut self, tag: u16, after: Duration, cookie: u16) -> Result<(), i32> {
-        let Some(ts) = self.timeouts.get_mut(usize::from(tag)) else { return Err(-libc::EINVAL) };
+    /// prepares the SQE. Each request, and the queue, has one timer slot.
+    fn timeout(&mut self, owner: Owner, after: Duration, cookie: u16) -> Result<(), i32> {
+        let slot = match owner {
+            Owner::Request(tag) => usize::from(tag),
+            Owner::Queue => usize::from(self.depth),
+        };
+        let Some(ts) = self.timeouts.get_mut(slot) else { return Err(-libc::EINVAL) };
         *ts = types::Timespec::new().sec(after.as_secs()).nsec(after.subsec_nanos());
         let ptr: *const types::Timespec = ts;
-        let sqe = opcode::Timeout::new(ptr).count(0).build().user_data(tag::encode(Kind::Target, tag, cookie));
-        // SAFETY: `ptr` is this tag's slot in `self.timeouts`, which is never resized and
-        // lives as long as the ring; a tag has one timer at a time, so the slot is not
-        // rewritten before the SQE is submitted (the kernel copies it then).
-        unsafe { self.push(&sqe) }
+        // `ptr` is a slot in `self.timeouts`, which is never resized and lives as long as
+        // the ring; one timer per slot at a time, so it is not rewritten before the SQE
+        // is submitted (the kernel copies it then).
+        self.push_target(opcode::Timeout::new(ptr).count(0).build(), owner, cookie, None)
+    }
+
+    fn link_next(&mut self) -> Result<(), i32> {
+        // The pair must go to the kernel in one submission.
+        self.reserve(2)?;
+        self.link_pending = true;
+        Ok(())
+    }
+
+    fn mem(&mut self, id: MemId) -> Option<&mut [u8]> {
+        let m = self.owned.get_mut(usize::from(id.0))?;
+        if m.inflight > 0 {
+            return None;
+        }
+        // SAFETY: the memory is the live allocation of `m` (`len` bytes); no SQE in flight
+        // names it, so the kernel does not touch it, and the &mut borrow of self keeps it
+        // unique until it ends.
+        Some(unsafe { std::slice::from_raw_parts_mut(m.ptr.as_ptr(), m.len) })
     }
 }

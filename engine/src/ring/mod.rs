@@ -87,6 +87,12 @@ pub(crate) struct QueueRing {
     batch: Option<Batch>,
     /// Target IO of at least this many bytes gets IOSQE_ASYNC (u32::MAX: none).
     offload_min: u32,
+    /// Memory the target owns (`QueueSetup::alloc`), by `MemId`.
+    owned: Vec<io::OwnedMem>,
+    /// The next target SQE gets IOSQE_IO_LINK.
+    link_pending: bool,
+    /// The target's waker: its eventfd and where its read lands (leaked, as `wake_buf`).
+    target_wake: Option<(OwnedFd, &'static mut u64)>,
     /// The ring's index among this thread's registered ring fds (None: not registered,
     /// `io_uring_enter` takes the fd).
     ring_index: Option<u32>,
@@ -159,6 +165,10 @@ pub(crate) struct RingSetup {
     pub(crate) batch: bool,
     /// Target reads/writes of at least this many bytes get IOSQE_ASYNC.
     pub(crate) offload_min: Option<u32>,
+    /// Sizes of the memory the target asked for (`QueueSetup::alloc`).
+    pub(crate) owned: Vec<u32>,
+    /// The target's waker eventfd (`QueueSetup::waker`), read by the ring.
+    pub(crate) target_wake: Option<OwnedFd>,
 }
 
 /// `-errno` of an io::Error (EIO when it has none).
@@ -229,7 +239,8 @@ impl QueueRing {
             bufs: setup.region,
             wake_fd,
             wake_buf: Box::leak(Box::new(0)),
-            timeouts: vec![types::Timespec::new(); usize::from(depth)],
+            // One timer slot per tag, and one for the queue.
+            timeouts: vec![types::Timespec::new(); usize::from(depth) + 1],
             q_id,
             depth,
             buf_size,
@@ -240,6 +251,9 @@ impl QueueRing {
             aux_inflight: 0,
             batch,
             offload_min: setup.offload_min.unwrap_or(u32::MAX),
+            owned: setup.owned.iter().map(|&len| io::OwnedMem::new(len)).collect(),
+            link_pending: false,
+            target_wake: setup.target_wake.map(|fd| (fd, Box::leak(Box::new(0)))),
             ring_index,
         })
     }
@@ -323,12 +337,13 @@ impl QueueRing {
     }
 
     /// Zero-copy mode: puts the request pages of `tag` in the buffer table, linked
-    /// before the SQE pushed next (both go in one submission). No-op when registered.
-    fn register_request_buf(&mut self, tag: u16) -> Result<(), i32> {
+    /// before the SQE pushed next (the `chain` SQEs from this one go in one submission).
+    /// No-op when registered.
+    fn register_request_buf(&mut self, tag: u16, chain: usize) -> Result<(), i32> {
         if self.registered[usize::from(tag)] {
             return Ok(());
         }
-        self.reserve(2)?;
+        self.reserve(chain)?;
         let reg = self.io_cmd(uapi::IO_REGISTER_IO_BUF, tag, 0, u64::from(tag), Kind::Aux);
         // SAFETY: the command is inline and names no user memory.
         unsafe { self.push(&reg.flags(squeue::Flags::IO_LINK)) }?;
@@ -353,6 +368,8 @@ pub(crate) trait Ring {
     fn push_ublk(&mut self, tag: u16, result: Option<i32>) -> Result<(), i32>;
     /// Arms the wake-up read on the eventfd.
     fn push_wake(&mut self) -> Result<(), i32>;
+    /// Arms the read on the target's waker eventfd (no-op without a waker).
+    fn push_target_wake(&mut self) -> Result<(), i32>;
     /// What the last wake-up read returned (the sum of the values signalled).
     fn wake_value(&self) -> u64;
     /// Commands of the ring's own in flight (buffer (un)registration, batch commits
@@ -423,6 +440,19 @@ impl Ring for QueueRing {
     }
 
     /// Submits everything queued, waiting for at least `want` completions.
+    fn push_target_wake(&mut self) -> Result<(), i32> {
+        let Some((fd, buf)) = &mut self.target_wake else { return Ok(()) };
+        let ptr: *mut u64 = &raw mut **buf;
+        let sqe = opcode::Read::new(types::Fd(fd.as_raw_fd()), ptr.cast(), 8).build().user_data(tag::encode(
+            Kind::Waker,
+            0,
+            0,
+        ));
+        // SAFETY: the buffer is leaked heap memory (valid forever); the eventfd is open
+        // for the life of self, and the ring (declared first) is closed before it.
+        unsafe { self.push(&sqe) }
+    }
+
     fn submit(&mut self, want: usize) -> stdio::Result<usize> {
         let want = u32::try_from(want).unwrap_or(u32::MAX);
         loop {
@@ -458,6 +488,11 @@ impl Ring for QueueRing {
                 tracing::error!(q_id, user_data = c.user_data(), "CQE with unknown user_data");
                 continue;
             };
+            if let Some(m) = tag::decode_mem(c.user_data())
+                && let Some(owned) = self.owned.get_mut(usize::from(m))
+            {
+                owned.inflight -= 1;
+            }
             if kind == Kind::Aux {
                 aux_done += 1;
                 if c.result() < 0 {
@@ -483,7 +518,15 @@ mod tests {
     /// is missing they fail rather than pass without having run.
     fn none_ring(wake: OwnedFd) -> QueueRing {
         let null = std::fs::File::open("/dev/null").unwrap();
-        let setup = RingSetup { ring: None, mode: BufferMode::NoData, region: None, batch: false, offload_min: None };
+        let setup = RingSetup {
+            ring: None,
+            mode: BufferMode::NoData,
+            region: None,
+            batch: false,
+            offload_min: None,
+            owned: Vec::new(),
+            target_wake: None,
+        };
         QueueRing::new(0, 4, 4096, setup, wake, null.as_raw_fd(), &[])
             .expect("io_uring_setup (these tests need io_uring)")
     }
@@ -501,8 +544,15 @@ mod tests {
         }
         // A buffer region is refused in `none` mode.
         let region = Region::new(4 * 4096, false).unwrap();
-        let setup =
-            RingSetup { ring: None, mode: BufferMode::NoData, region: Some(region), batch: false, offload_min: None };
+        let setup = RingSetup {
+            ring: None,
+            mode: BufferMode::NoData,
+            region: Some(region),
+            batch: false,
+            offload_min: None,
+            owned: Vec::new(),
+            target_wake: None,
+        };
         let null = std::fs::File::open("/dev/null").unwrap();
         let e = QueueRing::new(0, 4, 4096, setup, crate::sys::eventfd().unwrap(), null.as_raw_fd(), &[]).unwrap_err();
         assert_eq!(e.kind(), stdio::ErrorKind::InvalidInput);

@@ -1,6 +1,7 @@
-//! `user_data` encoding for the queue ring: kind | cookie | tag.
+//! `user_data` encoding for the queue ring: kind | mem | cookie | tag.
 //!
-//! bits 0..16 tag, 16..32 cookie (target's own step id), 56..64 kind.
+//! bits 0..16 tag, 16..32 cookie (the target's own step id), 32..48 the target memory
+//! the SQE names plus one (0: none), 56..64 kind.
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -16,25 +17,35 @@ pub enum Kind {
     Fetch = 5,
     /// PREP_IO_CMDS / COMMIT_IO_CMDS (batch mode); the cookie names the element array.
     Commit = 6,
+    /// A target SQE that belongs to the queue, not to a request (a standing receive).
+    QueueIo = 7,
+    /// The read on the target's waker eventfd.
+    Waker = 8,
 }
+
+const KINDS: [Kind; 8] =
+    [Kind::Ublk, Kind::Target, Kind::Wake, Kind::Aux, Kind::Fetch, Kind::Commit, Kind::QueueIo, Kind::Waker];
 
 pub fn encode(kind: Kind, tag: u16, cookie: u16) -> u64 {
     (kind as u64) << 56 | u64::from(cookie) << 16 | u64::from(tag)
 }
 
+/// `encode`, for an SQE that names target memory `mem`.
+pub fn encode_mem(kind: Kind, tag: u16, cookie: u16, mem: Option<u16>) -> u64 {
+    encode(kind, tag, cookie) | mem.map_or(0, |m| (u64::from(m) + 1) << 32)
+}
+
 pub fn decode(user_data: u64) -> Option<(Kind, u16, u16)> {
-    let kind = match user_data >> 56 {
-        1 => Kind::Ublk,
-        2 => Kind::Target,
-        3 => Kind::Wake,
-        4 => Kind::Aux,
-        5 => Kind::Fetch,
-        6 => Kind::Commit,
-        _ => return None,
-    };
+    let kind = *KINDS.iter().find(|k| **k as u64 == user_data >> 56)?;
     let tag = (user_data & 0xffff) as u16;
     let cookie = ((user_data >> 16) & 0xffff) as u16;
     Some((kind, tag, cookie))
+}
+
+/// The target memory an SQE names, if any.
+pub fn decode_mem(user_data: u64) -> Option<u16> {
+    let m = (user_data >> 32) & 0xffff;
+    (m > 0).then(|| (m - 1) as u16)
 }
 
 #[cfg(test)]
@@ -44,9 +55,12 @@ mod tests {
 
     proptest! {
         #[test]
-        fn roundtrip(tag: u16, cookie: u16, k in 0usize..6) {
-            let kind = [Kind::Ublk, Kind::Target, Kind::Wake, Kind::Aux, Kind::Fetch, Kind::Commit][k];
-            prop_assert_eq!(decode(encode(kind, tag, cookie)), Some((kind, tag, cookie)));
+        fn roundtrip(tag: u16, cookie: u16, k in 0usize..8, mem in proptest::option::of(0u16..u16::MAX)) {
+            let kind = KINDS[k];
+            let ud = encode_mem(kind, tag, cookie, mem);
+            prop_assert_eq!(decode(ud), Some((kind, tag, cookie)));
+            prop_assert_eq!(decode_mem(ud), mem);
+            prop_assert_eq!(decode_mem(encode(kind, tag, cookie)), None);
         }
     }
 

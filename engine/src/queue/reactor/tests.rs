@@ -10,8 +10,8 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use super::*;
-use crate::request::{FileSlot, Op};
-use crate::ring::io::{Rw, TargetSq};
+use crate::request::{FileSlot, Mem, MemId, Op};
+use crate::ring::io::{Owner, Rw, Sock, TargetSq};
 
 const DEPTH: u16 = 4;
 const BUF: u32 = 64 << 10;
@@ -22,6 +22,7 @@ const MORE: u32 = 1 << 1; // IORING_CQE_F_MORE
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TargetIo {
     Rw(Rw),
+    Sock(Sock),
     Fsync,
     Timeout,
 }
@@ -35,6 +36,12 @@ struct Kernel {
     commits: Vec<(u16, i32)>,
     /// Target SQEs not yet completed: (tag, cookie, what).
     target: Vec<(u16, u16, TargetIo)>,
+    /// Queue SQEs not yet completed: (cookie, what).
+    queue: Vec<(u16, TargetIo)>,
+    /// Link flags seen on pushes (the next SQE is linked).
+    link_pending: bool,
+    linked: u32,
+    target_wakes_armed: u32,
     /// Completions the next reap returns.
     cqes: VecDeque<Cqe>,
     wake: u64,
@@ -52,21 +59,45 @@ struct Kernel {
 #[derive(Debug, Clone, Default)]
 struct FakeRing(Rc<RefCell<Kernel>>);
 
+impl FakeRing {
+    fn push(&mut self, owner: Owner, cookie: u16, what: TargetIo) -> Result<(), i32> {
+        let mut k = self.0.borrow_mut();
+        if std::mem::take(&mut k.link_pending) {
+            k.linked += 1;
+        }
+        match owner {
+            Owner::Request(tag) => k.target.push((tag, cookie, what)),
+            Owner::Queue => k.queue.push((cookie, what)),
+        }
+        Ok(())
+    }
+}
+
 impl TargetSq for FakeRing {
     fn rw(&mut self, tag: u16, rw: Rw, cookie: u16) -> Result<(), i32> {
-        self.0.borrow_mut().target.push((tag, cookie, TargetIo::Rw(rw)));
-        Ok(())
+        self.push(Owner::Request(tag), cookie, TargetIo::Rw(rw))
     }
-    fn fsync(&mut self, tag: u16, _file: FileSlot, _datasync: bool, cookie: u16) -> Result<(), i32> {
-        self.0.borrow_mut().target.push((tag, cookie, TargetIo::Fsync));
-        Ok(())
+    fn sock(&mut self, owner: Owner, io: Sock, cookie: u16) -> Result<(), i32> {
+        if matches!((owner, io.mem), (Owner::Queue, Mem::Request { .. })) {
+            return Err(-libc::EINVAL);
+        }
+        self.push(owner, cookie, TargetIo::Sock(io))
     }
-    fn fallocate(&mut self, _: u16, _: FileSlot, _: i32, _: u64, _: u64, _: u16) -> Result<(), i32> {
+    fn fsync(&mut self, owner: Owner, _file: FileSlot, _datasync: bool, cookie: u16) -> Result<(), i32> {
+        self.push(owner, cookie, TargetIo::Fsync)
+    }
+    fn fallocate(&mut self, _: Owner, _: FileSlot, _: (i32, u64, u64), _: u16) -> Result<(), i32> {
         Err(-libc::EOPNOTSUPP)
     }
-    fn timeout(&mut self, tag: u16, _after: Duration, cookie: u16) -> Result<(), i32> {
-        self.0.borrow_mut().target.push((tag, cookie, TargetIo::Timeout));
+    fn timeout(&mut self, owner: Owner, _after: Duration, cookie: u16) -> Result<(), i32> {
+        self.push(owner, cookie, TargetIo::Timeout)
+    }
+    fn link_next(&mut self) -> Result<(), i32> {
+        self.0.borrow_mut().link_pending = true;
         Ok(())
+    }
+    fn mem(&mut self, _id: MemId) -> Option<&mut [u8]> {
+        None
     }
 }
 
@@ -84,6 +115,10 @@ impl Ring for FakeRing {
     }
     fn push_wake(&mut self) -> Result<(), i32> {
         self.0.borrow_mut().wakes_armed += 1;
+        Ok(())
+    }
+    fn push_target_wake(&mut self) -> Result<(), i32> {
+        self.0.borrow_mut().target_wakes_armed += 1;
         Ok(())
     }
     fn wake_value(&self) -> u64 {
@@ -236,17 +271,22 @@ fn desc(op: u8, offset: u64, len: u32) -> IoDesc {
 
 impl Sim {
     fn new(protocol: IoProtocol, panic_at: Option<u64>) -> Self {
+        let seen = Rc::new(RefCell::new(Seen::default()));
+        let target = TestTarget { seen: Rc::clone(&seen), done: vec![0; usize::from(DEPTH)], panic_at };
+        Self::with_target(protocol, Box::new(target), seen)
+    }
+
+    fn with_target(protocol: IoProtocol, target: Box<dyn QueueTarget>, seen: Rc<RefCell<Seen>>) -> Self {
         let ring = FakeRing::default();
         let kernel = Rc::clone(&ring.0);
         let descs = FakeDescs(Rc::new(RefCell::new(vec![IoDesc::default(); usize::from(DEPTH)])));
-        let seen = Rc::new(RefCell::new(Seen::default()));
-        let target = TestTarget { seen: Rc::clone(&seen), done: vec![0; usize::from(DEPTH)], panic_at };
         let (tx, events) = mpsc::channel();
         let stats: &'static QueueStats = Box::leak(Box::new(QueueStats::new(protocol == IoProtocol::Batch)));
         let g = Geometry { q_id: 0, depth: DEPTH, buf_size: BUF, dev_size: DEV, protocol };
         let descs_handle = Rc::clone(&descs.0);
-        let mut reactor = Reactor::new(ring, Box::new(target), descs, g, tx, stats);
+        let mut reactor = Reactor::new(ring, target, descs, g, tx, stats);
         reactor.arm().unwrap();
+        reactor.start().unwrap();
         Sim { kernel, descs: descs_handle, seen, events, reactor, cqes: Vec::new() }
     }
 
@@ -597,4 +637,319 @@ proptest! {
         prop_assert!(committed.iter().all(|&n| n == 1), "commits per request: {:?}", committed);
         prop_assert_eq!(s.seen.borrow().submits as usize, requests);
     }
+}
+
+// ---- The target API for targets that are not a file ----
+
+const SOCK: FileSlot = FileSlot(1);
+const HDR: u16 = 100;
+const SENT: u16 = 1;
+const DATA: u16 = 2;
+
+/// What the protocol test target is told by the test: replies on its socket (tag,
+/// result, read data length), flushes done by another thread, and what it saw.
+#[derive(Debug, Default)]
+struct Wire {
+    replies: VecDeque<(u16, i32)>,
+    flushed: VecDeque<u16>,
+    /// finish() results seen by the target.
+    finish_errors: Vec<i32>,
+    stopped: u32,
+    panic_in_queue: bool,
+}
+
+/// A client of a socket protocol, as the NBD target will be: each request sends a
+/// header (its own target memory) linked with its payload; a standing receive on the
+/// queue takes replies and finishes their requests (receiving read data into the
+/// request's buffer, acting for it); FLUSH goes to "another thread" that wakes the
+/// queue when done; stop ends the standing receive.
+struct ProtoTarget {
+    wire: Rc<RefCell<Wire>>,
+    hdrs: Vec<MemId>,
+    reply: MemId,
+    /// Per tag: its sends are done; the reply arrived first (with this result).
+    sent: Vec<bool>,
+    early: Vec<Option<i32>>,
+    stopping: bool,
+}
+
+impl ProtoTarget {
+    fn arm(&self, io: &mut IoCtx<'_>) -> Result<(), i32> {
+        io.recv(SOCK, Mem::Owned { id: self.reply, off: 0, len: 16 }, libc::MSG_WAITALL, HDR)
+    }
+}
+
+impl QueueTarget for ProtoTarget {
+    fn start(&mut self, io: &mut IoCtx<'_>) -> Result<(), i32> {
+        assert_eq!(io.tag(), None);
+        // A queue context has no request buffer.
+        assert_eq!(io.read(SOCK, 0, 512, 0, 0), Err(-libc::EINVAL));
+        assert_eq!(io.send(SOCK, Mem::Request { off: 0, len: 512 }, 0, 0), Err(-libc::EINVAL));
+        self.arm(io)
+    }
+
+    fn submit(&mut self, req: &IoRequest, io: &mut IoCtx<'_>) -> Disposition {
+        let tag = usize::from(req.tag);
+        if req.op == Op::Flush {
+            return Disposition::Pending; // "another thread" flushes, then wakes us
+        }
+        self.sent[tag] = false;
+        self.early[tag] = None;
+        let hdr = Mem::Owned { id: self.hdrs[tag], off: 0, len: 28 };
+        let r = if req.op == Op::Write {
+            io.link_next()
+                .and_then(|()| io.send(SOCK, hdr, libc::MSG_MORE, 0))
+                .and_then(|()| io.send(SOCK, Mem::Request { off: 0, len: req.len as u32 }, libc::MSG_WAITALL, SENT))
+        } else {
+            io.send(SOCK, hdr, 0, SENT)
+        };
+        match r {
+            Ok(()) => Disposition::Pending,
+            Err(e) => Disposition::Done(e),
+        }
+    }
+
+    fn complete(&mut self, req: &IoRequest, cookie: u16, res: i32, _io: &mut IoCtx<'_>) -> Disposition {
+        let tag = usize::from(req.tag);
+        match cookie {
+            _ if res < 0 => Disposition::Done(res),
+            SENT => {
+                self.sent[tag] = true;
+                // The reply may have come before this completion was reaped.
+                self.early[tag].take().map_or(Disposition::Pending, Disposition::Done)
+            }
+            DATA => Disposition::Done(res),
+            _ => Disposition::Pending,
+        }
+    }
+
+    fn queue_complete(&mut self, cookie: u16, res: i32, io: &mut IoCtx<'_>) {
+        assert_eq!(cookie, HDR);
+        if self.wire.borrow().panic_in_queue {
+            panic!("protocol target panics in its queue context");
+        }
+        if res <= 0 || self.stopping {
+            return; // the socket was shut down: the standing receive ends
+        }
+        let (tag, result) = self.wire.borrow_mut().replies.pop_front().expect("a reply header was received");
+        if let Some(len) = (result > 0).then_some(result) {
+            // A read's data follows the header: received into the request's buffer,
+            // on its behalf, and the next header only after it.
+            if let Some(mut rio) = io.for_request(tag)
+                && rio.link_next().is_ok()
+                && rio.recv(SOCK, Mem::Request { off: 0, len: len as u32 }, libc::MSG_WAITALL, DATA).is_ok()
+            {
+                self.arm(io).unwrap();
+                return;
+            }
+        }
+        match io.finish(tag, result.min(0)) {
+            Ok(()) => {}
+            Err(e) => {
+                // Its own sends are still in flight: finished when they complete.
+                self.wire.borrow_mut().finish_errors.push(e);
+                self.early[usize::from(tag)] = Some(result.min(0));
+            }
+        }
+        self.arm(io).unwrap();
+    }
+
+    fn woken(&mut self, io: &mut IoCtx<'_>) {
+        while let Some(tag) = self.wire.borrow_mut().flushed.pop_front() {
+            io.finish(tag, 0).unwrap();
+        }
+    }
+
+    fn stop(&mut self, _io: &mut IoCtx<'_>) {
+        self.stopping = true;
+        self.wire.borrow_mut().stopped += 1;
+    }
+}
+
+fn proto_sim() -> (Sim, Rc<RefCell<Wire>>) {
+    let wire = Rc::new(RefCell::new(Wire::default()));
+    let target = ProtoTarget {
+        wire: Rc::clone(&wire),
+        hdrs: (0..DEPTH).map(MemId).collect(),
+        reply: MemId(DEPTH),
+        sent: vec![false; usize::from(DEPTH)],
+        early: vec![None; usize::from(DEPTH)],
+        stopping: false,
+    };
+    (Sim::with_target(IoProtocol::PerTag, Box::new(target), Rc::default()), wire)
+}
+
+impl Sim {
+    /// The socket delivers a reply header: the standing receive completes.
+    fn reply(&self, wire: &Rc<RefCell<Wire>>, tag: u16, res: i32) {
+        wire.borrow_mut().replies.push_back((tag, res));
+        self.complete_queue(HDR, 16);
+    }
+
+    fn complete_queue(&self, cookie: u16, res: i32) {
+        let mut k = self.kernel.borrow_mut();
+        let i = k.queue.iter().position(|&(c, _)| c == cookie).expect("no queue SQE with that cookie");
+        k.queue.remove(i);
+        k.cqes.push_back(Cqe { kind: Kind::QueueIo, tag: 0, cookie, res, flags: 0 });
+    }
+}
+
+#[test]
+fn start_arms_the_standing_receive_and_the_waker() {
+    let (s, _) = proto_sim();
+    let k = s.kernel.borrow();
+    assert_eq!(k.queue.len(), 1);
+    let (HDR, TargetIo::Sock(sock)) = k.queue[0] else { panic!("{:?}", k.queue) };
+    assert!(!sock.send && sock.mem == Mem::Owned { id: MemId(DEPTH), off: 0, len: 16 });
+    assert_eq!(k.target_wakes_armed, 1);
+    assert_eq!(s.reactor.inflight.queue, 1);
+}
+
+#[test]
+fn a_reply_on_the_queue_finishes_its_request() {
+    let (mut s, wire) = proto_sim();
+    s.deliver(1, desc(uapi::IO_OP_WRITE, 0, 4096));
+    s.pass();
+    // Header and payload, linked.
+    assert_eq!(s.kernel.borrow().target.len(), 2);
+    assert_eq!(s.kernel.borrow().linked, 1);
+    s.complete(1, 28);
+    s.complete(1, 4096);
+    s.pass();
+    assert!(s.commits().is_empty(), "committed before its reply");
+    s.reply(&wire, 1, 0);
+    s.pass();
+    assert_eq!(s.commits(), [(1, 0)]);
+    // The receive is armed again.
+    assert_eq!(s.kernel.borrow().queue.len(), 1);
+}
+
+#[test]
+fn a_reply_before_the_send_completes_waits_for_it() {
+    let (mut s, wire) = proto_sim();
+    s.deliver(0, desc(uapi::IO_OP_WRITE, 0, 512));
+    s.pass();
+    s.complete(0, 28);
+    s.pass();
+    // The reply comes while the payload's send completion is not reaped yet.
+    s.reply(&wire, 0, -libc::ENOSPC);
+    s.pass();
+    assert_eq!(wire.borrow().finish_errors, [-libc::EBUSY]);
+    assert!(s.commits().is_empty());
+    s.complete(0, 512);
+    s.pass();
+    assert_eq!(s.commits(), [(0, -libc::ENOSPC)]);
+}
+
+#[test]
+fn read_data_is_received_for_its_request() {
+    let (mut s, wire) = proto_sim();
+    s.deliver(2, desc(uapi::IO_OP_READ, 8192, 8192));
+    s.pass();
+    s.complete(2, 28);
+    s.pass();
+    let linked_before = s.kernel.borrow().linked;
+    s.reply(&wire, 2, 8192);
+    s.pass();
+    {
+        let k = s.kernel.borrow();
+        // The data receive belongs to the request and is linked before the next header's.
+        assert_eq!(k.target.len(), 1);
+        let (2, DATA, TargetIo::Sock(sock)) = k.target[0] else { panic!("{:?}", k.target) };
+        assert!(!sock.send && sock.mem == Mem::Request { off: 0, len: 8192 });
+        assert_eq!(k.linked, linked_before + 1);
+        assert_eq!(k.queue.len(), 1);
+    }
+    s.complete(2, 8192);
+    s.pass();
+    assert_eq!(s.commits(), [(2, 8192)]);
+}
+
+#[test]
+fn a_waker_lets_another_thread_finish_requests() {
+    let (mut s, wire) = proto_sim();
+    s.deliver(3, desc(uapi::IO_OP_FLUSH, 0, 0));
+    s.pass();
+    assert!(s.commits().is_empty());
+    wire.borrow_mut().flushed.push_back(3);
+    s.cqe(Kind::Waker, 0, 0, 8, 0);
+    s.pass();
+    assert_eq!(s.commits(), [(3, 0)]);
+    assert_eq!(s.kernel.borrow().target_wakes_armed, 2, "re-armed");
+}
+
+#[test]
+fn finish_refuses_what_it_cannot_finish() {
+    let (mut s, wire) = proto_sim();
+    // A reply for a tag with no request: not live.
+    s.reply(&wire, 2, 0);
+    s.pass();
+    assert_eq!(wire.borrow().finish_errors, [-libc::EINVAL]);
+    assert!(s.commits().is_empty());
+}
+
+#[test]
+fn stop_ends_the_queue_io_then_the_queue() {
+    let (mut s, wire) = proto_sim();
+    s.kernel.borrow_mut().wake = WAKE_STOP;
+    s.cqe(Kind::Wake, 0, 0, 8, 0);
+    s.pass();
+    s.reactor.maybe_stop();
+    assert_eq!(wire.borrow().stopped, 1);
+    // The standing receive is still in flight: not done until it ends.
+    assert!(!s.reactor.done());
+    s.complete_queue(HDR, 0);
+    s.pass();
+    s.reactor.maybe_stop();
+    assert!(s.reactor.done());
+    assert_eq!(wire.borrow().stopped, 1, "stop is called once");
+}
+
+#[test]
+fn a_panic_in_the_queue_context_fails_the_waiting_requests() {
+    let (mut s, wire) = proto_sim();
+    s.deliver(1, desc(uapi::IO_OP_WRITE, 0, 512));
+    s.deliver(2, desc(uapi::IO_OP_FLUSH, 0, 0));
+    s.pass();
+    s.complete(1, 28);
+    s.pass();
+    wire.borrow_mut().panic_in_queue = true;
+    s.reply(&wire, 1, 0);
+    s.pass();
+    // The flush waited on nothing of its own: failed now. The write fails once its
+    // payload's send is done (it may still read the buffer).
+    assert_eq!(s.commits(), [(2, -libc::EIO)]);
+    assert!(matches!(s.events.try_recv(), Ok(QueueEvent::TargetFailed { .. })));
+    s.complete(1, 512);
+    s.pass();
+    assert_eq!(s.commits(), [(2, -libc::EIO), (1, -libc::EIO)]);
+}
+
+/// Loop-like, but says Done while its second read is still in flight.
+struct Hasty;
+
+impl QueueTarget for Hasty {
+    fn submit(&mut self, req: &IoRequest, io: &mut IoCtx<'_>) -> Disposition {
+        let half = req.len as u32 / 2;
+        io.read(FileSlot(1), 0, half, req.offset, 0).unwrap();
+        io.read(FileSlot(1), half, half, req.offset + u64::from(half), 1).unwrap();
+        Disposition::Pending
+    }
+    fn complete(&mut self, req: &IoRequest, cookie: u16, _res: i32, _io: &mut IoCtx<'_>) -> Disposition {
+        assert_eq!(cookie, 0, "called again after it said Done");
+        Disposition::Done(req.len as i32)
+    }
+}
+
+#[test]
+fn done_with_sqes_in_flight_commits_when_they_complete() {
+    let mut s = Sim::with_target(IoProtocol::PerTag, Box::new(Hasty), Rc::default());
+    s.deliver(0, desc(uapi::IO_OP_READ, 0, 8192));
+    s.pass();
+    s.complete(0, 4096);
+    s.pass();
+    assert!(s.commits().is_empty(), "committed while its buffer may still be written");
+    s.complete(0, 4096);
+    s.pass();
+    assert_eq!(s.commits(), [(0, 8192)]);
 }
