@@ -324,10 +324,9 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    fn temp_file(name: &str, len: u64) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("ubd-loop-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join(name);
+    /// A file of `len` bytes in `dir` (a temporary directory, removed with it).
+    fn temp_file(dir: &tempfile::TempDir, name: &str, len: u64) -> PathBuf {
+        let p = dir.path().join(name);
         let mut f = File::create(&p).unwrap();
         f.set_len(len).unwrap();
         f.flush().unwrap();
@@ -336,7 +335,8 @@ mod tests {
 
     #[test]
     fn opens_a_file_and_reports_geometry() {
-        let p = temp_file("ok.img", 1 << 20);
+        let dir = tempfile::tempdir().unwrap();
+        let p = temp_file(&dir, "ok.img", 1 << 20);
         let t = LoopTarget::open(&p, &LoopOptions::default()).unwrap();
         assert_eq!(t.info().dev_size, 1 << 20);
         assert!(t.info().logical_block_size == 512 || t.info().logical_block_size == 4096);
@@ -351,10 +351,11 @@ mod tests {
     fn clear_errors_for_bad_backing() {
         let missing = LoopTarget::open(Path::new("/nonexistent/disk.img"), &LoopOptions::default()).unwrap_err();
         assert_eq!(missing.to_string(), "cannot open /nonexistent/disk.img: No such file or directory (os error 2)");
-        let odd = temp_file("odd.img", 1000);
+        let dir = tempfile::tempdir().unwrap();
+        let odd = temp_file(&dir, "odd.img", 1000);
         let e = LoopTarget::open(&odd, &LoopOptions { direct: DirectIo::Off, logical_block_size: None }).unwrap_err();
         assert!(e.to_string().contains("(1000 bytes) is not a multiple of the 512-byte block size"), "{e}");
-        let empty = temp_file("empty.img", 0);
+        let empty = temp_file(&dir, "empty.img", 0);
         assert!(LoopTarget::open(&empty, &LoopOptions::default()).unwrap_err().to_string().contains("is empty"));
         let dir = std::env::temp_dir();
         assert!(
