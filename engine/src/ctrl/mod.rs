@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
 use crate::error::{Error, Result};
-use crate::sys::uapi::{self, CtrlCmd, DevInfo, Params};
+use crate::sys::uapi::{self, CtrlCmd, DevInfo, Params, struct_bytes, struct_from_bytes};
 
 pub const CONTROL_PATH: &str = "/dev/ublk-control";
 
@@ -311,29 +311,6 @@ impl Control {
     }
 }
 
-/// The bytes of a plain-data UAPI struct.
-fn struct_bytes<T: Copy + UapiStruct>(v: &T) -> Vec<u8> {
-    let mut out = vec![0u8; size_of::<T>()];
-    // SAFETY: T is a #[repr(C)] UAPI struct of integers (UapiStruct), so every byte is
-    // initialised plain data; `out` has exactly size_of::<T>() bytes and does not overlap.
-    unsafe { std::ptr::copy_nonoverlapping((v as *const T).cast::<u8>(), out.as_mut_ptr(), out.len()) };
-    out
-}
-
-/// Reads a plain-data UAPI struct back from bytes (short input is zero-extended).
-fn struct_from_bytes<T: Copy + Default + UapiStruct>(bytes: &[u8]) -> T {
-    let mut v = T::default();
-    let n = bytes.len().min(size_of::<T>());
-    // SAFETY: T is a #[repr(C)] struct of integers, for which any bit pattern is valid;
-    // we copy at most size_of::<T>() bytes into it from a non-overlapping slice.
-    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), (&raw mut v).cast::<u8>(), n) };
-    v
-}
-
-/// Marker for `#[repr(C)]` UAPI structs made only of integers (any bit pattern valid).
-trait UapiStruct {}
-impl UapiStruct for DevInfo {}
-impl UapiStruct for Params {}
 
 #[cfg(test)]
 mod tests {

@@ -76,8 +76,7 @@ pub(crate) fn crash_on_queue_panic(dev_id: u32) {
                     "error: queue thread {name} panicked: {}; device {dev} is left for recovery: run `ubd-engine recover {dev}`",
                     panic_message(info.payload())
                 );
-                // SAFETY: _exit ends the process at once; nothing runs after it.
-                unsafe { libc::_exit(1) };
+                crate::sys::exit_now(1);
             }
         }));
     });

@@ -105,6 +105,13 @@ pub fn stop_self() {
     let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::STOP);
 }
 
+/// Ends the process at once with `status` (`_exit`: no destructors, no atexit
+/// handlers, no unwinding), for a crash that must look like one.
+pub fn exit_now(status: i32) -> ! {
+    // SAFETY: _exit ends the process at once; nothing runs after it.
+    unsafe { libc::_exit(status) }
+}
+
 /// Restores the default SIGPIPE action (the Rust runtime ignores it), so a report
 /// piped into `head` ends quietly when the reader goes away instead of failing a write.
 /// Only for short-lived commands: a serving daemon must not die of a closed stdout.
