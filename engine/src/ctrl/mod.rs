@@ -311,7 +311,6 @@ impl Control {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
