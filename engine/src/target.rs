@@ -239,6 +239,11 @@ impl<'a> IoCtx<'a> {
         }
     }
 
+    /// Is request `tag` in the target and not finished in this call?
+    fn open(&self, tag: u16) -> bool {
+        (self.live)(tag) && !self.finished.iter().any(|&(t, _)| t == tag)
+    }
+
     fn request_tag(&self) -> Result<u16, i32> {
         self.tag().ok_or(-libc::EINVAL)
     }
@@ -317,7 +322,7 @@ impl<'a> IoCtx<'a> {
     /// receive). `-EINVAL` if `tag` is this context's own request (return `Done`) or is
     /// not in the target, `-EBUSY` while SQEs of its own are in flight.
     pub fn finish(&mut self, tag: u16, res: i32) -> Result<(), i32> {
-        if self.owner == Owner::Request(tag) || !(self.live)(tag) || self.finished.iter().any(|&(t, _)| t == tag) {
+        if self.owner == Owner::Request(tag) || !self.open(tag) {
             return Err(-libc::EINVAL);
         }
         if self.inflight.per_tag[usize::from(tag)] > 0 {
@@ -330,7 +335,7 @@ impl<'a> IoCtx<'a> {
     /// A context acting for request `tag` (which must be in the target): what it
     /// pushes belongs to that request, and reaches its buffer.
     pub fn for_request(&mut self, tag: u16) -> Option<IoCtx<'_>> {
-        if !(self.live)(tag) || self.finished.iter().any(|&(t, _)| t == tag) {
+        if !self.open(tag) {
             return None;
         }
         Some(IoCtx {

@@ -73,9 +73,8 @@ pub fn serve_loop(a: &DevArgs, path: &Path, direct: ubd_targets::DirectIo, block
     serve(with_faults(Arc::new(t), fault), spec, &opts, None)
 }
 
-/// `null`, or (`sockram`) the socket-RAM test target, of `size` bytes.
-pub fn serve_null(a: &DevArgs, size: &str, block_size: u32, sockram: bool) -> Result<()> {
-    let opts = device_options(a)?;
+/// `--size` and `--block-size` of a target without a backing (null, sockram), checked.
+fn checked_size(size: &str, block_size: u32) -> Result<u64> {
     let size = parse_size(size).map_err(anyhow::Error::msg).context("--size")?;
     if !block_size.is_power_of_two() || block_size < 512 {
         bail!("--block-size {block_size} must be a power of two of at least 512");
@@ -83,14 +82,26 @@ pub fn serve_null(a: &DevArgs, size: &str, block_size: u32, sockram: bool) -> Re
     if !size.is_multiple_of(u64::from(block_size)) {
         bail!("--size {size} bytes is not a multiple of the {block_size}-byte block size");
     }
+    Ok(size)
+}
+
+pub fn serve_null(a: &DevArgs, size: &str, block_size: u32) -> Result<()> {
+    let opts = device_options(a)?;
+    let size = checked_size(size, block_size)?;
     let fault = fault_spec(a)?;
     preflight()?;
-    if sockram {
-        let t = ubd_targets::SockRamTarget::new(size, block_size).context("sockram")?;
-        let spec = t.spec();
-        return serve(with_faults(Arc::new(t), fault), spec, &opts, None);
-    }
     let t = ubd_targets::NullTarget::new(size, block_size);
+    let spec = t.spec();
+    serve(with_faults(Arc::new(t), fault), spec, &opts, None)
+}
+
+/// The socket-RAM test target (hidden subcommand `sockram`).
+pub fn serve_sockram(a: &DevArgs, size: &str, block_size: u32) -> Result<()> {
+    let opts = device_options(a)?;
+    let size = checked_size(size, block_size)?;
+    let fault = fault_spec(a)?;
+    preflight()?;
+    let t = ubd_targets::SockRamTarget::new(size, block_size).context("sockram")?;
     let spec = t.spec();
     serve(with_faults(Arc::new(t), fault), spec, &opts, None)
 }

@@ -199,8 +199,8 @@ fn main() -> std::process::ExitCode {
     }
     let result = match cli.command {
         Command::Loop { path, direct, block_size } => cmd::serve_loop(&cli.dev, &path, direct, block_size),
-        Command::Null { size, block_size } => cmd::serve_null(&cli.dev, &size, block_size, false),
-        Command::Sockram { size, block_size } => cmd::serve_null(&cli.dev, &size, block_size, true),
+        Command::Null { size, block_size } => cmd::serve_null(&cli.dev, &size, block_size),
+        Command::Sockram { size, block_size } => cmd::serve_sockram(&cli.dev, &size, block_size),
         Command::List { json } => cmd::list(json),
         Command::Del { id, all, force } => cmd::del(id, all, force),
         Command::Features { json } => cmd::features(json),

@@ -471,6 +471,10 @@ impl<'a, R: Ring + BatchRing, D: Descs> Reactor<'a, R, D> {
     /// panic, fail instead every request in the target that waits on no SQE of its own
     /// (the others fail as their SQEs complete: those may still use the buffer).
     fn after_call(&mut self, panicked: bool) {
+        // The common case, once per target call: nothing to do.
+        if !panicked && self.finished.is_empty() {
+            return;
+        }
         let mut finished = std::mem::take(&mut self.finished);
         if panicked {
             finished.clear();

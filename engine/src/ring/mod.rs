@@ -352,6 +352,17 @@ impl QueueRing {
         Ok(())
     }
 
+    /// Arms an 8-byte read of eventfd `fd` into `buf`, completing as `kind`.
+    ///
+    /// # Safety
+    /// `buf` must stay valid until the read completes, which may be after the ring is
+    /// closed (leaked memory), and `fd` must stay open as long as the ring.
+    unsafe fn push_eventfd_read(&mut self, fd: RawFd, buf: *mut u64, kind: Kind) -> Result<(), i32> {
+        let sqe = opcode::Read::new(types::Fd(fd), buf.cast(), 8).build().user_data(tag::encode(kind, 0, 0));
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.push(&sqe) }
+    }
+
     fn enter(&mut self, want: u32, timeout: Option<Duration>) -> stdio::Result<usize> {
         // SAFETY: every SQE queued names memory that outlives it (the push contracts).
         unsafe { uring::enter(&mut self.ring, self.ring_index, want, timeout) }
@@ -428,29 +439,18 @@ impl Ring for QueueRing {
 
     /// Arms the wake-up read on the eventfd.
     fn push_wake(&mut self) -> Result<(), i32> {
-        let ptr: *mut u64 = &raw mut *self.wake_buf;
-        let sqe = opcode::Read::new(types::Fd(self.wake_fd.as_raw_fd()), ptr.cast(), 8).build().user_data(tag::encode(
-            Kind::Wake,
-            0,
-            0,
-        ));
+        let (fd, buf) = (self.wake_fd.as_raw_fd(), &raw mut *self.wake_buf);
         // SAFETY: `wake_buf` is leaked heap memory (valid forever); `wake_fd` is open
         // for the life of self, and the ring (declared first) is closed before it.
-        unsafe { self.push(&sqe) }
+        unsafe { self.push_eventfd_read(fd, buf, Kind::Wake) }
     }
 
     /// Submits everything queued, waiting for at least `want` completions.
     fn push_target_wake(&mut self) -> Result<(), i32> {
         let Some((fd, buf)) = &mut self.target_wake else { return Ok(()) };
-        let ptr: *mut u64 = &raw mut **buf;
-        let sqe = opcode::Read::new(types::Fd(fd.as_raw_fd()), ptr.cast(), 8).build().user_data(tag::encode(
-            Kind::Waker,
-            0,
-            0,
-        ));
-        // SAFETY: the buffer is leaked heap memory (valid forever); the eventfd is open
-        // for the life of self, and the ring (declared first) is closed before it.
-        unsafe { self.push(&sqe) }
+        let (fd, buf) = (fd.as_raw_fd(), &raw mut **buf);
+        // SAFETY: as for the wake-up read: leaked buffer, eventfd open as long as the ring.
+        unsafe { self.push_eventfd_read(fd, buf, Kind::Waker) }
     }
 
     fn submit(&mut self, want: usize) -> stdio::Result<usize> {
