@@ -3,20 +3,30 @@
 # with ublk_drv), checks formatting and lints, runs the unit tests, builds the
 # release binary, and runs the end-to-end suite in a VM on each kernel.
 #
-# usage: tests/run-all.sh [--kernels "lts newest"] [--no-lint]
+# usage: tests/run-all.sh [--kernels "lts newest"] [--no-lint] [--full]
+#   --full  the heavier matrix: 100 add/del cycles (20 with fio) instead of 30 (6),
+#           10 kill -9 / recover rounds instead of 6, then tests/stress.sh
 # Needs root (packages, kernels in /lib/modules). Ends with "N passed, N failed".
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 1
 kernels=${UBD_KERNELS:-lts newest}
-lint=1
+lint=1 full=0
 while (($#)); do
     case $1 in
     --kernels) kernels=$2; shift 2 ;;
     --no-lint) lint=0; shift ;;
-    *) echo "usage: $0 [--kernels \"lts newest\"] [--no-lint]" >&2; exit 2 ;;
+    --full) full=1; shift ;;
+    *) echo "usage: $0 [--kernels \"lts newest\"] [--no-lint] [--full]" >&2; exit 2 ;;
     esac
 done
+# CI's 30-minute budget: fewer repeats of the cycle and recovery cases (run.sh passes
+# UBD_* variables into the VM); --full runs them all.
+if ((full)); then
+    export UBD_CYCLES=${UBD_CYCLES:-100} UBD_FIO_CYCLES=${UBD_FIO_CYCLES:-20} UBD_RECOVER_ROUNDS=${UBD_RECOVER_ROUNDS:-10}
+else
+    export UBD_CYCLES=${UBD_CYCLES:-30} UBD_FIO_CYCLES=${UBD_FIO_CYCLES:-6} UBD_RECOVER_ROUNDS=${UBD_RECOVER_ROUNDS:-6}
+fi
 start=$SECONDS
 step() { printf '\n##### %s (%ds)\n' "$*" $((SECONDS - start)); }
 die() { echo "run-all: $*" >&2; exit 1; }
@@ -64,6 +74,14 @@ for k in $kernels; do
     e2e_pass=$((e2e_pass + p)) e2e_fail=$((e2e_fail + f))
     summary+=("${line:-kernel $k: no result}")
 done
+
+if ((full)); then
+    step "stress (--full)"
+    tests/stress.sh --kernels "$kernels" 2>&1 | tee /tmp/ubd-stress.log
+    read -r p f < <(grep -E '^[0-9]+ passed, [0-9]+ failed$' /tmp/ubd-stress.log | tail -n1 | awk '{ print $1, $3 }')
+    e2e_pass=$((e2e_pass + ${p:-0})) e2e_fail=$((e2e_fail + ${f:-1}))
+    summary+=("stress: ${p:-0} passed, ${f:-1} failed")
+fi
 
 step "summary"
 echo "unit tests: $unit_pass passed, $unit_fail failed"

@@ -317,6 +317,43 @@ impl<'a> IoCtx<'a> {
         self.sq.mem(id)
     }
 
+    /// Copies `src` into `dst` (equal lengths): between this context's request buffer
+    /// ([`Mem::Request`], buffer mode copy) and target memory, or within target memory.
+    /// For protocols that carry many requests' data in one buffer: a write's payload
+    /// gathered into a send buffer, a read's data taken out of a receive buffer.
+    /// `-EBUSY` while an SQE in flight names either side, `-EINVAL` for a range out of
+    /// bounds or unequal lengths, `-EOPNOTSUPP` for the request buffer in other modes.
+    pub fn copy(&mut self, dst: Mem, src: Mem) -> Result<(), i32> {
+        let tag = self.copy_tag(dst, Some(src))?;
+        self.sq.copy(tag, dst, Some(src))
+    }
+
+    /// Zeroes `dst` (a hole in a read's reply), as [`copy`](Self::copy) would write it.
+    pub fn zero(&mut self, dst: Mem) -> Result<(), i32> {
+        let tag = self.copy_tag(dst, None)?;
+        self.sq.copy(tag, dst, None)
+    }
+
+    /// The request a copy names, checked: this context's, with no SQE of its own in flight.
+    fn copy_tag(&self, dst: Mem, src: Option<Mem>) -> Result<Option<u16>, i32> {
+        let names_request = |m: Mem| matches!(m, Mem::Request { .. });
+        if !names_request(dst) && !src.is_some_and(names_request) {
+            return Ok(None);
+        }
+        let tag = self.request_tag()?;
+        if self.inflight.per_tag[usize::from(tag)] > 0 {
+            return Err(-libc::EBUSY);
+        }
+        Ok(Some(tag))
+    }
+
+    /// Points the registered file `file` at `fd` from now on (a socket reconnected):
+    /// SQEs already in flight keep the old one. The ring holds its own reference, so
+    /// the caller may close `fd` afterwards.
+    pub fn replace_file(&mut self, file: FileSlot, fd: BorrowedFd<'_>) -> Result<(), i32> {
+        self.sq.update_file(file, fd.as_raw_fd())
+    }
+
     /// Finishes request `tag` with `res` (bytes or `-errno`), as its own `Done` would:
     /// for a request that waits on something else (its reply arrived on the queue's
     /// receive). `-EINVAL` if `tag` is this context's own request (return `Done`) or is
@@ -330,6 +367,18 @@ impl<'a> IoCtx<'a> {
         }
         self.finished.push((tag, res));
         Ok(())
+    }
+
+    /// A context acting for the queue: what it pushes belongs to the queue (its
+    /// completion goes to [`QueueTarget::queue_complete`]), from any context.
+    pub fn for_queue(&mut self) -> IoCtx<'_> {
+        IoCtx {
+            sq: &mut *self.sq,
+            owner: Owner::Queue,
+            inflight: &mut *self.inflight,
+            live: self.live,
+            finished: &mut *self.finished,
+        }
     }
 
     /// A context acting for request `tag` (which must be in the target): what it

@@ -4,12 +4,14 @@
 
 pub mod fault;
 pub mod loop_target;
+pub mod nbd;
 pub mod null;
 pub mod sockram;
 pub mod spec;
 
 pub use fault::{FaultSpec, FaultTarget};
 pub use loop_target::{DirectIo, LoopOptions, LoopTarget};
+pub use nbd::{NbdOptions, NbdTarget};
 pub use null::NullTarget;
 pub use sockram::SockRamTarget;
 pub use spec::TargetSpec;

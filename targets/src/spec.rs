@@ -27,6 +27,12 @@ pub enum TargetSpec {
         size: u64,
         logical_block_size: u32,
     },
+    /// An NBD server's export (see [`NbdTarget`](crate::NbdTarget)).
+    Nbd {
+        uri: String,
+        reconnect_timeout_secs: u64,
+        io_timeout_secs: Option<u64>,
+    },
     /// The socket-RAM test target: its data lived in the dead daemon, so it is not
     /// recoverable (opening it again is refused).
     SockRam {
@@ -44,6 +50,15 @@ impl TargetSpec {
                 Arc::new(LoopTarget::open(path, &opts)?)
             }
             TargetSpec::Null { size, logical_block_size } => Arc::new(NullTarget::new(*size, *logical_block_size)),
+            TargetSpec::Nbd { uri, reconnect_timeout_secs, io_timeout_secs } => {
+                let opts = crate::NbdOptions {
+                    reconnect_timeout: std::time::Duration::from_secs(*reconnect_timeout_secs),
+                    io_timeout: io_timeout_secs.map(std::time::Duration::from_secs),
+                    ..Default::default()
+                };
+                // The device has its queues: each opens its own connection.
+                Arc::new(crate::NbdTarget::open(uri, &opts, 1).map_err(ubd_engine::Error::Config)?)
+            }
             TargetSpec::SockRam { .. } => {
                 return Err(ubd_engine::Error::Config(
                     "the sockram test target kept its data in the daemon that died: it cannot be recovered (delete the device with `ubd-engine del`)".into(),
@@ -79,8 +94,14 @@ mod tests {
         for direct in [DirectIo::Auto, DirectIo::Off] {
             round_trip(&TargetSpec::Loop { path: "/x.img".into(), direct, logical_block_size: None });
         }
-        let e = serde_json::from_str::<TargetSpec>(r#"{"kind": "nbd", "host": "h"}"#).unwrap_err();
-        assert!(e.to_string().contains("unknown variant `nbd`"), "{e}");
+        let e = serde_json::from_str::<TargetSpec>(r#"{"kind": "nfs", "host": "h"}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown variant `nfs`"), "{e}");
+        let nbd =
+            TargetSpec::Nbd { uri: "nbd://127.0.0.1/x".into(), reconnect_timeout_secs: 60, io_timeout_secs: None };
+        assert_eq!(
+            round_trip(&nbd),
+            serde_json::json!({ "kind": "nbd", "uri": "nbd://127.0.0.1/x", "reconnect_timeout_secs": 60, "io_timeout_secs": null })
+        );
         let e = serde_json::from_str::<TargetSpec>(r#"{"kind": "null", "logical_block_size": 512}"#).unwrap_err();
         assert!(e.to_string().contains("missing field `size`"), "{e}");
     }

@@ -6,6 +6,8 @@ set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=lib.sh
 source "$HERE/lib.sh"
+# shellcheck source=nbd.sh
+source "$HERE/nbd.sh"
 
 echo "=== ubd-engine e2e on $(uname -r), $(nproc) CPUs"
 rm -rf "$WORK" && mkdir -p "$WORK"
@@ -374,7 +376,7 @@ case_batch_io() {
         log "io protocol batch, buffer mode $mode: loop (brd and file) verified"
     done
     # kill -9 under a verified write job, recover (PREP + FETCH again), verify.
-    recover_rounds "${UBD_RECOVER_ROUNDS:-3}" --io-protocol batch
+    recover_rounds "${UBD_BATCH_RECOVER_ROUNDS:-3}" --io-protocol batch
 }
 
 # check_batch_stats DEPTH: with fio reading from the batch device $DEV, `stats --json`
@@ -849,7 +851,8 @@ case_sockram() {
 
 cases=(features null null_nocopy loop_file loop_file_buffered loop_bdev mkfs_mount discard_flush discard_bdev
     list_del bad_input hugepages buffer_modes placement batch_io recover sigterm_under_load fault_errors fault_delay_stall abort
-    kill9_states cycles perf_smoke sockram)
+    kill9_states cycles perf_smoke sockram
+    nbd_nbdkit nbd_file nbd_qemu nbd_restart nbd_errors nbd_recover nbd_bad_input nbd_bad_server)
 for c in "${cases[@]}"; do
     [[ -n ${UBD_E2E_ONLY:-} && ! $c =~ $UBD_E2E_ONLY ]] && continue
     run_case "$c" "case_$c"

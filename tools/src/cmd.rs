@@ -47,6 +47,7 @@ fn device_options(a: &DevArgs) -> Result<DeviceOptions> {
             ),
         },
         stop_grace: Duration::from_secs(a.stop_timeout),
+        partition_scan: true,
     };
     opts.validate()?;
     Ok(opts)
@@ -102,6 +103,38 @@ pub fn serve_sockram(a: &DevArgs, size: &str, block_size: u32) -> Result<()> {
     let fault = fault_spec(a)?;
     preflight()?;
     let t = ubd_targets::SockRamTarget::new(size, block_size).context("sockram")?;
+    let spec = t.spec();
+    serve(with_faults(Arc::new(t), fault), spec, &opts, None)
+}
+
+/// `nbd URI`: a client of an NBD server's export.
+pub fn serve_nbd(
+    a: &DevArgs,
+    uri: &str,
+    connections: Option<u16>,
+    reconnect_timeout: u64,
+    io_timeout: Option<u64>,
+) -> Result<()> {
+    let mut opts = device_options(a)?;
+    if io_timeout == Some(0) {
+        bail!("--io-timeout must be at least 1 second");
+    }
+    let fault = fault_spec(a)?;
+    preflight()?;
+    let nbd = ubd_targets::NbdOptions {
+        connections,
+        reconnect_timeout: Duration::from_secs(reconnect_timeout),
+        io_timeout: io_timeout.map(Duration::from_secs),
+        ..Default::default()
+    };
+    let queues = connections.filter(|_| a.queues.is_none()).unwrap_or(opts.queues);
+    let t = ubd_targets::NbdTarget::open(uri, &nbd, queues).map_err(anyhow::Error::msg)?;
+    opts.queues = t.queues();
+    // Requests no larger than the server takes (its NBD_INFO_BLOCK_SIZE maximum).
+    opts.max_io_buf_bytes = ubd_targets::nbd::max_io_bytes(t.export(), opts.max_io_buf_bytes);
+    // The partition scan at start would read over the network (and hang a recovery
+    // whose server is gone).
+    opts.partition_scan = false;
     let spec = t.spec();
     serve(with_faults(Arc::new(t), fault), spec, &opts, None)
 }

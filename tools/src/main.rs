@@ -126,6 +126,24 @@ enum Command {
         #[arg(long, value_name = "BYTES", default_value_t = 512)]
         block_size: u32,
     },
+    /// An NBD server's export: nbd://HOST[:PORT][/EXPORT] or
+    /// nbd+unix:///[EXPORT]?socket=PATH (nbdkit, qemu-nbd, nbd-server...). One
+    /// connection per queue when the server allows several (NBD_FLAG_CAN_MULTI_CONN).
+    Nbd {
+        uri: String,
+        /// Connections to the server, one per queue (default: --queues, or one if the
+        /// server does not allow several).
+        #[arg(long, value_name = "N")]
+        connections: Option<u16>,
+        /// How long requests wait for a lost connection to be re-made before they fail
+        /// with EIO (the device stays, and works again when the server is back).
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        reconnect_timeout: u64,
+        /// A request with no reply for this long fails with EIO and its connection is
+        /// re-made (default: wait as long as it takes).
+        #[arg(long, value_name = "SECS")]
+        io_timeout: Option<u64>,
+    },
     /// A test device: RAM served by an in-process thread over a socket (the target API
     /// for targets that are not a file, end to end). Its data dies with the process.
     #[command(hide = true)]
@@ -201,6 +219,9 @@ fn main() -> std::process::ExitCode {
         Command::Loop { path, direct, block_size } => cmd::serve_loop(&cli.dev, &path, direct, block_size),
         Command::Null { size, block_size } => cmd::serve_null(&cli.dev, &size, block_size),
         Command::Sockram { size, block_size } => cmd::serve_sockram(&cli.dev, &size, block_size),
+        Command::Nbd { uri, connections, reconnect_timeout, io_timeout } => {
+            cmd::serve_nbd(&cli.dev, &uri, connections, reconnect_timeout, io_timeout)
+        }
         Command::List { json } => cmd::list(json),
         Command::Del { id, all, force } => cmd::del(id, all, force),
         Command::Features { json } => cmd::features(json),

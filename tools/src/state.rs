@@ -120,13 +120,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("3.json");
         let mut json = serde_json::to_value(sample()).unwrap();
-        json["target_spec"] = serde_json::json!({ "kind": "nbd", "host": "h" });
+        json["target_spec"] = serde_json::json!({ "kind": "nfs", "host": "h" });
         let cases = [
             b"{ not json".to_vec(),
             serde_json::to_vec_pretty(&json).unwrap(),
             br#"{"dev_id": 3, "target": "loop", "target_info": {"path": "/x"}}"#.to_vec(),
         ];
-        for (bytes, what) in cases.iter().zip(["key must be a string", "unknown variant `nbd`", "missing field"]) {
+        for (bytes, what) in cases.iter().zip(["key must be a string", "unknown variant `nfs`", "missing field"]) {
             std::fs::write(&p, bytes).unwrap();
             let e = format!("{:#}", read_file(&p).unwrap_err());
             assert!(e.starts_with(&format!("bad state file {}: ", p.display())), "{e}");

@@ -61,6 +61,11 @@ pub struct DeviceOptions {
     /// On stop, how long requests in flight may take to complete before the queues
     /// give up on them (the kernel then fails them, or re-queues them for recovery).
     pub stop_grace: Duration,
+    /// Let the kernel scan the device for partitions when it starts. Off for network
+    /// targets: the scan reads over the network, and a server that dies during it
+    /// hangs the start (or a recovery). Off needs UBLK_F_NO_AUTO_PART_SCAN (Linux 7.0+);
+    /// older kernels scan anyway (logged).
+    pub partition_scan: bool,
 }
 
 /// What the kernel does with a device whose daemon dies.
@@ -138,6 +143,7 @@ impl Default for DeviceOptions {
             io_protocol: IoProtocol::PerTag,
             offload_min: None,
             stop_grace: Duration::from_secs(30),
+            partition_scan: true,
         }
     }
 }
@@ -249,13 +255,23 @@ pub fn serve(
             features::feature_names(want_recovery & !kernel_features).join(" ")
         )));
     }
+    let no_scan = if opts.partition_scan {
+        0
+    } else if kernel_features & features::F_NO_AUTO_PART_SCAN != 0 {
+        features::F_NO_AUTO_PART_SCAN
+    } else {
+        tracing::info!(
+            "this kernel has no UBLK_F_NO_AUTO_PART_SCAN (Linux 7.0+): it scans the device for partitions at start"
+        );
+        0
+    };
     let mut info = uapi::DevInfo {
         nr_hw_queues: opts.queues,
         queue_depth: opts.depth,
         max_io_buf_bytes: opts.max_io_buf_bytes,
         dev_id: opts.dev_id.unwrap_or(u32::MAX),
         ublksrv_pid: sys::getpid(),
-        flags: features::F_CMD_IOCTL_ENCODE | buffer_mode.dev_flag() | want_recovery | want_batch,
+        flags: features::F_CMD_IOCTL_ENCODE | buffer_mode.dev_flag() | want_recovery | want_batch | no_scan,
         ..Default::default()
     };
     ctrl.add_dev(&mut info).map_err(|e| match (e.raw_os_error(), opts.dev_id) {

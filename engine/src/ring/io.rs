@@ -57,6 +57,13 @@ pub(crate) trait TargetSq {
     fn link_next(&mut self) -> Result<(), i32>;
     /// Target memory `id`, unless an SQE in flight names it.
     fn mem(&mut self, id: MemId) -> Option<&mut [u8]>;
+    /// Copies `src` to `dst` (zeroes `dst` if `src` is None); `Mem::Request` is request
+    /// `tag`'s buffer, which the caller has checked is the target's with no SQE in
+    /// flight. Target memory named by an SQE in flight is `-EBUSY`.
+    fn copy(&mut self, tag: Option<u16>, dst: Mem, src: Option<Mem>) -> Result<(), i32>;
+    /// Points registered file `file` at `fd` (IORING_REGISTER_FILES_UPDATE); SQEs in
+    /// flight keep the file they were pushed with.
+    fn update_file(&mut self, file: FileSlot, fd: std::os::fd::RawFd) -> Result<(), i32>;
 }
 
 /// Memory a target owns, allocated with the ring and named by its SQEs.
@@ -119,6 +126,32 @@ impl QueueRing {
             self.owned[usize::from(m.0)].inflight += 1;
         }
         Ok(())
+    }
+}
+
+impl QueueRing {
+    /// The address of `mem` for a CPU copy: request `tag`'s buffer (copy mode) or
+    /// target memory that no SQE in flight names.
+    fn copy_addr(&self, tag: Option<u16>, mem: Mem) -> Result<(*mut u8, u32), i32> {
+        match mem {
+            Mem::Request { off, len } => {
+                let tag = tag.ok_or(-libc::EINVAL)?;
+                if self.mode != BufferMode::Copy {
+                    return Err(-libc::EOPNOTSUPP);
+                }
+                if tag >= self.depth || u64::from(off) + u64::from(len) > u64::from(self.buf_size) {
+                    return Err(-libc::EINVAL);
+                }
+                Ok((self.buf_addr(tag).wrapping_add(off as usize), len))
+            }
+            Mem::Owned { id, off, len } => {
+                let m = self.owned.get(usize::from(id.0)).ok_or(-libc::EINVAL)?;
+                if m.inflight > 0 {
+                    return Err(-libc::EBUSY);
+                }
+                Ok((m.range(off, len)?, len))
+            }
+        }
     }
 }
 
@@ -240,5 +273,37 @@ impl TargetSq for QueueRing {
         // names it, so the kernel does not touch it, and the &mut borrow of self keeps it
         // unique until it ends.
         Some(unsafe { std::slice::from_raw_parts_mut(m.ptr.as_ptr(), m.len) })
+    }
+
+    fn copy(&mut self, tag: Option<u16>, dst: Mem, src: Option<Mem>) -> Result<(), i32> {
+        let (to, len) = self.copy_addr(tag, dst)?;
+        match src {
+            Some(src) => {
+                let (from, n) = self.copy_addr(tag, src)?;
+                if n != len {
+                    return Err(-libc::EINVAL);
+                }
+                // SAFETY: both ranges are inside live memory of this ring (checked by
+                // copy_addr): the request's buffer while the request is the target's with
+                // no SQE in flight (the caller's check), so neither the kernel nor an SQE
+                // touches it, or target memory no SQE names. `copy` allows overlap.
+                unsafe { std::ptr::copy(from.cast_const(), to, len as usize) };
+            }
+            // SAFETY: as above, for the one range.
+            None => unsafe { std::ptr::write_bytes(to, 0, len as usize) },
+        }
+        Ok(())
+    }
+
+    fn update_file(&mut self, file: FileSlot, fd: std::os::fd::RawFd) -> Result<(), i32> {
+        // Slot 0 is the ublk char device, never a target's.
+        if file.0 == 0 || file.0 >= self.nr_files {
+            return Err(-libc::EINVAL);
+        }
+        match self.ring.submitter().register_files_update(file.0, &[fd]) {
+            Ok(1) => Ok(()),
+            Ok(_) => Err(-libc::EIO),
+            Err(e) => Err(super::errno_of(&e)),
+        }
     }
 }

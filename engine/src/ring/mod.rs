@@ -89,6 +89,8 @@ pub(crate) struct QueueRing {
     offload_min: u32,
     /// Memory the target owns (`QueueSetup::alloc`), by `MemId`.
     owned: Vec<io::OwnedMem>,
+    /// Registered files, the char device (slot 0) included.
+    nr_files: u32,
     /// The next target SQE gets IOSQE_IO_LINK.
     link_pending: bool,
     /// The target's waker: its eventfd and where its read lands (leaked, as `wake_buf`).
@@ -252,6 +254,7 @@ impl QueueRing {
             batch,
             offload_min: setup.offload_min.unwrap_or(u32::MAX),
             owned: setup.owned.iter().map(|&len| io::OwnedMem::new(len)).collect(),
+            nr_files: u32::try_from(files.len() + 1).unwrap_or(u32::MAX),
             link_pending: false,
             target_wake: setup.target_wake.map(|fd| (fd, Box::leak(Box::new(0)))),
             ring_index,
@@ -511,7 +514,7 @@ impl Ring for QueueRing {
 mod tests {
     use super::io::{Rw, TargetSq};
     use super::*;
-    use crate::request::FileSlot;
+    use crate::request::{FileSlot, Mem, MemId};
 
     /// A `none`-mode ring of depth 4 (the char device slot holds /dev/null) with the
     /// wake-up eventfd `wake`. These tests need io_uring, as the engine does: where it
@@ -556,6 +559,59 @@ mod tests {
         let null = std::fs::File::open("/dev/null").unwrap();
         let e = QueueRing::new(0, 4, 4096, setup, crate::sys::eventfd().unwrap(), null.as_raw_fd(), &[]).unwrap_err();
         assert_eq!(e.kind(), stdio::ErrorKind::InvalidInput);
+    }
+
+    /// CPU copies between a request's buffer (copy mode) and target memory, zeroing,
+    /// and the checks: ranges, the buffer mode, memory named by an SQE in flight; and
+    /// replacing a registered file (slot 0, the char device, is not the target's).
+    #[test]
+    fn copies_between_request_buffers_and_target_memory() {
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let setup = RingSetup {
+            ring: None,
+            mode: BufferMode::Copy,
+            region: Some(Region::new(4 * 4096, false).unwrap()),
+            batch: false,
+            offload_min: None,
+            owned: vec![64],
+            target_wake: None,
+        };
+        let mut sq = QueueRing::new(0, 4, 4096, setup, crate::sys::eventfd().unwrap(), null.as_raw_fd(), &[null.as_raw_fd()])
+            .expect("io_uring_setup (these tests need io_uring)");
+        let id = MemId(0);
+        sq.mem(id).unwrap()[..8].copy_from_slice(b"abcdefgh");
+        let owned = |off, len| Mem::Owned { id, off, len };
+        // Owned -> request 2 at 100, back into owned at 32, and a zeroed middle.
+        sq.copy(Some(2), Mem::Request { off: 100, len: 8 }, Some(owned(0, 8))).unwrap();
+        sq.copy(Some(2), Mem::Request { off: 102, len: 2 }, None).unwrap();
+        sq.copy(Some(2), owned(32, 8), Some(Mem::Request { off: 100, len: 8 })).unwrap();
+        assert_eq!(&sq.mem(id).unwrap()[32..40], b"ab\0\0efgh");
+        // Another tag's buffer is another place.
+        sq.copy(Some(3), owned(48, 8), Some(Mem::Request { off: 100, len: 8 })).unwrap();
+        assert_eq!(&sq.mem(id).unwrap()[48..56], &[0; 8]);
+        // Overlapping copies within target memory move as memmove does.
+        sq.copy(None, owned(1, 8), Some(owned(0, 8))).unwrap();
+        assert_eq!(&sq.mem(id).unwrap()[..9], b"aabcdefgh");
+        for (dst, src, want) in [
+            (Mem::Request { off: 4090, len: 8 }, Some(owned(0, 8)), -libc::EINVAL),
+            (owned(60, 8), None, -libc::EINVAL),
+            (owned(0, 8), Some(owned(0, 4)), -libc::EINVAL),
+            (Mem::Request { off: 0, len: 8 }, None, -libc::EINVAL),
+        ] {
+            let tag = if matches!(dst, Mem::Request { off: 0, .. }) { None } else { Some(1) };
+            assert_eq!(sq.copy(tag, dst, src), Err(want), "{dst:?} {src:?}");
+        }
+        // Memory an SQE in flight names is busy.
+        sq.owned[0].inflight = 1;
+        assert_eq!(sq.copy(Some(1), Mem::Request { off: 0, len: 8 }, Some(owned(0, 8))), Err(-libc::EBUSY));
+        sq.owned[0].inflight = 0;
+        assert_eq!(sq.update_file(FileSlot(0), null.as_raw_fd()), Err(-libc::EINVAL));
+        assert_eq!(sq.update_file(FileSlot(2), null.as_raw_fd()), Err(-libc::EINVAL));
+        let other = std::fs::File::open("/dev/zero").unwrap();
+        sq.update_file(FileSlot(1), other.as_raw_fd()).unwrap();
+        // No request buffer in `none` mode.
+        let mut none = none_ring(crate::sys::eventfd().unwrap());
+        assert_eq!(none.copy(Some(0), Mem::Request { off: 0, len: 8 }, None), Err(-libc::EOPNOTSUPP));
     }
 
     /// The queue's own `io_uring_enter` (registered ring fd, EXT_ARG timeout): a wait

@@ -99,6 +99,12 @@ impl TargetSq for FakeRing {
     fn mem(&mut self, _id: MemId) -> Option<&mut [u8]> {
         None
     }
+    fn copy(&mut self, _tag: Option<u16>, _dst: Mem, _src: Option<Mem>) -> Result<(), i32> {
+        Err(-libc::EOPNOTSUPP)
+    }
+    fn update_file(&mut self, _file: FileSlot, _fd: std::os::fd::RawFd) -> Result<(), i32> {
+        Err(-libc::EOPNOTSUPP)
+    }
 }
 
 impl Ring for FakeRing {
