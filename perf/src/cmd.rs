@@ -153,6 +153,10 @@ fn measure(m: &MatrixArgs, cmd: &str) -> Result<(Results, PathBuf)> {
         systems::default_systems(&s.caps, s.env.rublk.is_some(), s.env.ublksrv.is_some()),
         &variants,
     );
+    // The network systems run only when asked for (by name or prefix).
+    let named =
+        |x: &System| m.systems.iter().any(|p| p.strip_suffix('*').map_or(*p == x.name, |pre| x.name.starts_with(pre)));
+    all.extend(systems::network_systems().into_iter().filter(|x| named(x)));
     // Drop what cannot run here, unless asked for by name (then it fails clearly).
     let asked = |x: &System| m.systems.contains(&x.name);
     all.retain(|x| (s.ublk || !x.needs_ublk() || asked(x)) && (s.engine || !x.name.starts_with("engine-") || asked(x)));

@@ -94,7 +94,7 @@ pub fn markdown_tables(cells: &[Cell]) -> String {
     }
     for w in workloads {
         let _ = writeln!(s, "### {w}\n");
-        s.push_str("| system | IOPS (median) | spread | MB/s | p50 µs | p99 µs | p99.9 µs | × kloop |\n");
+        s.push_str("| system | IOPS (median) | spread | MB/s | p50 µs | p99 µs | p99.9 µs | × ref |\n");
         s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|\n");
         for c in cells.iter().filter(|c| c.workload == w) {
             let ratio = c.ratio_kloop.map_or("–".to_string(), |r| format!("{r:.2}"));
@@ -140,8 +140,10 @@ pub fn markdown(r: &Results) -> String {
     );
     s.push_str(
         "spread = (max − min) / median of IOPS over the rounds; latencies are fio's completion latency \
-         (clat) of the main direction (reads for a mix), medians over the rounds; × kloop = median IOPS over \
-         the kernel loop driver's (`losetup --direct-io=on`) on the same backing.\n\n",
+         (clat) of the main direction (reads for a mix), medians over the rounds; × ref = median IOPS over \
+         the kernel loop driver's (`losetup --direct-io=on`) on the same backing, or for the nbd systems over \
+         the kernel NBD client's (`knbd-tcp`, `knbd-unix`: nbd-client, as many connections) of the same nbdkit \
+         server.\n\n",
     );
     s.push_str(&markdown_tables(&r.cells));
     s

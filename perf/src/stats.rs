@@ -67,12 +67,11 @@ pub struct Cell {
     pub p50_us: f64,
     pub p99_us: f64,
     pub p999_us: f64,
-    /// Median IOPS over the kernel loop's (`kloop`) in the same workload.
+    /// Median IOPS over the reference's in the same workload: the kernel loop driver
+    /// (`kloop`), or for an nbd system the kernel NBD client over the same transport
+    /// (see [`reference_of`](crate::systems::reference_of)).
     pub ratio_kloop: Option<f64>,
 }
-
-/// The system every ratio is taken against.
-pub const REFERENCE: &str = "kloop";
 
 /// Summarises samples into cells, in first-seen order of workloads and systems.
 pub fn summarize(samples: &[Sample]) -> Vec<Cell> {
@@ -108,10 +107,14 @@ pub fn summarize(samples: &[Sample]) -> Vec<Cell> {
             }
         })
         .collect();
-    let refs: Vec<(String, f64)> =
-        cells.iter().filter(|c| c.system == REFERENCE).map(|c| (c.workload.clone(), c.iops)).collect();
+    let refs: Vec<(String, String, f64)> =
+        cells.iter().map(|c| (c.workload.clone(), c.system.clone(), c.iops)).collect();
     for c in &mut cells {
-        c.ratio_kloop = refs.iter().find(|(w, _)| *w == c.workload).and_then(|(_, r)| ratio(c.iops, *r));
+        let reference = crate::systems::reference_of(&c.system);
+        c.ratio_kloop = refs
+            .iter()
+            .find(|(w, sys, _)| *w == c.workload && sys == reference)
+            .and_then(|(_, _, r)| ratio(c.iops, *r));
     }
     cells
 }

@@ -32,6 +32,40 @@ pub enum Kind {
     RublkNull { flag: Option<&'static str> },
     /// ublksrv's `ublk add -t loop|null`.
     Ublksrv { target: &'static str },
+    /// The kernel's NBD client (`nbd-client`, one connection per queue) of an nbdkit
+    /// server (file plugin on a tmpfs image), over TCP on 127.0.0.1 or a Unix socket.
+    KNbd { unix: bool },
+    /// `ubd-engine nbd` of the same server.
+    EngineNbd { unix: bool },
+}
+
+/// The network systems (not in the default list: asked for by name, `knbd*`,
+/// `engine-nbd*`), over one nbdkit server each started anew.
+pub fn network_systems() -> Vec<System> {
+    let mut v = Vec::new();
+    for (t, unix) in [("tcp", false), ("unix", true)] {
+        v.push(System::new(&format!("knbd-{t}"), Kind::KNbd { unix }));
+        v.push(System::new(&format!("engine-nbd-{t}"), Kind::EngineNbd { unix }));
+    }
+    v
+}
+
+/// The system a system's ratio is taken against: the kernel NBD client over the same
+/// transport for the nbd systems, the kernel loop driver for the rest.
+pub fn reference_of(system: &str) -> &'static str {
+    let nbd = system.starts_with("knbd-") || system.starts_with("engine-nbd-");
+    match () {
+        () if nbd && system.contains("-tcp") => "knbd-tcp",
+        () if nbd && system.contains("-unix") => "knbd-unix",
+        () => "kloop",
+    }
+}
+
+/// The port and image of the perf NBD server.
+const NBD_PORT: u16 = 10899;
+
+fn nbd_image() -> PathBuf {
+    PathBuf::from("/dev/shm/ubd-perf-nbd.img")
 }
 
 /// A named system.
@@ -50,7 +84,12 @@ impl System {
 
     /// Whether the system needs the ublk driver.
     pub fn needs_ublk(&self) -> bool {
-        !matches!(self.kind, Kind::Raw | Kind::KLoop)
+        !matches!(self.kind, Kind::Raw | Kind::KLoop | Kind::KNbd { .. })
+    }
+
+    /// Whether the system is a network one (see [`network_systems`]).
+    pub fn is_network(&self) -> bool {
+        matches!(self.kind, Kind::KNbd { .. } | Kind::EngineNbd { .. })
     }
 }
 
@@ -255,6 +294,10 @@ enum Guard {
     Server(Child),
     /// A daemonized peer, stopped with `BIN del -n ID`.
     Daemon(PathBuf, u32),
+    /// `nbd-client`'s device, disconnected with `nbd-client -d`.
+    NbdClient(PathBuf),
+    /// A client (engine or kernel) and then its nbdkit server.
+    WithServer(Box<Guard>, Child),
 }
 
 impl Running {
@@ -279,6 +322,12 @@ fn teardown(g: Guard, dev: &Path) -> Result<()> {
         Guard::None => Ok(()),
         Guard::Loop(l) => run(Command::new("losetup").arg("-d").arg(&l)).map(drop),
         Guard::Daemon(bin, id) => run(Command::new(&bin).args(["del", "-n", &id.to_string()])).map(drop),
+        Guard::NbdClient(d) => run(Command::new("nbd-client").arg("-d").arg(&d)).map(drop),
+        Guard::WithServer(client, server) => {
+            let r = teardown(*client, dev);
+            let s = teardown(Guard::Server(server), Path::new("nbdkit"));
+            r.and(s)
+        }
         Guard::Server(mut child) => {
             // SIGTERM through kill(1): this crate has no unsafe code for kill(2).
             let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
@@ -403,6 +452,56 @@ pub fn start(sys: &System, env: &Env, eo: &EngineOpts) -> Result<Running> {
             c.args(flag);
             start_rublk(c, bin)
         }
+        Kind::KNbd { unix } => {
+            let sock = env.log_dir.join("nbdkit.sock");
+            let server = start_nbdkit(env, unix.then_some(sock.as_path()))?;
+            let dev = free_nbd_device()?;
+            let mut c = Command::new("nbd-client");
+            if *unix {
+                c.arg("-unix").arg(&sock);
+            } else {
+                c.args(["127.0.0.1", &NBD_PORT.to_string()]);
+            }
+            c.arg(&dev).args(["-N", "", "-connections", &eo.queues.to_string(), "-block-size", "512"]);
+            // Its guard owns the server from here: a failed start stops it too.
+            let guard = Guard::WithServer(Box::new(Guard::None), server);
+            let mut r = Running { dev: dev.clone(), guard };
+            run(&mut c)?;
+            if let Guard::WithServer(client, _) = &mut r.guard {
+                **client = Guard::NbdClient(dev.clone());
+            }
+            // The kernel sizes the device once the connections are up.
+            let deadline = Instant::now() + START_TIMEOUT;
+            while size_of(&dev).unwrap_or(0) == 0 {
+                if Instant::now() > deadline {
+                    bail!("{} has no size after nbd-client", dev.display());
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(r)
+        }
+        Kind::EngineNbd { unix } => {
+            let sock = env.log_dir.join("nbdkit.sock");
+            let server = start_nbdkit(env, unix.then_some(sock.as_path()))?;
+            let uri = if *unix {
+                format!("nbd+unix:///?socket={}", sock.display())
+            } else {
+                format!("nbd://127.0.0.1:{NBD_PORT}")
+            };
+            let mut c = engine_cmd(None);
+            c.args(["nbd", &uri]);
+            match start_server(c, &log) {
+                Ok(mut r) => {
+                    let client = std::mem::replace(&mut r.guard, Guard::None);
+                    r.guard = Guard::WithServer(Box::new(client), server);
+                    Ok(r)
+                }
+                Err(e) => {
+                    let _ = teardown(Guard::Server(server), Path::new("nbdkit"));
+                    Err(e)
+                }
+            }
+        }
         Kind::Ublksrv { target } => {
             let bin = env.ublksrv.clone().ok_or_else(|| anyhow!("ublksrv's ublk tool not found on PATH"))?;
             let mut c = Command::new(&bin);
@@ -414,6 +513,62 @@ pub fn start(sys: &System, env: &Env, eo: &EngineOpts) -> Result<Running> {
             start_rublk(c, bin)
         }
     }
+}
+
+/// Starts nbdkit's file plugin on the perf image (made once, the backing's size, on
+/// tmpfs), on `sock` or 127.0.0.1:NBD_PORT, and waits until it listens.
+fn start_nbdkit(env: &Env, sock: Option<&Path>) -> Result<Child> {
+    let img = nbd_image();
+    if systems_size(&img) != Some(env.backing_size) {
+        run(Command::new("fallocate").args(["-l", &env.backing_size.to_string()]).arg(&img))?;
+    }
+    let mut c = Command::new("nbdkit");
+    c.arg("-f");
+    match sock {
+        Some(p) => {
+            let _ = std::fs::remove_file(p);
+            c.arg("-U").arg(p);
+        }
+        None => {
+            c.args(["-i", "127.0.0.1", "-p", &NBD_PORT.to_string()]);
+        }
+    }
+    c.arg("file").arg(&img);
+    let log = std::fs::File::create(env.log_dir.join("nbdkit.log"))?;
+    c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+    let mut child = c.spawn().context("cannot start nbdkit (install the nbdkit package)")?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        let up = match sock {
+            Some(p) => std::os::unix::net::UnixStream::connect(p).is_ok(),
+            None => std::net::TcpStream::connect(("127.0.0.1", NBD_PORT)).is_ok(),
+        };
+        if up {
+            return Ok(child);
+        }
+        if let Some(st) = child.try_wait()? {
+            bail!("nbdkit exited at start ({st}); see {}", env.log_dir.join("nbdkit.log").display());
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("nbdkit did not listen within {} s", START_TIMEOUT.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn systems_size(p: &Path) -> Option<u64> {
+    std::fs::metadata(p).ok().map(|m| m.len())
+}
+
+/// The first /dev/nbdN that no client holds.
+fn free_nbd_device() -> Result<PathBuf> {
+    let _ = Command::new("modprobe").args(["nbd", "nbds_max=4"]).output();
+    (0..16)
+        .map(|i| (i, PathBuf::from(format!("/dev/nbd{i}"))))
+        .find(|(i, p)| p.exists() && !Path::new(&format!("/sys/block/nbd{i}/pid")).exists())
+        .map(|(_, p)| p)
+        .ok_or_else(|| anyhow!("no free /dev/nbdN (is the nbd module there?)"))
 }
 
 /// Starts a daemonizing peer (rublk, ublksrv) as device RUBLK_ID and waits for it.
@@ -494,6 +649,23 @@ mod tests {
         );
         assert_eq!(all[3].extra, ["--offload", "64K"]);
         assert!(all[2].extra.is_empty());
+    }
+
+    #[test]
+    fn network_systems_and_their_references() {
+        let n = network_systems();
+        assert_eq!(names(&n), ["knbd-tcp", "engine-nbd-tcp", "knbd-unix", "engine-nbd-unix"]);
+        assert!(n.iter().all(System::is_network));
+        assert!(!n[0].needs_ublk() && n[1].needs_ublk());
+        for (sys, want) in [
+            ("engine-nbd-tcp", "knbd-tcp"),
+            ("knbd-unix", "knbd-unix"),
+            ("engine-nbd-unix@x", "knbd-unix"),
+            ("engine-loop-copy", "kloop"),
+            ("rublk-null", "kloop"),
+        ] {
+            assert_eq!(reference_of(sys), want, "{sys}");
+        }
     }
 
     #[test]

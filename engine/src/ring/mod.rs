@@ -576,8 +576,9 @@ mod tests {
             owned: vec![64],
             target_wake: None,
         };
-        let mut sq = QueueRing::new(0, 4, 4096, setup, crate::sys::eventfd().unwrap(), null.as_raw_fd(), &[null.as_raw_fd()])
-            .expect("io_uring_setup (these tests need io_uring)");
+        let mut sq =
+            QueueRing::new(0, 4, 4096, setup, crate::sys::eventfd().unwrap(), null.as_raw_fd(), &[null.as_raw_fd()])
+                .expect("io_uring_setup (these tests need io_uring)");
         let id = MemId(0);
         sq.mem(id).unwrap()[..8].copy_from_slice(b"abcdefgh");
         let owned = |off, len| Mem::Owned { id, off, len };

@@ -761,8 +761,9 @@ impl QueueTarget for NbdQueue {
                 }
             }
             DATA_RECV => {
-                let d = self.direct.take();
+                // A stale one (of a broken connection) leaves alone a receive of the new one.
                 if current {
+                    let d = self.direct.take();
                     match d {
                         Some(d) if d.tag == req.tag && res == d.len as i32 => {
                             if d.last {
