@@ -5,7 +5,8 @@
 #
 # usage: tests/run-all.sh [--kernels "lts newest"] [--no-lint] [--full]
 #   --full  the heavier matrix: 100 add/del cycles (20 with fio) instead of 30 (6),
-#           10 kill -9 / recover rounds instead of 6, then tests/stress.sh
+#           10 kill -9 / recover rounds instead of 6 (3 instead of 2 with batch io),
+#           batch io on a file in every buffer mode (not just copy), then tests/stress.sh
 # Needs root (packages, kernels in /lib/modules). Ends with "N passed, N failed".
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -23,9 +24,11 @@ done
 # CI's 30-minute budget: fewer repeats of the cycle and recovery cases (run.sh passes
 # UBD_* variables into the VM); --full runs them all.
 if ((full)); then
-    export UBD_CYCLES=${UBD_CYCLES:-100} UBD_FIO_CYCLES=${UBD_FIO_CYCLES:-20} UBD_RECOVER_ROUNDS=${UBD_RECOVER_ROUNDS:-10}
+    export UBD_CYCLES=${UBD_CYCLES:-100} UBD_FIO_CYCLES=${UBD_FIO_CYCLES:-20} UBD_RECOVER_ROUNDS=${UBD_RECOVER_ROUNDS:-10} \
+        UBD_BATCH_RECOVER_ROUNDS=${UBD_BATCH_RECOVER_ROUNDS:-3} UBD_E2E_FULL=1
 else
-    export UBD_CYCLES=${UBD_CYCLES:-30} UBD_FIO_CYCLES=${UBD_FIO_CYCLES:-6} UBD_RECOVER_ROUNDS=${UBD_RECOVER_ROUNDS:-6}
+    export UBD_CYCLES=${UBD_CYCLES:-30} UBD_FIO_CYCLES=${UBD_FIO_CYCLES:-6} UBD_RECOVER_ROUNDS=${UBD_RECOVER_ROUNDS:-6} \
+        UBD_BATCH_RECOVER_ROUNDS=${UBD_BATCH_RECOVER_ROUNDS:-2}
 fi
 start=$SECONDS
 step() { printf '\n##### %s (%ds)\n' "$*" $((SECONDS - start)); }

@@ -11,8 +11,9 @@
 //! receive, completed in [`QueueTarget::queue_complete`]), be woken from another thread
 //! ([`QueueSetup::waker`], [`QueueTarget::woken`]), finish one request from another's
 //! completion ([`IoCtx::finish`]) or act for it ([`IoCtx::for_request`]), link SQEs
-//! ([`IoCtx::link_next`]), and arm and cancel its standing IO in [`QueueTarget::start`]
-//! and [`QueueTarget::stop`]. See `engine/DESIGN.md`.
+//! ([`IoCtx::link_next`]), gather a pass's requests into one SQE
+//! ([`QueueTarget::end_of_pass`]), and arm and cancel its standing IO in
+//! [`QueueTarget::start`] and [`QueueTarget::stop`]. See `engine/DESIGN.md`.
 
 use std::fmt;
 use std::io;
@@ -64,6 +65,13 @@ pub trait QueueTarget {
     /// `queue_complete`, `woken`, `stop`) completed with `res`.
     fn queue_complete(&mut self, cookie: u16, res: i32, io: &mut IoCtx<'_>) {
         let _ = (cookie, res, io);
+    }
+    /// Once per pass of the queue, after the pass's completions (new requests, SQE
+    /// completions) were all handed to the target, while requests are in the target:
+    /// push what the pass gathered, e.g. many requests' headers in one send (as blk-mq's
+    /// `commit_rqs`). What is pushed goes to the kernel with the next submission, at once.
+    fn end_of_pass(&mut self, io: &mut IoCtx<'_>) {
+        let _ = io;
     }
     /// The [`Waker`] was woken (once or more since the last call).
     fn woken(&mut self, io: &mut IoCtx<'_>) {

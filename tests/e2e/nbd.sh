@@ -286,6 +286,21 @@ while True:
     expect_error "closed the connection during the handshake" nbd "nbd+unix:///?socket=$WORK/closer.sock"
     kill "$cpid"
     wait "$cpid" 2>/dev/null || true
+    # Several connections only where the server allows them (NBD_FLAG_CAN_MULTI_CONN).
+    rm -f "$WORK/single.sock"
+    python3 "$HERE/nbd-bad-server.py" "$WORK/single.sock" $((16 << 20)) good &
+    local spid=$!
+    wait_listening "single-connection server" "$spid" -U "$WORK/single.sock"
+    expect_error "does not allow several connections \(no NBD_FLAG_CAN_MULTI_CONN\): use --connections 1" \
+        nbd --connections 2 "nbd+unix:///?socket=$WORK/single.sock"
+    expect_error "--connections 2 and --queues 3 differ" --queues 3 nbd --connections 2 "nbd+unix:///?socket=$WORK/single.sock"
+    start_dev --queues 2 nbd "nbd+unix:///?socket=$WORK/single.sock"
+    grep -q "one queue, one connection" "$LOG" || fail "no note of the single connection: $(cat "$LOG")"
+    grep -q "1 queues x depth" "$LOG" || fail "not one queue: $(grep serving "$LOG")"
+    stop_dev
+    kill "$spid"
+    wait "$spid" 2>/dev/null || true
+    log "a server without multi-conn: --connections 2 refused; --queues 2 gives one queue"
 }
 
 # A server that breaks the protocol (tests/e2e/nbd-bad-server.py): a reply with an

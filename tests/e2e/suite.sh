@@ -369,11 +369,16 @@ case_batch_io() {
         grep -q "errors 0" "$LOG"
         grep -qE "batch io: [1-9][0-9]* fetch CQEs, [0-9.]+ requests per fetch \(max [1-9][0-9]*\); [1-9][0-9]* commits" "$LOG" ||
             { cat "$LOG" >&2; fail "no batch io summary at shutdown"; }
-        truncate -s 64M "$FS/batch.img"
-        start_dev --queues 2 --depth 16 --buffer-mode "$mode" --io-protocol batch loop "$FS/batch.img"
-        fio_verify --rw=randwrite --bsrange=4k-128k --iodepth=16 --numjobs=2 --offset_increment=24M --size=16M
-        check_roundtrip "$FS/batch.img"
-        log "io protocol batch, buffer mode $mode: loop (brd and file) verified"
+        # A file backing too: in every mode with --full, in copy mode otherwise (CI's time).
+        if [[ -n ${UBD_E2E_FULL:-} || $mode == copy ]]; then
+            truncate -s 64M "$FS/batch.img"
+            start_dev --queues 2 --depth 16 --buffer-mode "$mode" --io-protocol batch loop "$FS/batch.img"
+            fio_verify --rw=randwrite --bsrange=4k-128k --iodepth=16 --numjobs=2 --offset_increment=24M --size=16M
+            check_roundtrip "$FS/batch.img"
+            log "io protocol batch, buffer mode $mode: loop (brd and file) verified"
+        else
+            log "io protocol batch, buffer mode $mode: loop (brd) verified"
+        fi
     done
     # kill -9 under a verified write job, recover (PREP + FETCH again), verify.
     recover_rounds "${UBD_BATCH_RECOVER_ROUNDS:-3}" --io-protocol batch

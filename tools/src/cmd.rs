@@ -127,7 +127,15 @@ pub fn serve_nbd(
         io_timeout: io_timeout.map(Duration::from_secs),
         ..Default::default()
     };
-    let queues = connections.filter(|_| a.queues.is_none()).unwrap_or(opts.queues);
+    // One connection per queue: --connections sets the queue count.
+    let queues = match (connections, a.queues) {
+        (Some(0), _) => bail!("--connections must be at least 1"),
+        (Some(n), Some(q)) if n != q => {
+            bail!("--connections {n} and --queues {q} differ: each queue has one connection")
+        }
+        (Some(n), _) => n,
+        (None, _) => opts.queues,
+    };
     let t = ubd_targets::NbdTarget::open(uri, &nbd, queues).map_err(anyhow::Error::msg)?;
     opts.queues = t.queues();
     // Requests no larger than the server takes (its NBD_INFO_BLOCK_SIZE maximum).

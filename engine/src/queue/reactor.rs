@@ -269,6 +269,9 @@ impl<'a, R: Ring + BatchRing, D: Descs> Reactor<'a, R, D> {
         for &c in cqes.iter() {
             self.handle(c);
         }
+        if self.in_target > 0 {
+            self.call_queue(|t, io| t.end_of_pass(io));
+        }
         self.recorder.record_pass(cqes.len() as u64, sqes as u64, u64::from(self.in_target));
         self.recorder.maybe_flush(self.stats, false);
         Ok(())

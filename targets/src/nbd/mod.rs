@@ -186,21 +186,14 @@ pub fn max_io_bytes(export: &Export, want: u32) -> u32 {
 }
 
 impl NbdTarget {
-    /// Connects to `uri` and reads the export's geometry. `queues` is what the user
-    /// asked for; [`queues`](Self::queues) says how many the device gets.
+    /// Connects to `uri` and reads the export's geometry. `queues` (= connections) is
+    /// what the user asked for; [`queues`](Self::queues) says how many the device gets:
+    /// one if the server does not allow several connections.
     pub fn open(uri: &str, opts: &NbdOptions, queues: u16) -> Result<Self, String> {
         let uri = NbdUri::parse(uri).map_err(|e| format!("{uri}: not an NBD URI: {e}"))?;
         let endpoint = Arc::new(Endpoint { uri, connect_timeout: opts.connect_timeout });
         let (stream, export) = endpoint.connect()?;
         let uri = &endpoint.uri;
-        let queues = match opts.connections {
-            Some(0) => return Err("--connections must be at least 1".into()),
-            Some(n) if n != queues && queues != 1 => {
-                return Err(format!("--connections {n} and --queues {queues} differ: each queue has one connection"));
-            }
-            Some(n) => n,
-            None => queues,
-        };
         let queues = if queues > 1 && !export.has(proto::TF_CAN_MULTI_CONN) {
             if opts.connections.is_some_and(|n| n > 1) {
                 return Err(format!(

@@ -1,7 +1,7 @@
 //! One queue's NBD connection, driven from the queue's ring.
 //!
-//! - **Sends**: requests wait in `queued`; when no send is in flight, as many as fit
-//!   are gathered into the send buffer (28-byte headers, and the data of writes up to
+//! - **Sends**: requests wait in `queued`; at the end of each queue pass
+//!   ([`QueueTarget::end_of_pass`]), when no send is in flight, as many as fit are gathered into the send buffer (28-byte headers, and the data of writes up to
 //!   [`SMALL_WRITE`], copied from the request buffer) and sent in one SQE. A larger
 //!   write ends the batch: its data follows from its request buffer, linked.
 //! - **Replies**: one standing receive into the receive buffer takes whatever the
@@ -714,7 +714,7 @@ impl QueueTarget for NbdQueue {
         if self.recv_armed { Ok(()) } else { Err(-libc::EIO) }
     }
 
-    fn submit(&mut self, req: &IoRequest, io: &mut IoCtx<'_>) -> Disposition {
+    fn submit(&mut self, req: &IoRequest, _io: &mut IoCtx<'_>) -> Disposition {
         let e = &self.export;
         let (ty, mut flags) = match req.op {
             Op::Read => (proto::CMD_READ, 0),
@@ -744,7 +744,7 @@ impl QueueTarget for NbdQueue {
         let s = &mut self.slots[usize::from(req.tag)];
         *s = Slot { req: Some(*req), st: St::Queued, ty, flags, then_flush, seq: s.seq, ..Slot::new(s.sent_at) };
         self.queued.push_back(req.tag);
-        self.pump(io);
+        // Sent from end_of_pass, with the pass's other requests.
         Disposition::Pending
     }
 
@@ -787,7 +787,6 @@ impl QueueTarget for NbdQueue {
             }
             _ => {}
         }
-        self.pump(io);
         match self.slots[t].done.take() {
             Some(r) => {
                 self.slots[t] = Slot::new(self.slots[t].sent_at);
@@ -815,7 +814,6 @@ impl QueueTarget for NbdQueue {
                 }
                 self.fill += res as u32;
                 self.take_replies(io);
-                self.pump(io);
             }
             SEND => {
                 self.send_inflight = self.send_inflight.saturating_sub(1);
@@ -823,7 +821,6 @@ impl QueueTarget for NbdQueue {
                     let why = if res < 0 { errno_name(res) } else { format!("{res} of {} bytes", self.send_len) };
                     self.broken(io, &format!("sending requests: {why}"));
                 }
-                self.pump(io);
             }
             TIMER => {
                 self.timer_armed = false;
@@ -833,6 +830,12 @@ impl QueueTarget for NbdQueue {
             }
             _ => {}
         }
+    }
+
+    /// The pass's requests (and those that waited for the send in flight) go out in
+    /// one send.
+    fn end_of_pass(&mut self, io: &mut IoCtx<'_>) {
+        self.pump(io);
     }
 
     fn woken(&mut self, io: &mut IoCtx<'_>) {
@@ -861,7 +864,6 @@ impl QueueTarget for NbdQueue {
             self.stream = s;
             self.link = Link::Up;
             self.arm_recv(io);
-            self.pump(io);
         }
     }
 

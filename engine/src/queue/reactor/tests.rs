@@ -800,6 +800,69 @@ impl Sim {
     }
 }
 
+/// A target that gathers: submit only notes the request; end_of_pass sends one header
+/// batch for all the pass brought, and the send's completion finishes them.
+struct Gather {
+    waiting: Vec<u16>,
+    sent: Vec<u16>,
+    passes: Rc<RefCell<u32>>,
+}
+
+impl QueueTarget for Gather {
+    fn submit(&mut self, req: &IoRequest, _io: &mut IoCtx<'_>) -> Disposition {
+        self.waiting.push(req.tag);
+        Disposition::Pending
+    }
+    fn complete(&mut self, _req: &IoRequest, _cookie: u16, _res: i32, _io: &mut IoCtx<'_>) -> Disposition {
+        unreachable!("the sends belong to the queue")
+    }
+    fn end_of_pass(&mut self, io: &mut IoCtx<'_>) {
+        *self.passes.borrow_mut() += 1;
+        assert_eq!(io.tag(), None);
+        if !self.waiting.is_empty() && self.sent.is_empty() {
+            let len = 28 * self.waiting.len() as u32;
+            io.send(SOCK, Mem::Owned { id: MemId(0), off: 0, len }, 0, HDR).unwrap();
+            self.sent = std::mem::take(&mut self.waiting);
+        }
+    }
+    fn queue_complete(&mut self, _cookie: u16, _res: i32, io: &mut IoCtx<'_>) {
+        for tag in self.sent.drain(..) {
+            io.finish(tag, 0).unwrap();
+        }
+    }
+}
+
+#[test]
+fn end_of_pass_gathers_the_requests_of_a_pass() {
+    let passes = Rc::new(RefCell::new(0));
+    let target = Gather { waiting: Vec::new(), sent: Vec::new(), passes: Rc::clone(&passes) };
+    let mut s = Sim::with_target(IoProtocol::PerTag, Box::new(target), Rc::default());
+    // Idle passes do not call it.
+    s.pass_idle();
+    assert_eq!(*passes.borrow(), 0);
+    for tag in 0..3 {
+        s.deliver(tag, desc(uapi::IO_OP_READ, u64::from(tag) * 4096, 4096));
+    }
+    s.pass();
+    // Three requests in one pass: one call, one send of three headers.
+    assert_eq!(*passes.borrow(), 1);
+    {
+        let k = s.kernel.borrow();
+        assert_eq!(k.queue.len(), 1);
+        let (HDR, TargetIo::Sock(sock)) = k.queue[0] else { panic!("{:?}", k.queue) };
+        assert!(sock.send && sock.mem == Mem::Owned { id: MemId(0), off: 0, len: 84 });
+    }
+    s.complete_queue(HDR, 84);
+    s.pass();
+    let mut c = s.commits();
+    c.sort_unstable();
+    assert_eq!(c, [(0, 0), (1, 0), (2, 0)]);
+    // Nothing in the target after that pass: no more calls.
+    let n = *passes.borrow();
+    s.pass_idle();
+    assert_eq!(*passes.borrow(), n);
+}
+
 #[test]
 fn start_arms_the_standing_receive_and_the_waker() {
     let (s, _) = proto_sim();
