@@ -7,7 +7,9 @@
 #
 # options:
 #   --systems LIST     comma list of: engine-auto-reg, engine-zero-copy, engine-copy,
-#                      engine-null, rublk-z, rublk, rublk-null, kloop
+#                      engine-null, rublk-z, rublk, rublk-null, kloop, and over an
+#                      nbdkit file server on a tmpfs image: engine-nbd-unix,
+#                      engine-nbd-tcp, knbd-unix, knbd-tcp (nbd-client, 2 connections)
 #                      (default engine-auto-reg,rublk-z,kloop); NAME+fifo runs the
 #                      server's threads SCHED_FIFO 1
 #   --workloads LIST   job names from perf/jobs (default randread-4k-qd64-2j,randrw-16k-70-30-qd32)
@@ -89,7 +91,23 @@ for e in "${ev_all[@]}"; do
 done
 EVENTS=$(IFS=,; echo "${ev_ok[*]}")
 
-server_pid="" dev="" eng_pid=""
+server_pid="" dev="" eng_pid="" nbdkit_pid=""
+NBD_SOCK=/tmp/profile-nbdkit.sock NBD_PORT=10898
+# nbdkit's file plugin on a 512 MiB tmpfs image, on a Unix socket or 127.0.0.1.
+start_nbdkit() {
+    [[ -f /dev/shm/profile-nbd.img ]] || fallocate -l 512M /dev/shm/profile-nbd.img
+    rm -f "$NBD_SOCK"
+    local listen=(-U "$NBD_SOCK")
+    [[ $1 == tcp ]] && listen=(-i 127.0.0.1 -p "$NBD_PORT")
+    nbdkit -f "${listen[@]}" file /dev/shm/profile-nbd.img 2>"$out/nbdkit.log" &
+    nbdkit_pid=$!
+    for _ in $(seq 100); do
+        if [[ $1 == tcp ]]; then (exec 3<>"/dev/tcp/127.0.0.1/$NBD_PORT") 2>/dev/null && return 0; else [[ -S $NBD_SOCK ]] && return 0; fi
+        sleep 0.1
+    done
+    echo "profile.sh: nbdkit does not listen" >&2
+    exit 1
+}
 start() {
     local fifo=0
     if [[ $1 == *+fifo ]]; then
@@ -97,6 +115,34 @@ start() {
         set -- "${1%+fifo}"
     fi
     case $1 in
+    engine-nbd-*)
+        local t=${1#engine-nbd-}
+        start_nbdkit "$t"
+        local uri="nbd+unix:///?socket=$NBD_SOCK"
+        [[ $t == tcp ]] && uri="nbd://127.0.0.1:$NBD_PORT"
+        # shellcheck disable=SC2086
+        "$engine" --queues 2 --depth 64 $engine_args nbd "$uri" >"$out/engine.stdout" 2>"$out/$1.log" &
+        eng_pid=$!
+        for _ in $(seq 100); do
+            dev=$(head -n1 "$out/engine.stdout" 2>/dev/null || true)
+            [[ -n $dev && -b $dev ]] && break
+            sleep 0.1
+        done
+        server_pid=$eng_pid
+        ;;
+    knbd-*)
+        local t=${1#knbd-}
+        start_nbdkit "$t"
+        modprobe nbd nbds_max=4
+        dev=/dev/nbd0
+        if [[ $t == tcp ]]; then
+            nbd-client 127.0.0.1 "$NBD_PORT" "$dev" -N "" -connections 2 -block-size 512 >/dev/null
+        else
+            nbd-client -unix "$NBD_SOCK" "$dev" -N "" -connections 2 -block-size 512 >/dev/null
+        fi
+        for _ in $(seq 100); do (($(blockdev --getsize64 "$dev" 2>/dev/null || echo 0) > 0)) && break; sleep 0.1; done
+        server_pid=""
+        ;;
     engine-* | engineb-*)
         local mode=${1#engine-} bin=$engine
         if [[ $1 == engineb-* ]]; then
@@ -136,12 +182,14 @@ start() {
     [[ -b $dev ]] || { echo "profile.sh: $1 gave no device" >&2; exit 1; }
     # NAME+fifo: the server's threads run SCHED_FIFO priority 1 (an experiment).
     if ((fifo)) && [[ -n $server_pid ]]; then chrt -f -a -p 1 "$server_pid" >/dev/null; fi
-    if [[ $1 != kloop ]]; then
+    if [[ $1 != kloop && $1 != knbd-* ]]; then
         "$engine" list --json >"$out/$1.list.json" 2>/dev/null || true
     fi
 }
 stop() {
     case ${1%+fifo} in
+    engine-nbd-*) kill -TERM "$eng_pid"; wait "$eng_pid" || true; kill "$nbdkit_pid"; wait "$nbdkit_pid" || true ;;
+    knbd-*) nbd-client -d /dev/nbd0 >/dev/null; kill "$nbdkit_pid"; wait "$nbdkit_pid" || true ;;
     engine*) kill -TERM "$eng_pid"; wait "$eng_pid" || true ;;
     rublk*) "$rublk" del -n 900 >/dev/null 2>&1 || true ;;
     kloop) losetup -d "$dev" ;;
@@ -168,6 +216,7 @@ for s in "${syss[@]}"; do
         d=$out/$s/$w
         mkdir -p "$d"
         job=$ROOT/perf/jobs/$w.fio
+        [[ -f $job ]] || job=$ROOT/perf/jobs-nbd/$w.fio
         # Warm up a second, then count over one run.
         DEV=$dev RUNTIME=1 RAMP=0 fio "$job" --output=/dev/null
         before=(0 0)
