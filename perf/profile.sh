@@ -108,6 +108,16 @@ start_nbdkit() {
     echo "profile.sh: nbdkit does not listen" >&2
     exit 1
 }
+# engine_started PID: the engine started in the background; waits for its device.
+engine_started() {
+    eng_pid=$1
+    for _ in $(seq 100); do
+        dev=$(head -n1 "$out/engine.stdout" 2>/dev/null || true)
+        [[ -n $dev && -b $dev ]] && break
+        sleep 0.1
+    done
+    server_pid=$eng_pid
+}
 start() {
     local fifo=0
     if [[ $1 == *+fifo ]]; then
@@ -122,13 +132,7 @@ start() {
         [[ $t == tcp ]] && uri="nbd://127.0.0.1:$NBD_PORT"
         # shellcheck disable=SC2086
         "$engine" --queues 2 --depth 64 $engine_args nbd "$uri" >"$out/engine.stdout" 2>"$out/$1.log" &
-        eng_pid=$!
-        for _ in $(seq 100); do
-            dev=$(head -n1 "$out/engine.stdout" 2>/dev/null || true)
-            [[ -n $dev && -b $dev ]] && break
-            sleep 0.1
-        done
-        server_pid=$eng_pid
+        engine_started $!
         ;;
     knbd-*)
         local t=${1#knbd-}
@@ -156,13 +160,7 @@ start() {
         # shellcheck disable=SC2086
         "$bin" --queues 2 --depth 64 --buffer-mode "$mode" $engine_args "${tgt[@]}" \
             >"$out/engine.stdout" 2>"$out/$1.log" &
-        eng_pid=$!
-        for _ in $(seq 100); do
-            dev=$(head -n1 "$out/engine.stdout" 2>/dev/null || true)
-            [[ -n $dev && -b $dev ]] && break
-            sleep 0.1
-        done
-        server_pid=$eng_pid
+        engine_started $!
         ;;
     rublk*)
         local a=(add loop -n 900 -q 2 -d 64 --quiet -f /dev/ram0)
