@@ -283,10 +283,10 @@ impl TargetSq for QueueRing {
                 if n != len {
                     return Err(-libc::EINVAL);
                 }
-                // SAFETY: both ranges are inside live memory of this ring (checked by
-                // copy_addr): the request's buffer while the request is the target's with
-                // no SQE in flight (the caller's check), so neither the kernel nor an SQE
-                // touches it, or target memory no SQE names. `copy` allows overlap.
+                // The request's buffer while the request is the target's with no SQE in
+                // flight (the caller's check): neither the kernel nor an SQE touches it.
+                // SAFETY: both ranges are inside live memory of this ring (copy_addr), the
+                // request buffer as above or target memory no SQE names; `copy` allows overlap.
                 unsafe { std::ptr::copy(from.cast_const(), to, len as usize) };
             }
             // SAFETY: as above, for the one range.

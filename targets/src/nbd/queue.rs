@@ -166,6 +166,11 @@ fn errno_name(e: i32) -> String {
     std::io::Error::from_raw_os_error(-e).to_string()
 }
 
+/// Why a send of `want` bytes that completed with `res` falls short.
+fn short_why(res: i32, want: u64) -> String {
+    if res < 0 { errno_name(res) } else { format!("{res} of {want} bytes") }
+}
+
 impl NbdQueue {
     pub(super) fn new(
         setup: &mut QueueSetup,
@@ -756,8 +761,7 @@ impl QueueTarget for NbdQueue {
             DATA_SEND => {
                 self.send_inflight = self.send_inflight.saturating_sub(1);
                 if current && res != req.len as i32 {
-                    let why = if res < 0 { errno_name(res) } else { format!("{res} of {} bytes", req.len) };
-                    self.broken(io, &format!("sending a write's data: {why}"));
+                    self.broken(io, &format!("sending a write's data: {}", short_why(res, req.len)));
                 }
             }
             DATA_RECV => {
@@ -818,8 +822,7 @@ impl QueueTarget for NbdQueue {
             SEND => {
                 self.send_inflight = self.send_inflight.saturating_sub(1);
                 if current && res != self.send_len as i32 {
-                    let why = if res < 0 { errno_name(res) } else { format!("{res} of {} bytes", self.send_len) };
-                    self.broken(io, &format!("sending requests: {why}"));
+                    self.broken(io, &format!("sending requests: {}", short_why(res, self.send_len.into())));
                 }
             }
             TIMER => {
