@@ -6,7 +6,8 @@
 # usage: tests/run-all.sh [--kernels "lts newest"] [--no-lint] [--full]
 #   --full  the heavier matrix: 100 add/del cycles (20 with fio) instead of 30 (6),
 #           10 kill -9 / recover rounds instead of 6 (3 instead of 2 with batch io),
-#           batch io on a file in every buffer mode (not just copy), then tests/stress.sh
+#           batch io on a file in every buffer mode (not just copy), the rbd (Ceph)
+#           cases on every kernel (not just the newest), then tests/stress.sh
 # Needs root (packages, kernels in /lib/modules). Ends with "N passed, N failed".
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -57,15 +58,20 @@ step "cargo build --release (and the e2e build, with the test hooks)"
 cargo build --release --quiet || die "release build failed"
 # The e2e suite needs the test hooks (UBD_DEBUG_PAUSE, UBD_DEBUG_QUEUE_PANIC), which a
 # release meant for use does not have: a build of its own, in target/e2e.
-cargo build --release --quiet --features ubd-tools/test-hooks --target-dir target/e2e -p ubd-tools ||
+cargo build --release --quiet --features ubd-tools/test-hooks --target-dir target/e2e -p ubd-tools -p ubd-ceph ||
     die "e2e build (--features test-hooks) failed"
 
 e2e_pass=0 e2e_fail=0 summary=()
+# The rbd cases (a Ceph cluster in the VM: 1.5-3 minutes to start under TCG) run on
+# the newest kernel in the CI run, on every kernel with --full.
+newest_k=${kernels##* }
 for k in $kernels; do
     step "end-to-end suite in a VM, kernel '$k'"
+    ceph=0
+    ((full)) || [[ $k == "$newest_k" ]] && ceph=1
     log=/tmp/ubd-e2e-$k.log
     for attempt in 1 2; do
-        tests/vm/run.sh --kernel "$k" --quiet --timeout "${UBD_E2E_TIMEOUT:-1200}" \
+        tests/vm/run.sh --kernel "$k" --quiet --timeout "${UBD_E2E_TIMEOUT:-1200}" --memory 6G --env UBD_E2E_CEPH=$ceph \
             --env UBD_BIN="$ROOT/target/e2e/release/ubd-engine" --env UBD_PERF="$ROOT/target/release/ubd-perf" -- "$ROOT/tests/e2e/suite.sh" 2>&1 | tee "$log"
         rc=${PIPESTATUS[0]}
         # A VM that never started the suite (its boot hung or crashed: seen once under TCG)

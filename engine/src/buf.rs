@@ -159,7 +159,7 @@ pub(crate) fn resolve(
 ) -> Result<(BufferMode, String)> {
     match choice {
         BufferChoice::Force(mode) if mode.is_zero_copy() && !zero_copy => Err(Error::Config(format!(
-            "buffer mode {mode} keeps request data in the kernel's pages, which the {target} target cannot send or receive: use buffer mode copy"
+            "buffer mode {mode} keeps request data in the kernel's pages, which the {target} target cannot reach (it moves data through a socket or a library): use buffer mode copy"
         ))),
         BufferChoice::Force(BufferMode::NoData) if moves_data => Err(Error::Config(format!(
             "buffer mode none moves no request data, so it serves only targets that never touch it (null); the {target} target reads and writes data"
@@ -174,9 +174,12 @@ pub(crate) fn resolve(
             BufferMode::NoData,
             format!("auto: the {target} target never touches request data and the kernel offers USER_COPY"),
         )),
-        BufferChoice::Auto if !zero_copy => {
-            Ok((BufferMode::Copy, format!("auto: the {target} target moves request data over a socket; copying")))
-        }
+        BufferChoice::Auto if !zero_copy => Ok((
+            BufferMode::Copy,
+            format!(
+                "auto: the {target} target moves request data through memory of its own (a socket, a library); copying"
+            ),
+        )),
         BufferChoice::Auto if BufferMode::AutoReg.supported(kernel_features) => {
             Ok((BufferMode::AutoReg, "auto: the kernel offers AUTO_BUF_REG".into()))
         }
@@ -244,11 +247,11 @@ mod tests {
         let sock = |choice| resolve(choice, DEBIAN_72, true, false, "sockram");
         let (mode, why) = sock(BufferChoice::Auto).unwrap();
         assert_eq!(mode, BufferMode::Copy);
-        assert!(why.contains("sockram target moves request data over a socket"), "{why}");
+        assert!(why.contains("sockram target moves request data through memory of its own"), "{why}");
         assert_eq!(sock(BufferChoice::Force(BufferMode::Copy)).unwrap().0, BufferMode::Copy);
         for mode in [BufferMode::ZeroCopy, BufferMode::AutoReg] {
             let e = sock(BufferChoice::Force(mode)).unwrap_err().to_string();
-            assert!(e.contains("the sockram target cannot send or receive: use buffer mode copy"), "{e}");
+            assert!(e.contains("the sockram target cannot reach (it moves data through a socket or a library): use buffer mode copy"), "{e}");
         }
     }
 

@@ -171,6 +171,13 @@ impl Waker {
             tracing::warn!("cannot wake the queue: {e}");
         }
     }
+
+    /// The waker's eventfd, for a library that signals completions on an eventfd of
+    /// the caller's (librbd's `rbd_set_image_notification`): each write of it has the
+    /// queue call `woken`, as [`wake`](Self::wake) does.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
 }
 
 /// The target SQEs in flight, per request and for the queue (kept by the reactor;
@@ -340,6 +347,16 @@ impl<'a> IoCtx<'a> {
     pub fn zero(&mut self, dst: Mem) -> Result<(), i32> {
         let tag = self.copy_tag(dst, None)?;
         self.sq.copy(tag, dst, None)
+    }
+
+    /// The first `len` bytes of this context's request buffer (buffer mode copy), for a
+    /// target whose backend moves data through memory of its own (a library that reads
+    /// into its buffers): a write's data to copy out, a read's buffer to fill. `-EBUSY`
+    /// while an SQE of the request is in flight, `-EINVAL` in a queue context or past
+    /// the buffer's end, `-EOPNOTSUPP` in other buffer modes.
+    pub fn request_buf(&mut self, len: u32) -> Result<&mut [u8], i32> {
+        let tag = self.copy_tag(Mem::Request { off: 0, len }, None)?.ok_or(-libc::EINVAL)?;
+        self.sq.request_buf(tag, len)
     }
 
     /// The request a copy names, checked: this context's, with no SQE of its own in flight.

@@ -209,7 +209,7 @@ mod tests {
                     workload: w.into(),
                     system: sys.into(),
                     round,
-                    metrics: Metrics { read: side, write: Side::default() },
+                    metrics: Metrics { read: side, write: Side::default(), server_cpu_us_per_io: None },
                 });
             }
         }

@@ -128,6 +128,11 @@ impl Side {
 pub struct Metrics {
     pub read: Side,
     pub write: Side,
+    /// CPU time of the serving process (the engine, a peer's daemon, rbd-nbd) per IO,
+    /// µs, over the run (ramp included, with the IOs it is taken to have done at the
+    /// run's rate). None for kernel clients, which have no process of their own.
+    #[serde(default)]
+    pub server_cpu_us_per_io: Option<f64>,
 }
 
 impl Metrics {

@@ -43,8 +43,7 @@ pub struct Results {
 }
 
 /// The CSV header; one row per cell follows.
-pub const CSV_HEADER: &str =
-    "workload,system,rounds,iops_median,iops_min,iops_max,spread_pct,mbps_median,p50_us,p99_us,p999_us,ratio_kloop";
+pub const CSV_HEADER: &str = "workload,system,rounds,iops_median,iops_min,iops_max,spread_pct,mbps_median,p50_us,p99_us,p999_us,ratio_kloop,cpu_us_per_io";
 
 /// The cells as CSV.
 pub fn csv(cells: &[Cell]) -> String {
@@ -52,9 +51,10 @@ pub fn csv(cells: &[Cell]) -> String {
     s.push('\n');
     for c in cells {
         let ratio = c.ratio_kloop.map_or(String::new(), |r| format!("{r:.3}"));
+        let cpu = c.cpu_us_per_io.map_or(String::new(), |v| format!("{v:.1}"));
         let _ = writeln!(
             s,
-            "{},{},{},{:.0},{:.0},{:.0},{:.1},{:.1},{:.1},{:.1},{:.1},{}",
+            "{},{},{},{:.0},{:.0},{:.0},{:.1},{:.1},{:.1},{:.1},{:.1},{},{}",
             c.workload,
             c.system,
             c.n,
@@ -66,7 +66,8 @@ pub fn csv(cells: &[Cell]) -> String {
             c.p50_us,
             c.p99_us,
             c.p999_us,
-            ratio
+            ratio,
+            cpu
         );
     }
     s
@@ -94,13 +95,16 @@ pub fn markdown_tables(cells: &[Cell]) -> String {
     }
     for w in workloads {
         let _ = writeln!(s, "### {w}\n");
-        s.push_str("| system | IOPS (median) | spread | MB/s | p50 µs | p99 µs | p99.9 µs | × ref |\n");
-        s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|\n");
+        s.push_str(
+            "| system | IOPS (median) | spread | MB/s | p50 µs | p99 µs | p99.9 µs | × ref | server CPU µs/IO |\n",
+        );
+        s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for c in cells.iter().filter(|c| c.workload == w) {
             let ratio = c.ratio_kloop.map_or("–".to_string(), |r| format!("{r:.2}"));
+            let cpu = c.cpu_us_per_io.map_or("–".to_string(), |v| format!("{v:.0}"));
             let _ = writeln!(
                 s,
-                "| {} | {} | {:.0}% | {:.1} | {:.0} | {:.0} | {:.0} | {} |",
+                "| {} | {} | {:.0}% | {:.1} | {:.0} | {:.0} | {:.0} | {} | {} |",
                 c.system,
                 human(c.iops),
                 c.spread * 100.0,
@@ -108,7 +112,8 @@ pub fn markdown_tables(cells: &[Cell]) -> String {
                 c.p50_us,
                 c.p99_us,
                 c.p999_us,
-                ratio
+                ratio,
+                cpu
             );
         }
         s.push('\n');
@@ -184,7 +189,7 @@ pub(crate) mod tests_support {
                 workload: w.into(),
                 system: sys.into(),
                 round: 0,
-                metrics: Metrics { read: side, write: Side::default() },
+                metrics: Metrics { read: side, write: Side::default(), server_cpu_us_per_io: None },
             });
         }
         let cells = summarize(&samples);
@@ -218,11 +223,11 @@ pub(crate) mod tests_support {
         let lines: Vec<&str> = c.lines().collect();
         assert_eq!(lines[0], CSV_HEADER);
         assert_eq!(lines.len(), 4);
-        assert_eq!(lines[2], "rr,engine-loop,1,1500,1500,1500,0.0,6.1,20.0,50.0,90.0,1.500");
-        assert!(lines.iter().all(|l| l.split(',').count() == 12));
+        assert_eq!(lines[2], "rr,engine-loop,1,1500,1500,1500,0.0,6.1,20.0,50.0,90.0,1.500,");
+        assert!(lines.iter().all(|l| l.split(',').count() == 13));
         let md = markdown(&r);
         assert!(md.contains("### rr\n") && md.contains("### sw\n"));
-        assert!(md.contains("| engine-loop | 1500 | 0% | 6.1 | 20 | 50 | 90 | 1.50 |"), "{md}");
+        assert!(md.contains("| engine-loop | 1500 | 0% | 6.1 | 20 | 50 | 90 | 1.50 | – |"), "{md}");
         assert!(md.contains("Kernel 6.12, 2 × cpu; backing /dev/ram0 (512 MiB)"));
         assert_eq!(human(1234.0), "1234");
         assert_eq!(human(45678.0), "45.7k");

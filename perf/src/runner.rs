@@ -151,6 +151,28 @@ pub fn prepare_backing(given: Option<&Path>, size_mib: u64) -> Result<PathBuf> {
     Ok(ram)
 }
 
+/// Clock ticks per second of `/proc/PID/stat` (USER_HZ: 100 in Linux's ABI).
+const USER_HZ: f64 = 100.0;
+
+/// utime + stime of process `pid` (all its threads), in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses: state is
+    // field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// CPU µs per IO from two tick counts around a run of `iops` over ramp + runtime.
+fn cpu_per_io(before: Option<u64>, after: Option<u64>, iops: f64, t: Timing) -> Option<f64> {
+    let (b, a) = (before?, after?);
+    let ios = iops * f64::from(t.runtime + t.ramp);
+    #[allow(clippy::cast_precision_loss)]
+    let cpu_s = a.checked_sub(b)? as f64 / USER_HZ;
+    (ios > 0.0).then(|| cpu_s * 1e6 / ios)
+}
+
 /// Runs `rounds` rounds; in each, every system is started once, runs every
 /// workload, and is stopped. The system order rotates from round to round so no
 /// system always runs first. `on_sample` sees each result as it comes.
@@ -173,9 +195,13 @@ pub fn run_matrix(
                 systems::start(sys, env, eo).with_context(|| format!("starting {} (round {})", sys.name, round + 1))?;
             for w in workloads {
                 check_interrupted()?;
+                let pid = running.server_pid();
+                let before = pid.and_then(cpu_ticks);
                 let metrics = run_fio(w, &running.dev, t);
+                let after = pid.and_then(cpu_ticks);
                 check_interrupted()?;
-                let metrics = metrics.with_context(|| format!("system {}", sys.name))?;
+                let mut metrics = metrics.with_context(|| format!("system {}", sys.name))?;
+                metrics.server_cpu_us_per_io = cpu_per_io(before, after, metrics.iops(), t);
                 let s = Sample { workload: w.name.clone(), system: sys.name.clone(), round, metrics };
                 on_sample(&s);
                 samples.push(s);
@@ -189,6 +215,17 @@ pub fn run_matrix(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_of_this_process_and_per_io() {
+        assert!(cpu_ticks(std::process::id()).is_some());
+        assert_eq!(cpu_ticks(u32::MAX), None);
+        let t = Timing { runtime: 8, ramp: 2 };
+        // 50 ticks = 0.5 s over 10 s at 1000 IOPS: 50 µs per IO.
+        assert_eq!(cpu_per_io(Some(100), Some(150), 1000.0, t), Some(50.0));
+        assert_eq!(cpu_per_io(None, Some(150), 1000.0, t), None);
+        assert_eq!(cpu_per_io(Some(1), Some(2), 0.0, t), None);
+    }
 
     #[test]
     fn default_jobs_are_the_five_workloads() {

@@ -71,6 +71,9 @@ pub struct Cell {
     /// (`kloop`), or for an nbd system the kernel NBD client over the same transport
     /// (see [`reference_of`](crate::systems::reference_of)).
     pub ratio_kloop: Option<f64>,
+    /// Median CPU µs per IO of the serving process (see `Metrics::server_cpu_us_per_io`).
+    #[serde(default)]
+    pub cpu_us_per_io: Option<f64>,
 }
 
 /// Summarises samples into cells, in first-seen order of workloads and systems.
@@ -104,6 +107,7 @@ pub fn summarize(samples: &[Sample]) -> Vec<Cell> {
                 p99_us: med(&|m| m.main_side().p99_ns / 1e3),
                 p999_us: med(&|m| m.main_side().p999_ns / 1e3),
                 ratio_kloop: None,
+                cpu_us_per_io: median(&ms.iter().filter_map(|m| m.server_cpu_us_per_io).collect::<Vec<_>>()),
             }
         })
         .collect();
@@ -150,7 +154,7 @@ mod tests {
             workload: w.into(),
             system: sys.into(),
             round,
-            metrics: Metrics { read: side, write: Side::default() },
+            metrics: Metrics { read: side, write: Side::default(), server_cpu_us_per_io: None },
         }
     }
 

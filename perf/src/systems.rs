@@ -37,6 +37,13 @@ pub enum Kind {
     KNbd { unix: bool },
     /// `ubd-engine nbd` of the same server.
     EngineNbd { unix: bool },
+    /// The kernel's RBD client (`rbd device map`) of the image `UBD_PERF_RBD_IMAGE` on
+    /// the cluster of `UBD_PERF_RBD_CONF` (perf/rbd.sh starts one in the VM).
+    KRbd,
+    /// `rbd-nbd map` of the same image (librbd behind nbd.ko).
+    RbdNbd,
+    /// `ubd-engine rbd` of the same image (one queue).
+    EngineRbd,
 }
 
 /// The network systems (not in the default list: asked for by name, `knbd*`,
@@ -47,14 +54,29 @@ pub fn network_systems() -> Vec<System> {
         v.push(System::new(&format!("knbd-{t}"), Kind::KNbd { unix }));
         v.push(System::new(&format!("engine-nbd-{t}"), Kind::EngineNbd { unix }));
     }
+    v.push(System::new("krbd", Kind::KRbd));
+    v.push(System::new("rbd-nbd", Kind::RbdNbd));
+    v.push(System::new("engine-rbd", Kind::EngineRbd));
     v
 }
 
+/// The cluster configuration and image of the rbd systems.
+fn rbd_target() -> Result<(String, String)> {
+    let conf = std::env::var("UBD_PERF_RBD_CONF").map_err(|_| {
+        anyhow!("the rbd systems need a running Ceph cluster: UBD_PERF_RBD_CONF names its configuration (perf/rbd.sh sets one up)")
+    })?;
+    let image = std::env::var("UBD_PERF_RBD_IMAGE").unwrap_or_else(|_| "rbd/perf".into());
+    Ok((conf, image))
+}
+
 /// The system a system's ratio is taken against: the kernel NBD client over the same
-/// transport for the nbd systems, the kernel loop driver for the rest.
+/// transport for the nbd systems, rbd-nbd for the rbd systems, the kernel loop driver
+/// for the rest.
 pub fn reference_of(system: &str) -> &'static str {
     let nbd = system.starts_with("knbd-") || system.starts_with("engine-nbd-");
+    let rbd = system == "krbd" || system.starts_with("rbd-nbd") || system.starts_with("engine-rbd");
     match () {
+        () if rbd => "rbd-nbd",
         () if nbd && system.contains("-tcp") => "knbd-tcp",
         () if nbd && system.contains("-unix") => "knbd-unix",
         () => "kloop",
@@ -84,12 +106,12 @@ impl System {
 
     /// Whether the system needs the ublk driver.
     pub fn needs_ublk(&self) -> bool {
-        !matches!(self.kind, Kind::Raw | Kind::KLoop | Kind::KNbd { .. })
+        !matches!(self.kind, Kind::Raw | Kind::KLoop | Kind::KNbd { .. } | Kind::KRbd | Kind::RbdNbd)
     }
 
     /// Whether the system is a network one (see [`network_systems`]).
     pub fn is_network(&self) -> bool {
-        matches!(self.kind, Kind::KNbd { .. } | Kind::EngineNbd { .. })
+        matches!(self.kind, Kind::KNbd { .. } | Kind::EngineNbd { .. } | Kind::KRbd | Kind::RbdNbd | Kind::EngineRbd)
     }
 }
 
@@ -298,9 +320,32 @@ enum Guard {
     NbdClient(PathBuf),
     /// A client (engine or kernel) and then its nbdkit server.
     WithServer(Box<Guard>, Child),
+    /// `rbd device unmap` (krbd) or `rbd-nbd unmap` of the device.
+    RbdUnmap {
+        nbd: bool,
+        conf: String,
+    },
 }
 
 impl Running {
+    /// The process that serves the device, if one does (the engine, a peer's daemon,
+    /// rbd-nbd; not a kernel client): its CPU time is measured over each run.
+    pub fn server_pid(&self) -> Option<u32> {
+        fn of(g: &Guard, dev: &Path) -> Option<u32> {
+            match g {
+                Guard::Server(c) => Some(c.id()),
+                Guard::WithServer(client, _) => of(client, dev),
+                // nbd.ko records the pid of the process that gave it the socket.
+                Guard::RbdUnmap { nbd: true, .. } => {
+                    let name = dev.file_name()?.to_string_lossy().into_owned();
+                    std::fs::read_to_string(format!("/sys/block/{name}/pid")).ok()?.trim().parse().ok()
+                }
+                _ => None,
+            }
+        }
+        of(&self.guard, &self.dev)
+    }
+
     /// Stops the system, reporting a failure to stop cleanly.
     pub fn stop(mut self) -> Result<()> {
         let g = std::mem::replace(&mut self.guard, Guard::None);
@@ -323,6 +368,12 @@ fn teardown(g: Guard, dev: &Path) -> Result<()> {
         Guard::Loop(l) => run(Command::new("losetup").arg("-d").arg(&l)).map(drop),
         Guard::Daemon(bin, id) => run(Command::new(&bin).args(["del", "-n", &id.to_string()])).map(drop),
         Guard::NbdClient(d) => run(Command::new("nbd-client").arg("-d").arg(&d)).map(drop),
+        Guard::RbdUnmap { nbd: false, conf } => {
+            run(Command::new("rbd").args(["-c", &conf, "device", "unmap", "-o", "noudev"]).arg(dev)).map(drop)
+        }
+        Guard::RbdUnmap { nbd: true, conf } => {
+            run(Command::new("rbd-nbd").args(["-c", &conf, "unmap"]).arg(dev)).map(drop)
+        }
         Guard::WithServer(client, server) => {
             let r = teardown(*client, dev);
             let s = teardown(Guard::Server(server), Path::new("nbdkit"));
@@ -502,6 +553,35 @@ pub fn start(sys: &System, env: &Env, eo: &EngineOpts) -> Result<Running> {
                 }
             }
         }
+        Kind::KRbd => {
+            let (conf, image) = rbd_target()?;
+            let out = run(Command::new("rbd").args(["-c", &conf, "device", "map", "-o", "noudev", &image]))?;
+            let dev = PathBuf::from(out.trim());
+            let r = Running { dev: dev.clone(), guard: Guard::RbdUnmap { nbd: false, conf } };
+            wait_for_device(&dev)?;
+            Ok(r)
+        }
+        Kind::RbdNbd => {
+            let (conf, image) = rbd_target()?;
+            let _ = Command::new("modprobe").args(["nbd", "nbds_max=4"]).output();
+            let out = run(Command::new("rbd-nbd").args(["-c", &conf, "map", &image]))?;
+            let dev = PathBuf::from(out.trim());
+            let r = Running { dev: dev.clone(), guard: Guard::RbdUnmap { nbd: true, conf } };
+            wait_for_device(&dev)?;
+            Ok(r)
+        }
+        Kind::EngineRbd => {
+            let (conf, image) = rbd_target()?;
+            let mut c = Command::new(&env.engine);
+            c.args(&sys.extra);
+            if let Some(cpus) = &eo.cpus {
+                c.args(["--cpus", cpus]);
+            }
+            // One queue: librbd completes an image's IO through one eventfd.
+            c.args(["--queues", "1", "--depth", &(eo.depth * eo.queues).min(256).to_string()]);
+            c.args(["rbd", "--conf", &conf, &image]);
+            start_server(c, &log)
+        }
         Kind::Ublksrv { target } => {
             let bin = env.ublksrv.clone().ok_or_else(|| anyhow!("ublksrv's ublk tool not found on PATH"))?;
             let mut c = Command::new(&bin);
@@ -654,13 +734,18 @@ mod tests {
     #[test]
     fn network_systems_and_their_references() {
         let n = network_systems();
-        assert_eq!(names(&n), ["knbd-tcp", "engine-nbd-tcp", "knbd-unix", "engine-nbd-unix"]);
+        assert_eq!(
+            names(&n),
+            ["knbd-tcp", "engine-nbd-tcp", "knbd-unix", "engine-nbd-unix", "krbd", "rbd-nbd", "engine-rbd"]
+        );
         assert!(n.iter().all(System::is_network));
         assert!(!n[0].needs_ublk() && n[1].needs_ublk());
         for (sys, want) in [
             ("engine-nbd-tcp", "knbd-tcp"),
             ("knbd-unix", "knbd-unix"),
             ("engine-nbd-unix@x", "knbd-unix"),
+            ("krbd", "rbd-nbd"),
+            ("engine-rbd", "rbd-nbd"),
             ("engine-loop-copy", "kloop"),
             ("rublk-null", "kloop"),
         ] {

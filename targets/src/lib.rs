@@ -6,6 +6,7 @@ pub mod fault;
 pub mod loop_target;
 pub mod nbd;
 pub mod null;
+pub mod rbd;
 pub mod sockram;
 pub mod spec;
 
@@ -13,5 +14,6 @@ pub use fault::{FaultSpec, FaultTarget};
 pub use loop_target::{DirectIo, LoopOptions, LoopTarget};
 pub use nbd::{NbdOptions, NbdTarget};
 pub use null::NullTarget;
+pub use rbd::{RbdOptions, RbdTarget};
 pub use sockram::SockRamTarget;
 pub use spec::TargetSpec;

@@ -33,6 +33,16 @@ pub enum TargetSpec {
         reconnect_timeout_secs: u64,
         io_timeout_secs: Option<u64>,
     },
+    /// A Ceph RBD image (see [`RbdTarget`](crate::RbdTarget)).
+    Rbd {
+        /// `POOL/IMAGE[@SNAP]`.
+        image: String,
+        conf: Option<PathBuf>,
+        id: Option<String>,
+        keyring: Option<PathBuf>,
+        cluster: Option<String>,
+        io_timeout_secs: Option<u64>,
+    },
     /// The socket-RAM test target: its data lived in the dead daemon, so it is not
     /// recoverable (opening it again is refused).
     SockRam {
@@ -58,6 +68,17 @@ impl TargetSpec {
                 };
                 // The device has its queues: each opens its own connection.
                 Arc::new(crate::NbdTarget::open(uri, &opts, 1).map_err(ubd_engine::Error::Config)?)
+            }
+            TargetSpec::Rbd { image, conf, id, keyring, cluster, io_timeout_secs } => {
+                let opts = crate::RbdOptions {
+                    conf: conf.clone(),
+                    id: id.clone(),
+                    keyring: keyring.clone(),
+                    cluster: cluster.clone(),
+                    io_timeout: io_timeout_secs.map(std::time::Duration::from_secs),
+                    connect_timeout: None,
+                };
+                Arc::new(crate::RbdTarget::open(image, &opts).map_err(ubd_engine::Error::Config)?)
             }
             TargetSpec::SockRam { .. } => {
                 return Err(ubd_engine::Error::Config(

@@ -64,7 +64,7 @@ case_nbd_nbdkit() {
     nbdkit_start mem -U "$sock" memory 256M
     local uri="nbd+unix:///?socket=$sock"
     start_dev --queues 2 --depth 32 nbd "$uri"
-    grep -q "buffer mode copy (auto: the nbd target moves request data over a socket; copying)" "$LOG" ||
+    grep -q "buffer mode copy (auto: the nbd target moves request data through memory of its own (a socket, a library); copying)" "$LOG" ||
         fail "buffer mode: $(grep "buffer mode" "$LOG")"
     grep -qE '"structured_replies": *true' <("$UBD" list --json) || fail "no structured replies: $("$UBD" list --json)"
     (($(max_kb) > 64)) || fail "max request $(max_kb) KiB: not past nbd.ko's 64 KiB"
@@ -89,11 +89,11 @@ case_nbd_nbdkit() {
     stop_dev
     log "buffer mode copy (forced): fio verify 16k randrw"
     if "$UBD" features --json | grep -q '"AUTO_BUF_REG"'; then
-        expect_error "buffer mode auto-reg keeps request data in the kernel's pages, which the nbd target cannot send or receive" \
+        expect_error "buffer mode auto-reg keeps request data in the kernel's pages, which the nbd target cannot reach" \
             --buffer-mode auto-reg nbd "$uri"
     fi
     if "$UBD" features --json | grep -q '"SUPPORT_ZERO_COPY"'; then
-        expect_error "buffer mode zero-copy keeps request data in the kernel's pages, which the nbd target cannot send or receive" \
+        expect_error "buffer mode zero-copy keeps request data in the kernel's pages, which the nbd target cannot reach" \
             --buffer-mode zero-copy nbd "$uri"
     fi
     server_stop "$NBDKIT_PID"

@@ -147,6 +147,53 @@ pub fn serve_nbd(
     serve(with_faults(Arc::new(t), fault), spec, &opts, None)
 }
 
+/// The `rbd` command's own options.
+#[derive(Debug)]
+pub struct RbdArgs {
+    pub conf: Option<std::path::PathBuf>,
+    pub id: Option<String>,
+    pub keyring: Option<std::path::PathBuf>,
+    pub cluster: Option<String>,
+    pub io_timeout: Option<u64>,
+    pub connect_timeout: u64,
+}
+
+/// `rbd POOL/IMAGE[@SNAP]`: a Ceph RBD image through librbd.
+pub fn serve_rbd(a: &DevArgs, image: &str, r: RbdArgs) -> Result<()> {
+    let mut opts = device_options(a)?;
+    if r.io_timeout == Some(0) {
+        bail!("--io-timeout must be at least 1 second");
+    }
+    if r.connect_timeout == 0 {
+        bail!("--connect-timeout must be at least 1 second");
+    }
+    match a.queues {
+        Some(q) if q > 1 => bail!(
+            "rbd: --queues {q}: an rbd device has one queue (librbd signals one eventfd per open image, and two handles of one image fight over its exclusive lock)"
+        ),
+        _ if opts.queues > 1 => {
+            tracing::info!("rbd: one queue (librbd completes an image's IO through one eventfd)");
+            opts.queues = 1;
+        }
+        _ => {}
+    }
+    let fault = fault_spec(a)?;
+    preflight()?;
+    let ro = ubd_targets::RbdOptions {
+        conf: r.conf,
+        id: r.id,
+        keyring: r.keyring,
+        cluster: r.cluster,
+        io_timeout: r.io_timeout.map(Duration::from_secs),
+        connect_timeout: Some(Duration::from_secs(r.connect_timeout)),
+    };
+    let t = ubd_targets::RbdTarget::open(image, &ro).map_err(|e| anyhow::anyhow!("rbd: {e}"))?;
+    // The partition scan at start would read over the network.
+    opts.partition_scan = false;
+    let spec = t.spec();
+    serve(with_faults(Arc::new(t), fault), spec, &opts, None)
+}
+
 fn fault_spec(a: &DevArgs) -> Result<Option<ubd_targets::FaultSpec>> {
     a.fault
         .as_deref()

@@ -144,6 +144,31 @@ enum Command {
         #[arg(long, value_name = "SECS")]
         io_timeout: Option<u64>,
     },
+    /// A Ceph RBD image through librbd: POOL/IMAGE, or POOL/IMAGE@SNAP (read-only).
+    /// One queue; completions are collected on the queue thread (librbd's eventfd).
+    Rbd {
+        #[arg(value_name = "POOL/IMAGE[@SNAP]")]
+        image: String,
+        /// The cluster's configuration (default /etc/ceph/CLUSTER.conf).
+        #[arg(long, value_name = "PATH")]
+        conf: Option<std::path::PathBuf>,
+        /// The client's id, as in client.ID (default admin).
+        #[arg(long, value_name = "NAME")]
+        id: Option<String>,
+        /// The client's keyring (default: what the configuration says).
+        #[arg(long, value_name = "PATH")]
+        keyring: Option<std::path::PathBuf>,
+        /// The cluster's name (default ceph).
+        #[arg(long, value_name = "NAME")]
+        cluster: Option<String>,
+        /// A request librbd has not finished in this long fails with ETIMEDOUT (default:
+        /// wait as long as it takes).
+        #[arg(long, value_name = "SECS")]
+        io_timeout: Option<u64>,
+        /// Reaching a monitor and authenticating give up after this long.
+        #[arg(long, value_name = "SECS", default_value_t = 10)]
+        connect_timeout: u64,
+    },
     /// A test device: RAM served by an in-process thread over a socket (the target API
     /// for targets that are not a file, end to end). Its data dies with the process.
     #[command(hide = true)]
@@ -221,6 +246,10 @@ fn main() -> std::process::ExitCode {
         Command::Sockram { size, block_size } => cmd::serve_sockram(&cli.dev, &size, block_size),
         Command::Nbd { uri, connections, reconnect_timeout, io_timeout } => {
             cmd::serve_nbd(&cli.dev, &uri, connections, reconnect_timeout, io_timeout)
+        }
+        Command::Rbd { image, conf, id, keyring, cluster, io_timeout, connect_timeout } => {
+            let o = cmd::RbdArgs { conf, id, keyring, cluster, io_timeout, connect_timeout };
+            cmd::serve_rbd(&cli.dev, &image, o)
         }
         Command::List { json } => cmd::list(json),
         Command::Del { id, all, force } => cmd::del(id, all, force),

@@ -64,6 +64,9 @@ pub(crate) trait TargetSq {
     /// Points registered file `file` at `fd` (IORING_REGISTER_FILES_UPDATE); SQEs in
     /// flight keep the file they were pushed with.
     fn update_file(&mut self, file: FileSlot, fd: std::os::fd::RawFd) -> Result<(), i32>;
+    /// Bytes `0..len` of request `tag`'s buffer (buffer mode copy), for a target that
+    /// moves the data itself. The caller checked that no SQE of the request is in flight.
+    fn request_buf(&mut self, tag: u16, len: u32) -> Result<&mut [u8], i32>;
 }
 
 /// Memory a target owns, allocated with the ring and named by its SQEs.
@@ -293,6 +296,15 @@ impl TargetSq for QueueRing {
             None => unsafe { std::ptr::write_bytes(to, 0, len as usize) },
         }
         Ok(())
+    }
+
+    fn request_buf(&mut self, tag: u16, len: u32) -> Result<&mut [u8], i32> {
+        let (ptr, len) = self.copy_addr(Some(tag), Mem::Request { off: 0, len })?;
+        // SAFETY: `copy_addr` checked that `0..len` lies inside request `tag`'s buffer of
+        // this ring's live buffer region (mode copy); the request is the target's with no
+        // SQE in flight (the caller's check), so neither the kernel nor an SQE touches it,
+        // and the &mut borrow of self keeps the slice unique until it ends.
+        Ok(unsafe { std::slice::from_raw_parts_mut(ptr, len as usize) })
     }
 
     fn update_file(&mut self, file: FileSlot, fd: std::os::fd::RawFd) -> Result<(), i32> {

@@ -105,6 +105,9 @@ impl TargetSq for FakeRing {
     fn update_file(&mut self, _file: FileSlot, _fd: std::os::fd::RawFd) -> Result<(), i32> {
         Err(-libc::EOPNOTSUPP)
     }
+    fn request_buf(&mut self, _tag: u16, _len: u32) -> Result<&mut [u8], i32> {
+        Err(-libc::EOPNOTSUPP)
+    }
 }
 
 impl Ring for FakeRing {
