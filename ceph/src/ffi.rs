@@ -107,10 +107,9 @@ fn load() -> Result<Api, String> {
     let rbd = open(RBD)?;
     macro_rules! sym {
         ($lib:ident, $libname:expr, $name:ident) => {{
-            // SAFETY: the field's type is the C prototype of this function in Ceph
-            // 16.2's headers (librados.h/librbd.h, copied above by hand); the pointer is
-            // copied out of the Symbol and stays valid because the Library is kept in
-            // the same static table for the life of the process.
+            // SAFETY: the field's type is this function's C prototype in Ceph 16.2's headers;
+            // the pointer copied out stays valid: the Library lives in the same static table
+            // for the life of the process.
             let s = unsafe { $lib.get(concat!(stringify!($name), "\0").as_bytes()) };
             *s.map_err(|e| format!("{} has no {} ({e}): Ceph 16.2 or newer is needed", $libname, stringify!($name)))?
         }};

@@ -2,7 +2,7 @@
 //!
 //! Completions reach the queue thread, not the other way round: librbd signals the
 //! image's eventfd when an IO finishes (`rbd_set_image_notification`); that eventfd is
-//! the queue's [`Waker`](ubd_engine::Waker), whose read is kept armed on the queue's
+//! the queue's [`Waker`], whose read is kept armed on the queue's
 //! ring, and [`QueueTarget::woken`] collects every finished IO with `rbd_poll_io_events`
 //! and commits it from the queue thread. No callback runs on librbd's threads, and the
 //! queue takes no lock and makes no system call of its own per request.
@@ -385,5 +385,24 @@ impl QueueTarget for RbdQueue {
                 self.timed_out
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_words_carry_tag_and_generation() {
+        for (tag, generation) in [(0u16, 0u32), (15, 1), (u16::MAX, u32::MAX), (7, 0x1234_5678)] {
+            assert_eq!(split(user(tag, generation)), (tag, generation));
+        }
+        assert_ne!(user(3, 1), user(3, 2));
+    }
+
+    #[test]
+    fn a_bad_image_spec_is_refused_before_any_connection() {
+        let e = RbdTarget::open("justimage", &RbdOptions::default()).unwrap_err();
+        assert!(e.contains("expected POOL/IMAGE[@SNAP]"), "{e}");
     }
 }

@@ -29,15 +29,6 @@ ceph_down() {
     rm -rf "$CEPH_DIR"
 }
 
-# Waits until device $1 has served N writes (fio got going).
-wait_writes() {
-    local id=$1 deadline=$((SECONDS + 120))
-    until "$UBD" stats "$id" --json 2>/dev/null | grep -qE '"writes": *[0-9]{2,}'; do
-        ((SECONDS < deadline)) || fail "fio never got going on device $id"
-        sleep 0.2
-    done
-}
-
 rbdc() { timeout 300 rbd -c "$CEPH_CONF" --no-progress "$@"; }
 
 # The OSD's pid.
@@ -144,15 +135,15 @@ case_rbd_snap() {
 case_rbd_recover() {
     ceph_up
     rbd_image rec 32M
-    local round
-    for round in 0 1; do
+    local round rounds=${UBD_RBD_RECOVER_ROUNDS:-2}
+    for ((round = 0; round < rounds; round++)); do
         start_dev --depth 16 rbd --conf "$CEPH_CONF" rbd/rec
         local id=${DEV#/dev/ublkb}
         local job=(--name=rec --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k
             --iodepth=8 --size=2M --verify=crc32c --verify_fatal=1 --randseed=$round)
         fio "${job[@]}" --verify_backlog=64 >"$WORK/fio-rec.out" 2>&1 &
         local fio_pid=$!
-        wait_writes "$id"
+        wait_writes "$id" 20
         kill -KILL "$PID"
         wait "$PID" 2>/dev/null || true
         "$UBD" list | grep -E "^$id +(quiesced|live) .* dead " >/dev/null ||
@@ -166,7 +157,7 @@ case_rbd_recover() {
             { cat "$WORK/fio-ver.out" >&2; fail "verify after recovery failed"; }
         stop_dev
     done
-    log "2 kill -9 / recover rounds under fio verify: 0 errors across each and after"
+    log "$rounds kill -9 / recover rounds under fio verify: 0 errors across each and after"
 }
 
 # An OSD that stops answering (SIGSTOP): IO fails after --io-timeout instead of hanging;

@@ -300,10 +300,9 @@ impl TargetSq for QueueRing {
 
     fn request_buf(&mut self, tag: u16, len: u32) -> Result<&mut [u8], i32> {
         let (ptr, len) = self.copy_addr(Some(tag), Mem::Request { off: 0, len })?;
-        // SAFETY: `copy_addr` checked that `0..len` lies inside request `tag`'s buffer of
-        // this ring's live buffer region (mode copy); the request is the target's with no
-        // SQE in flight (the caller's check), so neither the kernel nor an SQE touches it,
-        // and the &mut borrow of self keeps the slice unique until it ends.
+        // SAFETY: `0..len` is inside request `tag`'s live buffer (copy_addr, mode copy); no SQE
+        // of the request is in flight (the caller's check), so nothing else touches it, and
+        // the &mut borrow of self keeps the slice unique until it ends.
         Ok(unsafe { std::slice::from_raw_parts_mut(ptr, len as usize) })
     }
 
