@@ -42,6 +42,6 @@ rbd -c "$conf" create --size "$size" rbd/perf
 # without it).
 rbd -c "$conf" bench --io-type write --io-size 4M --io-pattern seq --io-total "$size" rbd/perf >/dev/null
 export UBD_PERF_RBD_CONF=$conf UBD_PERF_RBD_IMAGE=rbd/perf
-"$bin/ubd-perf" compare --engine "$bin/ubd-engine" --systems krbd,rbd-nbd,engine-rbd --jobs-dir "$ROOT/perf/jobs-rbd" \
+"$bin/ubd-perf" compare --engine "$bin/ubd-engine" --systems krbd,rbd-nbd,engine-rbd,rbd-nbd-lean,engine-rbd-lean --jobs-dir "$ROOT/perf/jobs-rbd" \
     --rounds "$rounds" --runtime "$runtime" --ramp 2 --out "$out" "${rest[@]}"
 echo "rbd.sh: results in $out"

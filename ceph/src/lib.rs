@@ -192,6 +192,9 @@ impl Rados {
         // SAFETY: the handle is live and not connected; both strings are NUL-terminated
         // and copied by librados.
         let r = unsafe { (self.api.rados_conf_set)(self.h, ck.as_ptr(), cv.as_ptr()) };
+        if r == -libc::ENOENT {
+            return Err(Error { what: format!("Ceph option {k}: no such option"), errno: 0 });
+        }
         check(r, || format!("Ceph option {k} = {v}")).map(drop)
     }
 

@@ -40,10 +40,12 @@ pub enum Kind {
     /// The kernel's RBD client (`rbd device map`) of the image `UBD_PERF_RBD_IMAGE` on
     /// the cluster of `UBD_PERF_RBD_CONF` (perf/rbd.sh starts one in the VM).
     KRbd,
-    /// `rbd-nbd map` of the same image (librbd behind nbd.ko).
-    RbdNbd,
-    /// `ubd-engine rbd` of the same image (one queue).
-    EngineRbd,
+    /// `rbd-nbd map` of the same image (librbd behind nbd.ko); `lean`: with
+    /// [`RBD_LEAN`] on its command line.
+    RbdNbd { lean: bool },
+    /// `ubd-engine rbd` of the same image (one queue); `lean`: with [`RBD_LEAN`] as
+    /// `--ceph-option`s.
+    EngineRbd { lean: bool },
 }
 
 /// The network systems (not in the default list: asked for by name, `knbd*`,
@@ -55,10 +57,27 @@ pub fn network_systems() -> Vec<System> {
         v.push(System::new(&format!("engine-nbd-{t}"), Kind::EngineNbd { unix }));
     }
     v.push(System::new("krbd", Kind::KRbd));
-    v.push(System::new("rbd-nbd", Kind::RbdNbd));
-    v.push(System::new("engine-rbd", Kind::EngineRbd));
+    v.push(System::new("rbd-nbd", Kind::RbdNbd { lean: false }));
+    v.push(System::new("engine-rbd", Kind::EngineRbd { lean: false }));
+    v.push(System::new("rbd-nbd-lean", Kind::RbdNbd { lean: true }));
+    v.push(System::new("engine-rbd-lean", Kind::EngineRbd { lean: true }));
     v
 }
+
+/// librbd client settings that shed per-IO work for a block device the kernel already
+/// caches: no librbd cache layer, and no in-memory gathering of debug log entries.
+pub const RBD_LEAN: &[(&str, &str)] = &[
+    ("rbd_cache", "false"),
+    ("debug_rbd", "0/0"),
+    ("debug_rados", "0/0"),
+    ("debug_objecter", "0/0"),
+    ("debug_ms", "0/0"),
+    ("debug_monc", "0/0"),
+    ("debug_objectcacher", "0/0"),
+    ("debug_finisher", "0/0"),
+    ("debug_auth", "0/0"),
+    ("debug_journaler", "0/0"),
+];
 
 /// The cluster configuration and image of the rbd systems.
 fn rbd_target() -> Result<(String, String)> {
@@ -106,12 +125,15 @@ impl System {
 
     /// Whether the system needs the ublk driver.
     pub fn needs_ublk(&self) -> bool {
-        !matches!(self.kind, Kind::Raw | Kind::KLoop | Kind::KNbd { .. } | Kind::KRbd | Kind::RbdNbd)
+        !matches!(self.kind, Kind::Raw | Kind::KLoop | Kind::KNbd { .. } | Kind::KRbd | Kind::RbdNbd { .. })
     }
 
     /// Whether the system is a network one (see [`network_systems`]).
     pub fn is_network(&self) -> bool {
-        matches!(self.kind, Kind::KNbd { .. } | Kind::EngineNbd { .. } | Kind::KRbd | Kind::RbdNbd | Kind::EngineRbd)
+        matches!(
+            self.kind,
+            Kind::KNbd { .. } | Kind::EngineNbd { .. } | Kind::KRbd | Kind::RbdNbd { .. } | Kind::EngineRbd { .. }
+        )
     }
 }
 
@@ -561,16 +583,21 @@ pub fn start(sys: &System, env: &Env, eo: &EngineOpts) -> Result<Running> {
             wait_for_device(&dev)?;
             Ok(r)
         }
-        Kind::RbdNbd => {
+        Kind::RbdNbd { lean } => {
             let (conf, image) = rbd_target()?;
             let _ = Command::new("modprobe").args(["nbd", "nbds_max=4"]).output();
-            let out = run(Command::new("rbd-nbd").args(["-c", &conf, "map", &image]))?;
+            let mut c = Command::new("rbd-nbd");
+            c.args(["-c", &conf, "map", &image]);
+            if *lean {
+                c.args(RBD_LEAN.iter().map(|(k, v)| format!("--{k}={v}")));
+            }
+            let out = run(&mut c)?;
             let dev = PathBuf::from(out.trim());
             let r = Running { dev: dev.clone(), guard: Guard::RbdUnmap { nbd: true, conf } };
             wait_for_device(&dev)?;
             Ok(r)
         }
-        Kind::EngineRbd => {
+        Kind::EngineRbd { lean } => {
             let (conf, image) = rbd_target()?;
             let mut c = Command::new(&env.engine);
             c.args(&sys.extra);
@@ -580,6 +607,9 @@ pub fn start(sys: &System, env: &Env, eo: &EngineOpts) -> Result<Running> {
             // One queue: librbd completes an image's IO through one eventfd.
             c.args(["--queues", "1", "--depth", &(eo.depth * eo.queues).min(256).to_string()]);
             c.args(["rbd", "--conf", &conf, &image]);
+            if *lean {
+                c.args(RBD_LEAN.iter().map(|(k, v)| format!("--ceph-option={k}={v}")));
+            }
             start_server(c, &log)
         }
         Kind::Ublksrv { target } => {
@@ -736,7 +766,17 @@ mod tests {
         let n = network_systems();
         assert_eq!(
             names(&n),
-            ["knbd-tcp", "engine-nbd-tcp", "knbd-unix", "engine-nbd-unix", "krbd", "rbd-nbd", "engine-rbd"]
+            [
+                "knbd-tcp",
+                "engine-nbd-tcp",
+                "knbd-unix",
+                "engine-nbd-unix",
+                "krbd",
+                "rbd-nbd",
+                "engine-rbd",
+                "rbd-nbd-lean",
+                "engine-rbd-lean"
+            ]
         );
         assert!(n.iter().all(System::is_network));
         assert!(!n[0].needs_ublk() && n[1].needs_ublk());

@@ -40,6 +40,9 @@ pub struct RbdOptions {
     pub io_timeout: Option<Duration>,
     /// Reaching a monitor gives up after this long (default 10 s).
     pub connect_timeout: Option<Duration>,
+    /// Client configuration set after the file is read (`NAME`, `VALUE`), e.g.
+    /// `rbd_cache` = `false`.
+    pub options: Vec<(String, String)>,
 }
 
 impl RbdOptions {
@@ -49,6 +52,7 @@ impl RbdOptions {
             id: self.id.clone(),
             keyring: self.keyring.clone(),
             cluster: self.cluster.clone(),
+            extra: self.options.clone(),
             ..Default::default()
         };
         if let Some(t) = self.connect_timeout {
@@ -128,6 +132,7 @@ impl RbdTarget {
             "features": features,
             "read_only": read_only,
             "librbd": format!("{maj}.{min}.{ext}"),
+            "options": opts.options.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
         });
         Ok(Self { spec: spec.into(), opts: opts.clone(), info, describe, image: Mutex::new(Some(image)) })
     }
@@ -141,6 +146,7 @@ impl RbdTarget {
             keyring: self.opts.keyring.clone(),
             cluster: self.opts.cluster.clone(),
             io_timeout_secs: self.opts.io_timeout.map(|d| d.as_secs()),
+            options: self.opts.options.clone(),
         }
     }
 }

@@ -42,6 +42,9 @@ pub enum TargetSpec {
         keyring: Option<PathBuf>,
         cluster: Option<String>,
         io_timeout_secs: Option<u64>,
+        /// `--ceph-option NAME=VALUE`s, set on the client after the configuration.
+        #[serde(default)]
+        options: Vec<(String, String)>,
     },
     /// The socket-RAM test target: its data lived in the dead daemon, so it is not
     /// recoverable (opening it again is refused).
@@ -69,7 +72,7 @@ impl TargetSpec {
                 // The device has its queues: each opens its own connection.
                 Arc::new(crate::NbdTarget::open(uri, &opts, 1).map_err(ubd_engine::Error::Config)?)
             }
-            TargetSpec::Rbd { image, conf, id, keyring, cluster, io_timeout_secs } => {
+            TargetSpec::Rbd { image, conf, id, keyring, cluster, io_timeout_secs, options } => {
                 let opts = crate::RbdOptions {
                     conf: conf.clone(),
                     id: id.clone(),
@@ -77,6 +80,7 @@ impl TargetSpec {
                     cluster: cluster.clone(),
                     io_timeout: io_timeout_secs.map(std::time::Duration::from_secs),
                     connect_timeout: None,
+                    options: options.clone(),
                 };
                 Arc::new(crate::RbdTarget::open(image, &opts).map_err(ubd_engine::Error::Config)?)
             }
@@ -123,6 +127,20 @@ mod tests {
             round_trip(&nbd),
             serde_json::json!({ "kind": "nbd", "uri": "nbd://127.0.0.1/x", "reconnect_timeout_secs": 60, "io_timeout_secs": null })
         );
+        let rbd = TargetSpec::Rbd {
+            image: "rbd/img@s1".into(),
+            conf: Some("/etc/ceph/x.conf".into()),
+            id: Some("csi".into()),
+            keyring: None,
+            cluster: None,
+            io_timeout_secs: Some(30),
+            options: vec![("rbd_cache".into(), "false".into())],
+        };
+        round_trip(&rbd);
+        // A state file written before options existed still opens.
+        let old = r#"{"kind": "rbd", "image": "rbd/x", "conf": null, "id": null, "keyring": null, "cluster": null, "io_timeout_secs": null}"#;
+        let TargetSpec::Rbd { options, .. } = serde_json::from_str::<TargetSpec>(old).unwrap() else { panic!() };
+        assert!(options.is_empty());
         let e = serde_json::from_str::<TargetSpec>(r#"{"kind": "null", "logical_block_size": 512}"#).unwrap_err();
         assert!(e.to_string().contains("missing field `size`"), "{e}");
     }

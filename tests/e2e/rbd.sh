@@ -76,13 +76,15 @@ case_rbd_io() {
     cmp "$WORK/dev.img" "$WORK/export.img" || fail "the device's bytes differ from rbd export"
     rm -f "$WORK/dev.img" "$WORK/export.img"
     log "fio verify (4k qd16, 512-128k x2 with fsync, O_SYNC 64k), discard/write-zeroes read zero, device = rbd export (96 MiB)"
-    start_dev --depth 16 --buffer-mode copy rbd --conf "$CEPH_CONF" rbd/io
+    start_dev --depth 16 --buffer-mode copy rbd --conf "$CEPH_CONF" --ceph-option rbd_cache=false \
+        --ceph-option debug_rbd=0/0 rbd/io
+    grep -q '"rbd_cache=false"' <("$UBD" list --json) || fail "list does not show the Ceph options"
     fio_verify --rw=randrw --bs=16k --iodepth=8 --size=2M --offset=64M
     stop_dev
     if "$UBD" features --json | grep -q '"ZERO_COPY"'; then
         expect_error "buffer mode zero-copy .* rbd target" --buffer-mode zero-copy rbd --conf "$CEPH_CONF" rbd/io
     fi
-    log "buffer mode copy: fio verify; zero-copy modes refused"
+    log "buffer mode copy with --ceph-option rbd_cache=false: fio verify; zero-copy modes refused"
 }
 
 # ext4 on an image: files written, checksums after a remount, fsck clean.
@@ -199,6 +201,8 @@ case_rbd_bad_input() {
         rbd --conf "$CEPH_CONF" --keyring "$WORK/missing.keyring" rbd/bad
     expect_error "expected POOL/IMAGE" rbd --conf "$CEPH_CONF" justimage
     expect_error "an rbd device has one queue" --queues 2 rbd --conf "$CEPH_CONF" rbd/bad
+    expect_error "Ceph option no_such_option: no such option" rbd --conf "$CEPH_CONF" --ceph-option no_such_option=1 rbd/bad
+    expect_error "--ceph-option \"junk\": expected NAME=VALUE" rbd --conf "$CEPH_CONF" --ceph-option junk rbd/bad
     # A monitor address nothing listens on.
     sed 's/^mon host = .*/mon host = [v2:127.0.0.1:3399,v1:127.0.0.1:6799]/' "$CEPH_CONF" >"$WORK/dead-mon.conf"
     expect_error "connecting to the Ceph cluster of $WORK/dead-mon.conf .*no monitor answered" \

@@ -156,6 +156,8 @@ pub struct RbdArgs {
     pub cluster: Option<String>,
     pub io_timeout: Option<u64>,
     pub connect_timeout: u64,
+    /// `--ceph-option NAME=VALUE`s.
+    pub options: Vec<String>,
 }
 
 /// `rbd POOL/IMAGE[@SNAP]`: a Ceph RBD image through librbd.
@@ -177,9 +179,18 @@ pub fn serve_rbd(a: &DevArgs, image: &str, r: RbdArgs) -> Result<()> {
         }
         _ => {}
     }
+    let options = r
+        .options
+        .iter()
+        .map(|o| match o.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+            _ => Err(anyhow::anyhow!("--ceph-option {o:?}: expected NAME=VALUE (e.g. rbd_cache=false)")),
+        })
+        .collect::<Result<Vec<_>>>()?;
     let fault = fault_spec(a)?;
     preflight()?;
     let ro = ubd_targets::RbdOptions {
+        options,
         conf: r.conf,
         id: r.id,
         keyring: r.keyring,

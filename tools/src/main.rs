@@ -168,6 +168,10 @@ enum Command {
         /// Reaching a monitor and authenticating give up after this long.
         #[arg(long, value_name = "SECS", default_value_t = 10)]
         connect_timeout: u64,
+        /// A Ceph client option, set after the configuration file is read (repeatable),
+        /// e.g. rbd_cache=false or debug_rbd=0/0. An unknown name is an error.
+        #[arg(long = "ceph-option", value_name = "NAME=VALUE")]
+        ceph_option: Vec<String>,
     },
     /// A test device: RAM served by an in-process thread over a socket (the target API
     /// for targets that are not a file, end to end). Its data dies with the process.
@@ -247,8 +251,8 @@ fn main() -> std::process::ExitCode {
         Command::Nbd { uri, connections, reconnect_timeout, io_timeout } => {
             cmd::serve_nbd(&cli.dev, &uri, connections, reconnect_timeout, io_timeout)
         }
-        Command::Rbd { image, conf, id, keyring, cluster, io_timeout, connect_timeout } => {
-            let o = cmd::RbdArgs { conf, id, keyring, cluster, io_timeout, connect_timeout };
+        Command::Rbd { image, conf, id, keyring, cluster, io_timeout, connect_timeout, ceph_option } => {
+            let o = cmd::RbdArgs { conf, id, keyring, cluster, io_timeout, connect_timeout, options: ceph_option };
             cmd::serve_rbd(&cli.dev, &image, o)
         }
         Command::List { json } => cmd::list(json),
