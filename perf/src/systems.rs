@@ -577,11 +577,9 @@ pub fn start(sys: &System, env: &Env, eo: &EngineOpts) -> Result<Running> {
         }
         Kind::KRbd => {
             let (conf, image) = rbd_target()?;
-            let out = run(Command::new("rbd").args(["-c", &conf, "device", "map", "-o", "noudev", &image]))?;
-            let dev = PathBuf::from(out.trim());
-            let r = Running { dev: dev.clone(), guard: Guard::RbdUnmap { nbd: false, conf } };
-            wait_for_device(&dev)?;
-            Ok(r)
+            let mut c = Command::new("rbd");
+            c.args(["-c", &conf, "device", "map", "-o", "noudev", &image]);
+            rbd_map(c, false, conf)
         }
         Kind::RbdNbd { lean } => {
             let (conf, image) = rbd_target()?;
@@ -591,11 +589,7 @@ pub fn start(sys: &System, env: &Env, eo: &EngineOpts) -> Result<Running> {
             if *lean {
                 c.args(RBD_LEAN.iter().map(|(k, v)| format!("--{k}={v}")));
             }
-            let out = run(&mut c)?;
-            let dev = PathBuf::from(out.trim());
-            let r = Running { dev: dev.clone(), guard: Guard::RbdUnmap { nbd: true, conf } };
-            wait_for_device(&dev)?;
-            Ok(r)
+            rbd_map(c, true, conf)
         }
         Kind::EngineRbd { lean } => {
             let (conf, image) = rbd_target()?;
@@ -679,6 +673,16 @@ fn free_nbd_device() -> Result<PathBuf> {
         .find(|(i, p)| p.exists() && !Path::new(&format!("/sys/block/nbd{i}/pid")).exists())
         .map(|(_, p)| p)
         .ok_or_else(|| anyhow!("no free /dev/nbdN (is the nbd module there?)"))
+}
+
+/// Runs a map command that prints the device (`rbd device map`, `rbd-nbd map`) and
+/// waits for the device; it is unmapped on teardown.
+fn rbd_map(mut c: Command, nbd: bool, conf: String) -> Result<Running> {
+    let out = run(&mut c)?;
+    let dev = PathBuf::from(out.trim());
+    let r = Running { dev: dev.clone(), guard: Guard::RbdUnmap { nbd, conf } };
+    wait_for_device(&dev)?;
+    Ok(r)
 }
 
 /// Starts a daemonizing peer (rublk, ublksrv) as device RUBLK_ID and waits for it.

@@ -199,8 +199,8 @@ struct Req {
     /// result as the bytes done, and re-sends the rest of a short one; librbd returns
     /// 0 for a write).
     len: u32,
-    read: bool,
-    write: bool,
+    /// The request's op while it is the target's.
+    op: Option<Op>,
     started: Option<Instant>,
 }
 
@@ -225,6 +225,13 @@ fn split(user: u64) -> (u16, u32) {
     ((user & 0xffff) as u16, (user >> 16) as u32)
 }
 
+/// The request a finished op belongs to, if it is still waiting for it (not failed by
+/// the timeout meanwhile).
+fn waiting(reqs: &[Req], user: u64) -> Option<(u16, Req)> {
+    let (tag, generation) = split(user);
+    reqs.get(usize::from(tag)).filter(|r| r.generation == generation && r.busy).map(|r| (tag, *r))
+}
+
 impl RbdQueue {
     fn start_op(&mut self, req: &IoRequest, io: &mut IoCtx<'_>) -> Result<(), i32> {
         let tag = req.tag;
@@ -233,8 +240,7 @@ impl RbdQueue {
         let len = u32::try_from(req.len).map_err(|_| -libc::EINVAL)?;
         r.len = len;
         r.then_flush = false;
-        r.read = req.op == Op::Read;
-        r.write = req.op == Op::Write;
+        r.op = Some(req.op);
         let op = match req.op {
             Op::Read => AioOp::Read { off: req.offset, len: len as usize },
             Op::Write => {
@@ -261,6 +267,7 @@ impl RbdQueue {
         let r = &mut self.reqs[usize::from(tag)];
         r.generation = r.generation.wrapping_add(1);
         r.busy = false;
+        r.op = None;
         r.started = None;
         if let Err(e) = io.finish(tag, res) {
             tracing::error!("rbd: {}: cannot finish request {tag}: errno {}", self.spec, -e);
@@ -278,7 +285,7 @@ impl RbdQueue {
     }
 
     /// A read's bytes into its request's buffer: the result to finish it with.
-    fn copy_read(io: &mut IoCtx<'_>, r: &Req, tag: u16, data: &[u8]) -> i64 {
+    fn copy_read(io: &mut IoCtx<'_>, r: Req, tag: u16, data: &[u8]) -> i64 {
         let copied = io.for_request(tag).ok_or(-libc::EINVAL).and_then(|mut ctx| {
             if data.len() != r.len as usize {
                 return Err(-libc::EIO);
@@ -291,19 +298,17 @@ impl RbdQueue {
 
     /// One finished op (from a queue context), a read's data already copied.
     fn on_done(&mut self, io: &mut IoCtx<'_>, user: u64, res: i64) {
-        let (tag, generation) = split(user);
-        let Some(r) = self.reqs.get(usize::from(tag)).copied() else { return };
-        if r.generation != generation || !r.busy {
+        let Some((tag, r)) = waiting(&self.reqs, user) else {
             // Its request was failed by the timeout meanwhile.
             self.timed_out = self.timed_out.saturating_sub(1);
             tracing::info!("rbd: {}: a timed-out request's IO finished late (result {res})", self.spec);
             return;
-        }
+        };
         if res < 0 {
             let e = i32::try_from(res).unwrap_or(-libc::EIO);
             return self.end(io, tag, e);
         }
-        if r.read {
+        if r.op == Some(Op::Read) {
             return self.end(io, tag, i32::try_from(res).unwrap_or(-libc::EIO));
         }
         if r.then_flush {
@@ -314,7 +319,7 @@ impl RbdQueue {
             }
             return;
         }
-        let done = if r.write { r.len as i32 } else { 0 };
+        let done = if r.op == Some(Op::Write) { r.len as i32 } else { 0 };
         self.end(io, tag, done)
     }
 
@@ -368,14 +373,9 @@ impl QueueTarget for RbdQueue {
         loop {
             let reqs = &self.reqs;
             // A read's data is copied while the binding lends its buffer.
-            let got = self.aio.next(|d, data| {
-                let (tag, generation) = split(d.user);
-                match reqs.get(usize::from(tag)) {
-                    Some(r) if r.generation == generation && r.busy && r.read && d.res >= 0 => {
-                        (d.user, Self::copy_read(io, r, tag, data))
-                    }
-                    _ => (d.user, d.res),
-                }
+            let got = self.aio.next(|d, data| match waiting(reqs, d.user) {
+                Some((tag, r)) if r.op == Some(Op::Read) && d.res >= 0 => (d.user, Self::copy_read(io, r, tag, data)),
+                _ => (d.user, d.res),
             });
             let Some((user, res)) = got else { break };
             self.on_done(io, user, res);
