@@ -18,6 +18,8 @@ if [[ -x $PEERS/bin/rublk && $force == 0 ]]; then
     exit 0
 fi
 
+# Root from here on (apt-get, $PEERS).
+source "$(dirname "${BASH_SOURCE[0]}")/../tests/vm/as-root.sh"
 command -v cargo >/dev/null || { echo "install-peers.sh: cargo not found (Rust is needed to build rublk)" >&2; exit 1; }
 if ! dpkg -s libclang-dev >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive

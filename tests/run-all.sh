@@ -11,6 +11,8 @@
 # Needs root (packages, kernels in /lib/modules). Ends with "N passed, N failed".
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=vm/as-root.sh
+source "$ROOT/tests/vm/as-root.sh"
 cd "$ROOT" || exit 1
 kernels=${UBD_KERNELS:-lts newest}
 lint=1 full=0
@@ -60,6 +62,9 @@ cargo build --release --quiet || die "release build failed"
 # release meant for use does not have: a build of its own, in target/e2e.
 cargo build --release --quiet --features ubd-tools/test-hooks --target-dir target/e2e -p ubd-tools -p ubd-ceph ||
     die "e2e build (--features test-hooks) failed"
+step "Debian package (packaging/build-deb.sh: cargo-deb), for the e2e case that installs it"
+UBD_DEB=$(packaging/build-deb.sh | tail -n1) && [[ -f $UBD_DEB ]] || die "packaging/build-deb.sh failed"
+export UBD_DEB
 
 e2e_pass=0 e2e_fail=0 summary=()
 # The rbd cases (a Ceph cluster in the VM: 1.5-3 minutes to start under TCG) run on

@@ -10,6 +10,8 @@
 # Needs what tests/run-all.sh installs (it runs tests/vm/setup.sh first).
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=vm/as-root.sh
+source "$ROOT/tests/vm/as-root.sh"
 cd "$ROOT" || exit 1
 kernels="lts newest" rounds=50 cycles=300 repeat=3
 while (($#)); do

@@ -100,10 +100,13 @@ mod target;
 pub use buf::{BufferChoice, BufferMode};
 pub use cpus::{format_cpulist, parse_cpulist};
 pub use ctrl::{CONTROL_PATH, Control};
-pub use daemon::{DeviceOptions, DeviceStats, Recovery, ServeSummary, StartedDevice, recover, serve};
+pub use daemon::{
+    DeviceOptions, DeviceStats, HANDOFF_SIGNAL, Recovery, ServeSummary, StartedDevice, block_stop_signals, recover,
+    serve,
+};
 pub use error::{Error, Result};
 pub use queue::config::{IoProtocol, QueueReport};
-pub use queue::stats::{BatchCounters, Counters, LatencySummary, SizeCounter, StatsSnapshot};
+pub use queue::stats::{BatchCounters, Counters, ErrnoCounts, LatencySummary, SizeCounter, StatsSnapshot};
 pub use request::{DiscardInfo, FileSlot, IoRequest, Mem, MemId, Op, TargetInfo};
 pub use ring::RingMode;
 pub use sys::features::feature_names;

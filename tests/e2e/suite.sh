@@ -10,6 +10,8 @@ source "$HERE/lib.sh"
 source "$HERE/nbd.sh"
 # shellcheck source=rbd.sh
 source "$HERE/rbd.sh"
+# shellcheck source=service.sh
+source "$HERE/service.sh"
 
 echo "=== ubd-engine e2e on $(uname -r), $(nproc) CPUs"
 rm -rf "$WORK" && mkdir -p "$WORK"
@@ -858,7 +860,7 @@ case_sockram() {
 
 cases=(features null null_nocopy loop_file loop_file_buffered loop_bdev mkfs_mount discard_flush discard_bdev
     list_del bad_input hugepages buffer_modes placement batch_io recover sigterm_under_load fault_errors fault_delay_stall abort
-    kill9_states cycles perf_smoke sockram
+    kill9_states cycles perf_smoke sockram svc_config svc_run svc_upgrade svc_systemd
     nbd_nbdkit nbd_file nbd_qemu nbd_restart nbd_errors nbd_recover nbd_bad_input nbd_bad_server
     rbd_io rbd_ext4 rbd_snap rbd_recover rbd_stall rbd_bad_input)
 # The rbd cases start a Ceph cluster (minutes under TCG): run-all.sh runs them on the

@@ -31,7 +31,7 @@ VENV=$UBD_CACHE/venv
 # qemu-system-x86 of another version would make apt remove it (see below).
 PKGS=(qemu-system-x86 qemu-utils kmod fio busybox-static xz-utils e2fsprogs binutils file
     util-linux procps python3-venv ca-certificates fonts-dejavu-core
-    nbdkit nbd-client
+    nbdkit nbd-client python3-prometheus-client curl
     ceph-mon ceph-osd ceph-common rbd-nbd)
 
 CODENAME=$(sed -n 's/^VERSION_CODENAME=//p' /etc/os-release)
@@ -44,7 +44,8 @@ die() {
 }
 summary=()
 
-[[ $(id -u) == 0 ]] || die "must run as root (installs packages, writes /lib/modules)"
+# Root: installs packages, writes /lib/modules.
+source "$(dirname "${BASH_SOURCE[0]}")/as-root.sh"
 [[ -r $KEYRING ]] || die "missing $KEYRING (package debian-archive-keyring)"
 mkdir -p "$UBD_CACHE"
 
@@ -146,13 +147,35 @@ fetch() {
 # (with the image as vmlinuz) to /lib/modules/VER, then depmod.
 # Prints the vmlinuz path.
 install_kernel() {
-    local ver=$1 dest=/lib/modules/$1 stage=$UBD_CACHE/stage p deb mods="" d f
+    local ver=$1 dest=/lib/modules/$1 stage=$UBD_CACHE/stage p deb mods="" d f merge=0
     shift
+    if [[ ! -e $dest/.ubd-engine && -d $dest && ! -L $dest ]]; then
+        # The machine has this kernel version already (installed the ordinary way, or
+        # only its headers). Use what is there, or add ours beside it; never delete it.
+        local image="" ublk
+        ublk=$(find "$dest/kernel/drivers/block" -maxdepth 1 -name 'ublk_drv.ko*' 2>/dev/null | head -n1)
+        for f in "$dest/vmlinuz" "/boot/vmlinuz-$ver"; do
+            if [[ -r $f ]]; then
+                image=$f
+                break
+            fi
+        done
+        if [[ -n $ublk && -n $image && -e $dest/modules.dep ]]; then
+            log "using the installed kernel $ver ($image, $ublk)"
+            echo "$image"
+            return 0
+        fi
+        if [[ -d $dest/kernel || -e $dest/modules.dep ]]; then
+            local lacks="the ublk_drv module"
+            [[ -z $ublk ]] || lacks="a readable kernel image (vmlinuz or /boot/vmlinuz-$ver)"
+            die "$dest is an installed kernel without $lacks; install the package linux-image-$ver with apt (setup.sh then uses it)"
+        fi
+        # Only headers (build/source links) or other packages' files: unpack ours into it.
+        merge=1
+    fi
     if [[ ! -e $dest/.ubd-engine ]]; then
         if [[ -L $dest ]]; then
             rm -f "$dest"
-        elif [[ -e $dest ]]; then
-            die "$dest exists and was not made by setup.sh; remove it"
         fi
         rm -rf "$stage"
         mkdir -p "$stage" /lib/modules
@@ -180,8 +203,20 @@ install_kernel() {
             mv "$mods/vmlinuz.unsigned" "$mods/vmlinuz"
         fi
         [[ -e $mods/vmlinuz ]] || die "no vmlinuz for $ver in $*"
-        touch "$mods/.ubd-engine"
-        mv "$mods" "$dest"
+        if ((merge)); then
+            # Beside what is there: only names it does not have, listed in .ubd-engine so
+            # that a later clean-up removes ours and nothing else.
+            for f in "$mods"/* "$mods"/.[!.]*; do
+                [[ -e $f ]] || continue
+                [[ -e $dest/${f##*/} || -L $dest/${f##*/} ]] && continue
+                mv "$f" "$dest/"
+                echo "${f##*/}" >>"$dest/.ubd-engine"
+            done
+            log "installed kernel $ver beside what $dest had"
+        else
+            touch "$mods/.ubd-engine"
+            mv "$mods" "$dest"
+        fi
         rm -rf "$stage"
     fi
     if [[ ! -e $dest/.depmod-done ]]; then
@@ -197,7 +232,8 @@ kernels_ok() {
     [[ -s $KERNELS_TXT ]] || return 1
     local ver vmlinuz n=0
     while read -r _ ver vmlinuz; do
-        [[ -e $vmlinuz && -e /lib/modules/$ver/.depmod-done ]] || return 1
+        [[ -e $vmlinuz && -e /lib/modules/$ver/modules.dep ]] || return 1
+        [[ ! -e /lib/modules/$ver/.ubd-engine || -e /lib/modules/$ver/.depmod-done ]] || return 1
         n=$((n + 1))
     done <"$KERNELS_TXT"
     ((n == 2))
@@ -247,8 +283,18 @@ else
     # Drop kernels and .debs of earlier runs (e.g. an older sid kernel).
     for d in /lib/modules/*/.ubd-engine; do
         d=${d%/.ubd-engine}
-        [[ ! -d $d || $d == "/lib/modules/$lts_ver" || $d == "/lib/modules/$new_ver" ]] ||
-            { log "removing old $d"; rm -rf "$d"; }
+        [[ ! -d $d || $d == "/lib/modules/$lts_ver" || $d == "/lib/modules/$new_ver" ]] && continue
+        if [[ -s $d/.ubd-engine ]]; then
+            # Installed beside another package's files: remove only ours.
+            log "removing setup.sh's files from old $d"
+            while read -r f; do
+                [[ -n $f && $f != */* ]] && rm -rf "${d:?}/$f"
+            done <"$d/.ubd-engine"
+            rm -f "$d/.ubd-engine" "$d/.depmod-done"
+        else
+            log "removing old $d"
+            rm -rf "$d"
+        fi
     done
     for deb in "$UBD_CACHE"/debs/*.deb; do
         [[ ! -e $deb || $deb == *"$lts_ver"* || $deb == *"$new_ver"* ]] ||

@@ -8,6 +8,8 @@
 #   default arguments: --cpus 0,1 loop /tmp/ubd-try.img (a 256 MiB file in the VM)
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+# shellcheck source=vm/as-root.sh
+source "$ROOT/tests/vm/as-root.sh"
 kernel=lts
 if [[ ${1:-} == --kernel ]]; then
     kernel=${2:?}

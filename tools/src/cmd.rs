@@ -9,9 +9,11 @@ use anyhow::{Context, Result, bail};
 use rustix::process::{Pid, Signal};
 use ubd_engine::{Control, DeviceOptions, DeviceStats, StartedDevice, Target, feature_names};
 
-use crate::DevArgs;
+use crate::service;
 use crate::size::{human, parse_size};
 use crate::state::{self, DeviceState};
+use crate::{DevArgs, Start};
+use sd_notify::NotifyState;
 use ubd_engine::BufferMode;
 use ubd_targets::TargetSpec;
 
@@ -54,7 +56,7 @@ fn device_options(a: &DevArgs) -> Result<DeviceOptions> {
 }
 
 /// Refuses early, before touching the backing, when ublk cannot work here.
-fn preflight() -> Result<()> {
+pub(crate) fn preflight() -> Result<()> {
     if !Path::new(ubd_engine::CONTROL_PATH).exists() {
         return Err(ubd_engine::Error::NoUblk { path: ubd_engine::CONTROL_PATH.into() }.into());
     }
@@ -69,9 +71,10 @@ pub fn serve_loop(a: &DevArgs, path: &Path, direct: ubd_targets::DirectIo, block
     let opts = device_options(a)?;
     preflight()?;
     let fault = fault_spec(a)?;
-    let t = ubd_targets::LoopTarget::open(path, &ubd_targets::LoopOptions { direct, logical_block_size: block_size })?;
+    let t = ubd_targets::LoopTarget::open(path, &ubd_targets::LoopOptions { direct, logical_block_size: block_size })
+        .map_err(|e| a.at_key("path", e))?;
     let spec = t.spec();
-    serve(with_faults(Arc::new(t), fault), spec, &opts, None)
+    serve(with_faults(Arc::new(t), fault), spec, &opts, a, false)
 }
 
 /// `--size` and `--block-size` of a target without a backing (null, sockram), checked.
@@ -93,7 +96,7 @@ pub fn serve_null(a: &DevArgs, size: &str, block_size: u32) -> Result<()> {
     preflight()?;
     let t = ubd_targets::NullTarget::new(size, block_size);
     let spec = t.spec();
-    serve(with_faults(Arc::new(t), fault), spec, &opts, None)
+    serve(with_faults(Arc::new(t), fault), spec, &opts, a, false)
 }
 
 /// The socket-RAM test target (hidden subcommand `sockram`).
@@ -104,7 +107,7 @@ pub fn serve_sockram(a: &DevArgs, size: &str, block_size: u32) -> Result<()> {
     preflight()?;
     let t = ubd_targets::SockRamTarget::new(size, block_size).context("sockram")?;
     let spec = t.spec();
-    serve(with_faults(Arc::new(t), fault), spec, &opts, None)
+    serve(with_faults(Arc::new(t), fault), spec, &opts, a, false)
 }
 
 /// `nbd URI`: a client of an NBD server's export.
@@ -136,7 +139,7 @@ pub fn serve_nbd(
         (Some(n), _) => n,
         (None, _) => opts.queues,
     };
-    let t = ubd_targets::NbdTarget::open(uri, &nbd, queues).map_err(anyhow::Error::msg)?;
+    let t = ubd_targets::NbdTarget::open(uri, &nbd, queues).map_err(|e| a.at_key("uri", e))?;
     opts.queues = t.queues();
     // Requests no larger than the server takes (its NBD_INFO_BLOCK_SIZE maximum).
     opts.max_io_buf_bytes = ubd_targets::nbd::max_io_bytes(t.export(), opts.max_io_buf_bytes);
@@ -144,7 +147,7 @@ pub fn serve_nbd(
     // whose server is gone).
     opts.partition_scan = false;
     let spec = t.spec();
-    serve(with_faults(Arc::new(t), fault), spec, &opts, None)
+    serve(with_faults(Arc::new(t), fault), spec, &opts, a, false)
 }
 
 /// The `rbd` command's own options.
@@ -198,11 +201,11 @@ pub fn serve_rbd(a: &DevArgs, image: &str, r: RbdArgs) -> Result<()> {
         io_timeout: r.io_timeout.map(Duration::from_secs),
         connect_timeout: Some(Duration::from_secs(r.connect_timeout)),
     };
-    let t = ubd_targets::RbdTarget::open(image, &ro).map_err(|e| anyhow::anyhow!("rbd: {e}"))?;
+    let t = ubd_targets::RbdTarget::open(image, &ro).map_err(|e| a.at_key("image", format!("rbd: {e}")))?;
     // The partition scan at start would read over the network.
     opts.partition_scan = false;
     let spec = t.spec();
-    serve(with_faults(Arc::new(t), fault), spec, &opts, None)
+    serve(with_faults(Arc::new(t), fault), spec, &opts, a, false)
 }
 
 fn fault_spec(a: &DevArgs) -> Result<Option<ubd_targets::FaultSpec>> {
@@ -229,12 +232,33 @@ pub fn recover(a: &DevArgs, id: u32) -> Result<()> {
     let target = st.target_spec.open()?;
     let mut opts = device_options(a)?;
     opts.dev_id = Some(id);
-    serve(with_faults(target, fault_spec(a)?), st.target_spec, &opts, Some(id))
+    serve(with_faults(target, fault_spec(a)?), st.target_spec, &opts, a, true)
 }
 
-/// Serves a new device, or (with `recover`) takes over an existing one; `spec` (what
+/// Serves a new device, or takes over an existing one (`recover`: always; `run`: when
+/// the kernel still holds it; `--takeover`: from a daemon about to let go); `spec` (what
 /// re-opens `target`, without its faults) goes into the state file for `recover`.
-fn serve(target: Arc<dyn Target>, spec: TargetSpec, opts: &DeviceOptions, recover: Option<u32>) -> Result<()> {
+fn serve(target: Arc<dyn Target>, spec: TargetSpec, opts: &DeviceOptions, a: &DevArgs, recover: bool) -> Result<()> {
+    // Signals are blocked before any thread (the metrics server's) is started, so that
+    // SIGTERM reaches the engine's wait loop and not a thread that would die of it.
+    ubd_engine::block_stop_signals()?;
+    let metrics = a.metrics.as_deref().map(crate::metrics::MetricsServer::start).transpose()?;
+    let takeover = match a.start {
+        Start::New if recover => opts.dev_id,
+        Start::New => None,
+        Start::NewOrRecover(id) => existing_device(id, &spec)?,
+        Start::Takeover(id) => {
+            existing_device(id, &spec)?.with_context(|| format!("device {id} does not exist: nothing to take over"))?;
+            let st = state::read(id)?.with_context(|| format!("device {id}: no state file"))?;
+            // `upgrade` waits for this line before the old daemon lets go.
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{}", service::prepared_line(id));
+            let _ = out.flush();
+            drop(out);
+            service::wait_exit(st.pid, opts.stop_grace + Duration::from_secs(30))?;
+            Some(id)
+        }
+    };
     let describe = target.describe();
     let info = target.info().clone();
     let name = target.name();
@@ -250,35 +274,63 @@ fn serve(target: Arc<dyn Target>, spec: TargetSpec, opts: &DeviceOptions, recove
             target_info: describe.clone(),
             target_spec: spec.clone(),
             block_path: dev.block_path.clone(),
-            queues: opts.queues,
+            queues: dev.queues.len().try_into().unwrap_or(u16::MAX),
             depth: dev.queue_depth,
             cpus: dev.queues.iter().map(|q| q.cpus.clone()).collect(),
             buffer_mode: dev.buffer_mode.to_string(),
             ring: q0.map(|q| q.ring),
             pages: q0.and_then(|q| q.pages).map(|p| p.to_string()),
+            argv: own_args(dev.dev_id),
+            version: format!("ubd-engine {}", env!("CARGO_PKG_VERSION")),
         };
         if let Err(e) = state::write(&st) {
             tracing::warn!("cannot write state file {}: {e}", state::path(dev.dev_id).display());
+        }
+        if let Some(m) = &metrics {
+            tracing::info!("metrics: http://{}/metrics", m.addr());
+            m.set_labels(crate::metrics::DeviceLabels {
+                dev_id: dev.dev_id,
+                target: name.into(),
+                buffer_mode: dev.buffer_mode.to_string(),
+            });
         }
         // The device path is the one line on stdout, for scripts.
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{}", dev.block_path.display());
         let _ = out.flush();
+        let status = format!("serving {} ({name})", dev.block_path.display());
+        service::notify(&[NotifyState::MainPid(std::process::id()), NotifyState::Ready, NotifyState::Status(&status)]);
     };
     let on_tick = |stats: &DeviceStats| {
         if let Err(e) = state::write_stats(stats) {
             tracing::debug!("cannot write stats file: {e}");
         }
+        if let Some(m) = &metrics {
+            m.update(stats);
+        }
+        let status = format!(
+            "serving /dev/ublkb{} ({name}): {:.0} IOPS, read {}/s, write {}/s",
+            stats.dev_id,
+            stats.iops,
+            human(stats.read_bytes_per_s as u64),
+            human(stats.write_bytes_per_s as u64)
+        );
+        service::notify(&[NotifyState::Status(&status)]);
     };
-    let result = match recover {
+    let result = match takeover {
         None => ubd_engine::serve(target, opts, on_started, on_tick),
         Some(id) => ubd_engine::recover(id, target, opts, on_started, on_tick),
     };
+    service::notify(&[NotifyState::Stopping]);
     // The state file goes with the device: one left for recovery keeps it.
     if let Some(id) = dev_id.filter(|id| !Control::list_ids().contains(id)) {
         state::remove(id);
     }
     let summary = result?;
+    if summary.handed_over {
+        tracing::info!("device {} handed over to a new daemon ({})", summary.dev_id, summary.reason);
+        return Ok(());
+    }
     let t = &summary.stats.total;
     let n = &t.counters;
     tracing::info!(
@@ -321,6 +373,52 @@ fn serve(target: Arc<dyn Target>, spec: TargetSpec, opts: &DeviceOptions, recove
         }
     }
     Ok(())
+}
+
+/// `run`: whether device `id` already exists and is to be recovered rather than added.
+/// It must be ours (a state file) and serve the same target as `spec`; whether its
+/// daemon is gone the engine's recovery checks (a live one is refused).
+fn existing_device(id: u32, spec: &TargetSpec) -> Result<Option<u32>> {
+    let mut ctrl = Control::open()?;
+    match ctrl.dev_info(id) {
+        Err(ubd_engine::Error::NoDevice { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+        Ok(_) => {}
+    }
+    let st = state::read(id)?.with_context(|| {
+        format!(
+            "device {id} exists but no ubd-engine state file {} says what it serves: delete it (`ubd-engine del {id}`) or use another id",
+            state::path(id).display()
+        )
+    })?;
+    if st.target_spec != *spec {
+        bail!(
+            "device {id} exists and serves {}; the configuration says {}: not the same target (delete the device with `ubd-engine del {id}` to change it)",
+            serde_json::to_string(&st.target_spec)?,
+            serde_json::to_string(spec)?
+        );
+    }
+    tracing::info!("device {id} exists (from process {}): recovering it", st.pid);
+    Ok(Some(id))
+}
+
+/// This process's arguments, for `upgrade` to start its successor with (`--takeover`
+/// left out: upgrade adds its own).
+fn own_args(dev_id: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--takeover" {
+            args.next();
+        } else if !a.starts_with("--takeover=") {
+            out.push(a);
+        }
+    }
+    // A device the kernel numbered: its successor must name it.
+    if !out.iter().any(|a| a == "--id" || a.starts_with("--id=")) && out.first().is_none_or(|a| a != "recover") {
+        out.insert(0, format!("--id={dev_id}"));
+    }
+    out
 }
 
 /// `stats ID`: the live statistics a serving ubd-engine publishes every second.
@@ -527,7 +625,7 @@ pub fn del(id: Option<u32>, all: bool, force: bool) -> Result<()> {
 }
 
 /// The process `pid`, if it exists (signal 0 checks; EPERM means it exists too).
-fn live_process(pid: i32) -> Option<Pid> {
+pub(crate) fn live_process(pid: i32) -> Option<Pid> {
     // 0 and negative pids (process groups) are no daemon.
     let p = Pid::from_raw(pid.max(0))?;
     match rustix::process::test_kill_process(p) {

@@ -2,12 +2,16 @@
 #![forbid(unsafe_code)]
 
 mod cmd;
+mod config;
+mod docs;
+mod metrics;
+mod service;
 mod size;
 mod state;
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use ubd_engine::BufferChoice;
 use ubd_engine::IoProtocol;
 use ubd_engine::Recovery;
@@ -77,6 +81,41 @@ pub struct DevArgs {
     /// ops=read|write|all, errno=NAME, stall=AFTER:DUR|inf, panic=N, seed=N.
     #[arg(long, global = true, value_name = "SPEC")]
     fault: Option<String>,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9101).
+    #[arg(long, global = true, value_name = "HOST:PORT")]
+    metrics: Option<String>,
+    /// For `upgrade`: take device ID over from the daemon serving it, once it lets go.
+    #[arg(long, global = true, hide = true, value_name = "ID")]
+    takeover: Option<u32>,
+    /// How to start: set by `run` and `--takeover`, not an option.
+    #[arg(skip)]
+    start: Start,
+    /// The configuration entry this device comes from (`run`).
+    #[arg(skip)]
+    origin: Option<config::DeviceConfig>,
+}
+
+/// How a serving command brings its device up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Start {
+    /// Add a new device.
+    #[default]
+    New,
+    /// `run`: add device ID, or recover it if the kernel still holds it from a daemon
+    /// that died (the state file must name the same target).
+    NewOrRecover(u32),
+    /// `--takeover ID` (`upgrade`): wait for the serving daemon to let go, then recover.
+    Takeover(u32),
+}
+
+impl DevArgs {
+    /// `e`, placed at the configuration line of `key` when the device comes from one.
+    pub fn at_key(&self, key: &str, e: impl std::fmt::Display) -> anyhow::Error {
+        match &self.origin {
+            Some(o) => anyhow::anyhow!("{}: device {}: key `{key}`: {e}", o.at(key), o.id),
+            None => anyhow::anyhow!("{e}"),
+        }
+    }
 }
 
 /// `--ring`: `auto` (None: the engine picks), or one of the [`RingMode`] values.
@@ -152,9 +191,9 @@ enum Command {
         /// The cluster's configuration (default /etc/ceph/CLUSTER.conf).
         #[arg(long, value_name = "PATH")]
         conf: Option<std::path::PathBuf>,
-        /// The client's id, as in client.ID (default admin).
+        /// The Ceph client's id, as in client.ID (default admin). (`--id` is the device's.)
         #[arg(long, value_name = "NAME")]
-        id: Option<String>,
+        client_id: Option<String>,
         /// The client's keyring (default: what the configuration says).
         #[arg(long, value_name = "PATH")]
         keyring: Option<std::path::PathBuf>,
@@ -219,6 +258,36 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve device --id N of a configuration (TOML) in the foreground, as the systemd
+    /// unit does. A device the kernel still holds from a daemon that died is recovered
+    /// (its state file must name the same target) instead of added.
+    Run {
+        /// A configuration file, or a directory of *.toml files.
+        #[arg(long, value_name = "PATH", default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
+    /// Check a configuration: every device's keys and values, without starting any.
+    CheckConfig {
+        /// A configuration file, or a directory of *.toml files.
+        #[arg(long, value_name = "PATH", default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
+    /// Hand a served device to a new process of (possibly) another ubd-engine binary,
+    /// losing no IO: the new one is started and checked first; then the old one lets go
+    /// (QUIESCE_DEV on Linux 6.16+, else kill -9) and the new one recovers the device.
+    Upgrade {
+        /// Device id.
+        id: u32,
+        /// The binary to run (default: this one).
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+        /// How long the new process may take to get ready, and then to take over.
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Write the manual pages and the bash, zsh and fish completions into DIR.
+    #[command(hide = true)]
+    GenerateDocs { dir: PathBuf },
 }
 
 fn init_logging(verbose: u8) {
@@ -239,27 +308,19 @@ fn init_logging(verbose: u8) {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     init_logging(cli.verbose);
     if matches!(cli.command, Command::List { .. } | Command::Features { .. } | Command::Stats { .. }) {
         ubd_engine::os::default_sigpipe();
     }
+    if let Some(id) = cli.dev.takeover {
+        cli.dev.start = Start::Takeover(id);
+        cli.dev.id = Some(id);
+    }
     let result = match cli.command {
-        Command::Loop { path, direct, block_size } => cmd::serve_loop(&cli.dev, &path, direct, block_size),
-        Command::Null { size, block_size } => cmd::serve_null(&cli.dev, &size, block_size),
-        Command::Sockram { size, block_size } => cmd::serve_sockram(&cli.dev, &size, block_size),
-        Command::Nbd { uri, connections, reconnect_timeout, io_timeout } => {
-            cmd::serve_nbd(&cli.dev, &uri, connections, reconnect_timeout, io_timeout)
-        }
-        Command::Rbd { image, conf, id, keyring, cluster, io_timeout, connect_timeout, ceph_option } => {
-            let o = cmd::RbdArgs { conf, id, keyring, cluster, io_timeout, connect_timeout, options: ceph_option };
-            cmd::serve_rbd(&cli.dev, &image, o)
-        }
-        Command::List { json } => cmd::list(json),
-        Command::Del { id, all, force } => cmd::del(id, all, force),
-        Command::Features { json } => cmd::features(json),
-        Command::Stats { id, json } => cmd::stats(id, json),
-        Command::Recover { id } => cmd::recover(&cli.dev, id),
+        Command::Run { config } => run(&matches, &cli.dev, &config),
+        command => dispatch(command, &cli.dev),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -267,6 +328,79 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// `run --config PATH --id N`: the device's command line comes from the configuration.
+fn run(matches: &clap::ArgMatches, dev: &DevArgs, path: &std::path::Path) -> anyhow::Result<()> {
+    use clap::parser::ValueSource;
+    let cli = Cli::command();
+    let sub = matches.subcommand_matches("run");
+    for a in cli.get_arguments().filter(|a| a.is_global_set()) {
+        let id = a.get_id().as_str();
+        if ["id", "verbose", "takeover"].contains(&id) {
+            continue;
+        }
+        let given = |m: &clap::ArgMatches| m.value_source(id) == Some(ValueSource::CommandLine);
+        if given(matches) || sub.is_some_and(given) {
+            anyhow::bail!(
+                "run: --{}: a device's options come from its configuration ({})",
+                a.get_long().unwrap_or(id),
+                path.display()
+            );
+        }
+    }
+    let Some(id) = dev.id else { anyhow::bail!("run needs --id N: the device of the configuration to serve") };
+    let dc = config::find(&cli, path, id)?;
+    let parsed = Cli::try_parse_from(&dc.argv).map_err(|e| anyhow::anyhow!("{}: device {id}: {e}", dc.at("")))?;
+    let mut d = parsed.dev;
+    d.start = match dev.start {
+        Start::Takeover(t) => Start::Takeover(t),
+        _ => Start::NewOrRecover(id),
+    };
+    d.origin = Some(dc);
+    dispatch(parsed.command, &d)
+}
+
+fn dispatch(command: Command, dev: &DevArgs) -> anyhow::Result<()> {
+    let cli_dev = dev;
+    match command {
+        Command::Loop { path, direct, block_size } => cmd::serve_loop(cli_dev, &path, direct, block_size),
+        Command::Null { size, block_size } => cmd::serve_null(cli_dev, &size, block_size),
+        Command::Sockram { size, block_size } => cmd::serve_sockram(cli_dev, &size, block_size),
+        Command::Nbd { uri, connections, reconnect_timeout, io_timeout } => {
+            cmd::serve_nbd(cli_dev, &uri, connections, reconnect_timeout, io_timeout)
+        }
+        Command::Rbd { image, conf, client_id, keyring, cluster, io_timeout, connect_timeout, ceph_option } => {
+            let o = cmd::RbdArgs {
+                conf,
+                id: client_id,
+                keyring,
+                cluster,
+                io_timeout,
+                connect_timeout,
+                options: ceph_option,
+            };
+            cmd::serve_rbd(cli_dev, &image, o)
+        }
+        Command::List { json } => cmd::list(json),
+        Command::Del { id, all, force } => cmd::del(id, all, force),
+        Command::Features { json } => cmd::features(json),
+        Command::Stats { id, json } => cmd::stats(id, json),
+        Command::Recover { id } => cmd::recover(cli_dev, id),
+        Command::Run { .. } => anyhow::bail!("run: not from a configuration"),
+        Command::CheckConfig { config } => {
+            let devices = config::load(&Cli::command(), &config)?;
+            for d in &devices {
+                println!("device {} ({}:{}): {}", d.id, d.file.display(), d.line, config::shell_words(&d.argv[1..]));
+            }
+            if devices.is_empty() {
+                println!("{}: no devices", config.display());
+            }
+            Ok(())
+        }
+        Command::Upgrade { id, binary, timeout } => service::upgrade(id, binary.as_deref(), timeout),
+        Command::GenerateDocs { dir } => docs::generate(Cli::command(), &dir),
     }
 }
 
@@ -331,6 +465,16 @@ mod tests {
         for bad in [["--ring", "defer-taskrun"], ["--buffer-mode", "no-data"], ["--recovery", "fail_io"]] {
             assert!(Cli::try_parse_from(["ubd-engine", bad[0], bad[1], "list"]).is_err(), "{bad:?}");
         }
+    }
+
+    /// `--id` is the device's everywhere; the Ceph client's is `--client-id`.
+    #[test]
+    fn device_id_and_ceph_client_id() {
+        let cli = Cli::try_parse_from(["ubd-engine", "--id", "5", "rbd", "--client-id", "ubd", "rbd/img"]).unwrap();
+        assert_eq!(cli.dev.id, Some(5));
+        assert!(matches!(cli.command, Command::Rbd { client_id: Some(ref c), .. } if c == "ubd"));
+        let cli = Cli::try_parse_from(["ubd-engine", "rbd", "rbd/img", "--id", "6"]).unwrap();
+        assert_eq!(cli.dev.id, Some(6));
     }
 
     /// What the log and the state file print is what serde writes.

@@ -25,6 +25,12 @@ pub struct DeviceState {
     pub ring: Option<RingMode>,
     /// Pages behind the copy-mode buffers.
     pub pages: Option<String>,
+    /// The serving process's arguments, for `upgrade` to start its successor with.
+    #[serde(default)]
+    pub argv: Vec<String>,
+    /// `ubd-engine VERSION` of the serving process.
+    #[serde(default)]
+    pub version: String,
 }
 
 pub fn path(dev_id: u32) -> PathBuf {
@@ -95,6 +101,8 @@ mod tests {
             buffer_mode: "copy".into(),
             ring: Some(RingMode::CoopTaskrun),
             pages: Some("2 MiB hugepages".into()),
+            argv: vec!["--queues=2".into(), "loop".into(), "/tmp/disk.img".into()],
+            version: "ubd-engine 0.1.0".into(),
         }
     }
 

@@ -291,6 +291,26 @@ impl Control {
         }
     }
 
+    /// QUIESCE_DEV (UBLK_F_QUIESCE, 6.16+): waits up to `timeout` for the requests in
+    /// flight to complete, then aborts the daemon's fetch commands (its queues see
+    /// UBLK_IO_RES_ABORT and end); the device stays, QUIESCED, queueing new IO until a
+    /// daemon recovers it. Any process may send it. EBUSY: IO was still outstanding at
+    /// the timeout, and the daemon keeps serving.
+    pub fn quiesce_dev(&mut self, dev_id: u32, timeout: Duration) -> Result<()> {
+        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let cmd = CtrlCmd { dev_id, queue_id: u16::MAX, data: [ms], ..Default::default() };
+        let sub = self.submit(uapi::CMD_QUIESCE_DEV, "QUIESCE_DEV", cmd, None)?;
+        match self.wait(&sub, timeout + CMD_TIMEOUT)? {
+            None => {
+                Err(Error::CtrlTimeout { cmd: "QUIESCE_DEV", dev: sub.dev, secs: (timeout + CMD_TIMEOUT).as_secs() })
+            }
+            Some((res, _)) if res < 0 => {
+                Err(Error::Ctrl { cmd: "QUIESCE_DEV", dev: sub.dev, cause: io::Error::from_raw_os_error(-res) })
+            }
+            Some(_) => Ok(()),
+        }
+    }
+
     /// DEL_DEV: waits until `/dev/ublkcN` is closed by everyone.
     pub fn del_dev(&mut self, dev_id: u32) -> Result<()> {
         let cmd = CtrlCmd { dev_id, queue_id: u16::MAX, ..Default::default() };

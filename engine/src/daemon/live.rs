@@ -13,8 +13,13 @@ use crate::queue::config::{QueueEvent, QueueReport};
 use crate::queue::stats::QueueStats;
 use crate::sys;
 
-/// The signals that stop a served device (blocked, and taken by the wait loop).
-pub(crate) const STOP_SIGNALS: [libc::c_int; 2] = [libc::SIGINT, libc::SIGTERM];
+/// The signals that stop a served device, and [`HANDOFF_SIGNAL`] (blocked, and taken
+/// by the wait loop).
+pub(crate) const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, HANDOFF_SIGNAL];
+
+/// Hand the device to a new daemon (`ubd-engine upgrade`): QUIESCE_DEV, let the queues
+/// finish what they hold, exit and leave the device for the new daemon's recovery.
+pub const HANDOFF_SIGNAL: libc::c_int = libc::SIGUSR1;
 
 /// What teardown does with the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +46,10 @@ pub(crate) struct Live {
     pub(crate) queue_failed: bool,
     /// The device was created with USER_RECOVERY.
     pub(crate) recoverable: bool,
+    /// It has UBLK_F_QUIESCE: [`HANDOFF_SIGNAL`] hands it over.
+    pub(crate) can_quiesce: bool,
+    /// It was quiesced and is left for the daemon that takes it over.
+    pub(crate) handed_over: bool,
     /// Counters of the queues joined so far, and the first failure joining them.
     joined: Vec<Arc<QueueStats>>,
     join_err: Option<Error>,
@@ -60,6 +69,8 @@ impl Live {
             stop_grace: Duration::from_secs(30),
             queue_failed: false,
             recoverable: false,
+            can_quiesce: false,
+            handed_over: false,
             joined: Vec::new(),
             join_err: None,
             done: false,
@@ -104,6 +115,12 @@ impl Live {
             }
             let sig = sys::wait_signal(&STOP_SIGNALS, Duration::from_millis(100))
                 .map_err(|e| Error::io("sigtimedwait", e))?;
+            if sig == Some(HANDOFF_SIGNAL) {
+                if let Some(reason) = self.hand_off() {
+                    return Ok(reason);
+                }
+                continue;
+            }
             if let Some(sig) = sig {
                 let name = if sig == libc::SIGINT { "SIGINT" } else { "SIGTERM" };
                 return Ok(format!("{name} received"));
@@ -128,6 +145,29 @@ impl Live {
                 Err(TryRecvError::Disconnected) => return Ok("all queue threads ended".into()),
             }
         }
+    }
+
+    /// [`HANDOFF_SIGNAL`]: quiesces the device (UBLK_F_QUIESCE) so that the queues can
+    /// end with the requests they hold completed, leaving it for the next daemon. Devices
+    /// without QUIESCE (or recovery) are not handed over this way: `upgrade` kills
+    /// their daemon instead. None: the signal is ignored.
+    fn hand_off(&mut self) -> Option<String> {
+        if !self.can_quiesce {
+            tracing::warn!(
+                dev_id = self.dev_id,
+                "SIGUSR1 (hand over) ignored: the device has no UBLK_F_QUIESCE (Linux 6.16+, with recovery on)"
+            );
+            return None;
+        }
+        tracing::info!(dev_id = self.dev_id, "SIGUSR1: handing the device over (QUIESCE_DEV)");
+        if let Err(e) = self.ctrl.quiesce_dev(self.dev_id, self.stop_grace) {
+            // EBUSY: the kernel stopped handing out requests but did not abort every fetch:
+            // the device cannot be served on from here either, only recovered.
+            tracing::warn!(dev_id = self.dev_id, "{e}: the device is left for recovery all the same");
+        }
+        self.on_exit = OnExit::Leave;
+        self.handed_over = true;
+        Some("handed over to a new daemon (SIGUSR1)".into())
     }
 
     /// STOP_DEV (disk goes away, queues drain), join the queues, close the char
@@ -181,6 +221,8 @@ impl Live {
                 Err(e) if e.raw_os_error() != Some(libc::ENODEV) => _ = first_err.get_or_insert(e),
                 _ => {}
             }
+        } else if self.handed_over {
+            tracing::info!(dev_id = self.dev_id, "device left in place for the daemon that takes it over");
         } else {
             tracing::warn!(
                 dev_id = self.dev_id,

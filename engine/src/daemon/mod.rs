@@ -25,6 +25,7 @@ use crate::sys::{self, features, uapi};
 use crate::target::Target;
 pub use clock::DeviceStats;
 use clock::StatsClock;
+pub use live::HANDOFF_SIGNAL;
 use live::{Live, OnExit, STOP_SIGNALS};
 
 /// How to shape the device and its queues.
@@ -216,6 +217,9 @@ pub struct ServeSummary {
     pub reason: String,
     /// Over the whole life of the device.
     pub stats: DeviceStats,
+    /// The device was quiesced from outside (QUIESCE_DEV, as `upgrade` does) and left in
+    /// place for the daemon that takes it over, not deleted.
+    pub handed_over: bool,
 }
 
 /// Blocks SIGINT/SIGTERM in the calling thread (and the threads it spawns later), so
@@ -255,6 +259,8 @@ pub fn serve(
             features::feature_names(want_recovery & !kernel_features).join(" ")
         )));
     }
+    // QUIESCE (6.16+) lets `upgrade` hand the device to a new daemon without killing this one.
+    let quiesce = if want_recovery != 0 { kernel_features & features::F_QUIESCE } else { 0 };
     let no_scan = if opts.partition_scan {
         0
     } else if kernel_features & features::F_NO_AUTO_PART_SCAN != 0 {
@@ -271,7 +277,7 @@ pub fn serve(
         max_io_buf_bytes: opts.max_io_buf_bytes,
         dev_id: opts.dev_id.unwrap_or(u32::MAX),
         ublksrv_pid: sys::getpid(),
-        flags: features::F_CMD_IOCTL_ENCODE | buffer_mode.dev_flag() | want_recovery | want_batch | no_scan,
+        flags: features::F_CMD_IOCTL_ENCODE | buffer_mode.dev_flag() | want_recovery | want_batch | no_scan | quiesce,
         ..Default::default()
     };
     ctrl.add_dev(&mut info).map_err(|e| match (e.raw_os_error(), opts.dev_id) {
@@ -420,6 +426,7 @@ fn run(
     live.cdev = Some(Arc::clone(&cdev));
     live.stop_grace = opts.stop_grace;
     live.recoverable = info.flags & features::F_USER_RECOVERY != 0;
+    live.can_quiesce = live.recoverable && info.can_quiesce();
     if live.recoverable {
         queue::crash_on_queue_panic(dev_id);
     }
@@ -489,7 +496,7 @@ fn run(
     let reason = live.wait_stop(&mut clock, &mut on_tick)?;
     let queue_stats = live.teardown()?;
     let stats = clock.sample(&queue_stats, true);
-    Ok(ServeSummary { dev_id, reason, stats })
+    Ok(ServeSummary { dev_id, reason, stats, handed_over: live.handed_over })
 }
 
 /// Opens `/dev/ublkcN`. The driver allows one opener at a time, and udev may hold the

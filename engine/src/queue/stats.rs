@@ -96,9 +96,52 @@ pub struct Counters {
     /// total: the largest queue's peak, not the peak of the queues' sum, which per-queue
     /// samples cannot give (it is at least this and at most the queues' peaks summed).
     pub inflight_max: u64,
+    /// Failed requests by errno ([`ErrnoCounts`]; also counted in `errors`).
+    #[serde(default)]
+    pub errors_by_errno: ErrnoCounts,
     /// Batch protocol queues only (`None`, and absent from the JSON, on per-tag queues).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<BatchCounters>,
+}
+
+/// Failed requests by errno: the errnos a target returns, each counted on its own, the
+/// rest together as `other`. A fixed array, so that [`Counters`] stays `Copy` and the
+/// queue thread's count is one add.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ErrnoCounts(pub [u64; ErrnoCounts::NAMES.len()]);
+
+impl ErrnoCounts {
+    /// The errnos counted on their own, then `other`.
+    pub const NAMES: [&'static str; 10] =
+        ["EIO", "ENOSPC", "ETIMEDOUT", "EROFS", "EINVAL", "EOPNOTSUPP", "ENOMEM", "EAGAIN", "ENODEV", "other"];
+    const ERRNOS: [i32; 9] = [
+        libc::EIO,
+        libc::ENOSPC,
+        libc::ETIMEDOUT,
+        libc::EROFS,
+        libc::EINVAL,
+        libc::EOPNOTSUPP,
+        libc::ENOMEM,
+        libc::EAGAIN,
+        libc::ENODEV,
+    ];
+
+    /// Counts one failure with `errno` (positive).
+    pub fn add(&mut self, errno: i32) {
+        let i = Self::ERRNOS.iter().position(|&e| e == errno).unwrap_or(Self::ERRNOS.len());
+        self.0[i] += 1;
+    }
+
+    /// `(name, count)` of every slot, `other` last.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        Self::NAMES.iter().copied().zip(self.0.iter().copied())
+    }
+
+    fn merge(&mut self, o: &ErrnoCounts) {
+        for (a, b) in self.0.iter_mut().zip(o.0) {
+            *a += b;
+        }
+    }
 }
 
 impl Counters {
@@ -122,8 +165,10 @@ impl Counters {
             sqes,
             inflight,
             inflight_max,
+            errors_by_errno,
             batch,
         } = *o;
+        self.errors_by_errno.merge(&errors_by_errno);
         self.reads += reads;
         self.writes += writes;
         self.flushes += flushes;
@@ -299,6 +344,7 @@ impl Recorder {
         let c = &mut self.c;
         if res < 0 {
             c.errors += 1;
+            c.errors_by_errno.add(-res);
         } else {
             let bytes = u64::from(res.cast_unsigned());
             match op {
@@ -384,9 +430,22 @@ pub struct LatencySummary {
     pub p99_us: f64,
     pub p999_us: f64,
     pub max_us: f64,
+    /// Sum of all latencies, in seconds (a Prometheus histogram's `_sum`).
+    #[serde(default)]
+    pub sum_s: f64,
+    /// Requests that took at most [`LatencySummary::BUCKETS_S`]`[i]` seconds, cumulative (a
+    /// Prometheus histogram's `_bucket{le}`; `count` is the `+Inf` bucket).
+    #[serde(default)]
+    pub buckets: Vec<u64>,
 }
 
 impl LatencySummary {
+    /// Upper bounds of the [`buckets`](LatencySummary::buckets), in seconds: 10 µs to 10 s.
+    pub const BUCKETS_S: [f64; 19] = [
+        10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 0.5, 1.0,
+        2.5, 5.0, 10.0,
+    ];
+
     fn of(h: &Histogram<u64>) -> Self {
         let us = |ns: u64| ns as f64 / 1000.0;
         if h.is_empty() {
@@ -400,6 +459,10 @@ impl LatencySummary {
             p99_us: us(h.value_at_quantile(0.99)),
             p999_us: us(h.value_at_quantile(0.999)),
             max_us: us(h.max()),
+            sum_s: h.mean() * h.len() as f64 / 1e9,
+            // hdrhistogram keeps values within 1% (2 significant digits), so a request at a
+            // bucket's bound may land in the next bucket up: a bound's count is exact to 1%.
+            buckets: Self::BUCKETS_S.iter().map(|&b| h.count_between(0, (b * 1e9) as u64)).collect(),
         }
     }
 }
@@ -655,8 +718,39 @@ mod tests {
     }
 
     #[test]
+    fn errors_by_errno_and_latency_buckets() {
+        let mut r = Recorder::default();
+        let t0 = Instant::now();
+        r.tick();
+        for res in [-libc::EIO, -libc::EIO, -libc::ETIMEDOUT, -libc::EXDEV, 4096] {
+            r.record(Op::Write, res, t0);
+        }
+        let s = QueueStats::new(false);
+        r.maybe_flush(&s, true);
+        let snap = s.snapshot();
+        let c = &snap.counters;
+        assert_eq!(c.errors, 4);
+        let by: std::collections::BTreeMap<_, _> = c.errors_by_errno.iter().collect();
+        assert_eq!((by["EIO"], by["ETIMEDOUT"], by["other"], by["ENOSPC"]), (2, 1, 1, 0));
+        let mut total = *c;
+        total.merge(c);
+        assert_eq!(total.errors_by_errno.iter().find(|e| e.0 == "EIO").unwrap().1, 4);
+        // Latency buckets: cumulative, ending at the count.
+        let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 2).unwrap();
+        for ns in [5_000, 20_000, 20_000, 3_000_000, 20_000_000_000] {
+            h.record(ns).unwrap();
+        }
+        let l = LatencySummary::of(&h);
+        assert_eq!(l.buckets.len(), LatencySummary::BUCKETS_S.len());
+        assert_eq!(&l.buckets[..3], &[1, 3, 3], "{l:?}");
+        assert_eq!(l.buckets[l.buckets.len() - 1], 4, "the 20 s request is only in +Inf");
+        assert!(l.buckets.windows(2).all(|w| w[0] <= w[1]));
+        assert!((l.sum_s - 20.003045).abs() < 0.3, "{}", l.sum_s);
+    }
+
+    #[test]
     fn json_field_names_unchanged() {
-        const COUNTERS: [&str; 14] = [
+        const COUNTERS: [&str; 15] = [
             "reads",
             "writes",
             "flushes",
@@ -671,12 +765,14 @@ mod tests {
             "sqes",
             "inflight",
             "inflight_max",
+            "errors_by_errno",
         ];
         const LATENCIES: [&str; 3] = ["read_latency", "write_latency", "other_latency"];
         let set = |k: &[&'static str]| k.iter().copied().collect::<BTreeSet<_>>();
         let per_tag = set(&[COUNTERS.as_slice(), &LATENCIES].concat());
         let with_batch = set(&[COUNTERS.as_slice(), &["batch"], &LATENCIES].concat());
-        let lat_keys = set(&["count", "mean_us", "p50_us", "p90_us", "p99_us", "p999_us", "max_us"]);
+        let lat_keys =
+            set(&["count", "mean_us", "p50_us", "p90_us", "p99_us", "p999_us", "max_us", "sum_s", "buckets"]);
         let size_keys = set(&["count", "total", "mean", "max"]);
 
         let mut r = Recorder::default();
@@ -731,6 +827,18 @@ mod tests {
         assert_eq!((c.reads, c.bad_requests, c.inflight, c.inflight_max), (1, 9, 13, 14));
         assert_eq!(c.batch.unwrap().requests_per_fetch, SizeCounter { count: 2, total: 6, max: 4 });
         assert_eq!(snap.read_latency.p999_us, 2.5);
-        assert_eq!(serde_json::to_value(&snap).unwrap(), old);
+        // Written back: the old fields as they were, and the newer ones (zero) added.
+        let mut back = serde_json::to_value(&snap).unwrap();
+        let m = back.as_object_mut().unwrap();
+        assert_eq!(m.remove("errors_by_errno").unwrap(), serde_json::json!([0u64; ErrnoCounts::NAMES.len()].to_vec()));
+        let mut old = old;
+        for l in ["read_latency", "write_latency", "other_latency"] {
+            for v in [&mut m[l], &mut old[l]] {
+                let l = v.as_object_mut().unwrap();
+                l.remove("sum_s");
+                l.remove("buckets");
+            }
+        }
+        assert_eq!(back, old);
     }
 }

@@ -37,6 +37,8 @@ pub const CMD_GET_PARAMS: u32 = ctrl_ior(0x09);
 pub const CMD_START_USER_RECOVERY: u32 = ctrl_iowr(0x10);
 pub const CMD_END_USER_RECOVERY: u32 = ctrl_iowr(0x11);
 pub const CMD_GET_FEATURES: u32 = ctrl_ior(0x13);
+/// UBLK_U_CMD_QUIESCE_DEV (6.16+, UBLK_F_QUIESCE): `data[0]` is a timeout in ms.
+pub const CMD_QUIESCE_DEV: u32 = ctrl_iowr(0x16);
 
 // Per-IO commands on /dev/ublkcN.
 pub const IO_FETCH_REQ: u32 = io_iowr(0x20);
@@ -147,6 +149,16 @@ impl DevInfo {
     /// Not started, or stopped.
     pub fn is_dead(&self) -> bool {
         self.state == DEV_DEAD
+    }
+
+    /// Its daemon is gone (or has let go) and it waits for a new one: QUIESCED or FAIL_IO.
+    pub fn is_recoverable(&self) -> bool {
+        matches!(self.state, DEV_QUIESCED | DEV_FAIL_IO)
+    }
+
+    /// Created with UBLK_F_QUIESCE: it can be handed to a new daemon with QUIESCE_DEV.
+    pub fn can_quiesce(&self) -> bool {
+        self.flags & super::features::F_QUIESCE != 0
     }
 }
 
@@ -438,6 +450,7 @@ mod tests {
         assert_eq!(CMD_SET_PARAMS, 0xc020_7508);
         assert_eq!(CMD_GET_PARAMS, 0x8020_7509);
         assert_eq!(CMD_GET_FEATURES, 0x8020_7513);
+        assert_eq!(CMD_QUIESCE_DEV, 0xc020_7516);
     }
 
     #[test]
