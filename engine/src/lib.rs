@@ -111,5 +111,7 @@ pub use request::{DiscardInfo, FileSlot, IoRequest, Mem, MemId, Op, TargetInfo};
 pub use ring::RingMode;
 pub use sys::features::feature_names;
 pub use sys::mmap::PageKind;
+/// Whether a process runs (exists and is no zombie): how the engine judges a device's daemon.
+pub use sys::pid_alive;
 pub use sys::uapi::DevInfo;
 pub use target::{Disposition, IoCtx, QueueSetup, QueueTarget, Target, Waker};

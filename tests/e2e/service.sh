@@ -142,13 +142,13 @@ case_svc_run() {
 case_svc_upgrade() {
     local c=$WORK/svc-up id=42
     truncate -s 128M "$FS/up.img"
-    svc_config "$c" $id "$FS/up.img" 'queues = 2' 'depth = 32'
+    svc_config "$c" $id "$FS/up.img" 'queues = 2' 'depth = 32' 'metrics = "127.0.0.1:9142"'
     start_dev run --config "$c" --id $id
     local old=$PID
     expect_error "^error: /bin/false is not a working ubd-engine" upgrade $id --binary /bin/false
     printf '#!/bin/sh\n[ "$1" = --version ] && exec %q --version\nexit 3\n' "$UBD" >"$WORK/fake-ubd"
     chmod +x "$WORK/fake-ubd"
-    expect_error "^error: the new daemon \($WORK/fake-ubd\) failed before taking over: it exited \(exit status: 3\); device $id stays with process $old" \
+    expect_error "^error: the new daemon \($WORK/fake-ubd\) failed before taking over: it exited; device $id stays with process $old" \
         upgrade $id --binary "$WORK/fake-ubd"
     mv /run/ubd-engine/$id.json "$WORK/state.json"
     expect_error "^error: device $id is not served by ubd-engine \(no state file" upgrade $id
@@ -203,7 +203,7 @@ DefaultDependencies=no
 Wants=systemd-journald.socket systemd-journald.service
 T
 mountpoint -q /sys/fs/cgroup || mount -t cgroup2 none /sys/fs/cgroup
-exec /lib/systemd/systemd --system --unit=ubd-e2e.target --log-target=kmsg
+exec /lib/systemd/systemd --system --unit=ubd-e2e.target --log-target=kmsg --show-status=false
 INNER
     container=ubd-e2e unshare --pid --fork --mount --propagation private --mount-proc \
         bash "$WORK/sd-inner.sh" >"$WORK/sd-boot.out" 2>&1 &
@@ -244,7 +244,7 @@ case_svc_systemd() {
     zcat /usr/share/man/man1/ubd-engine.1.gz | grep -q 'ubd\\-engine\\-upgrade' || fail "ubd-engine.1 does not list upgrade"
     # bash completion offers the subcommands.
     local words
-    words=$(bash -c 'source /usr/share/bash-completion/completions/ubd-engine; COMP_WORDS=(ubd-engine ""); COMP_CWORD=1; _ubd-engine ubd-engine "" ubd-engine; echo "${COMPREPLY[*]}"')
+    words=$(bash -c 'source /usr/share/bash-completion/completions/ubd-engine; COMP_WORDS=(ubd-engine ""); COMP_CWORD=1; fn=$(complete -p ubd-engine | sed -n "s/.*-F \([^ ]*\).*/\1/p"); "$fn" ubd-engine "" ubd-engine; echo "${COMPREPLY[*]}"')
     [[ " $words " == *" upgrade "* && " $words " == *" check-config "* ]] || fail "bash completion offers: $words"
     /usr/bin/ubd-engine check-config --config /usr/share/doc/ubd-engine/examples/devices.toml >/dev/null 2>"$WORK/ex.err" ||
         grep -q "disk0.img" "$WORK/ex.err" || { cat "$WORK/ex.err" >&2; fail "the example configuration does not check"; }
@@ -297,21 +297,37 @@ case_svc_systemd() {
 
     # systemctl reload = upgrade, under fio verify.
     main=$new
-    fio "${job[@]}" --verify_backlog=128 --randseed=45 >"$WORK/fio-sd.out" 2>&1 &
+    fio "${job[@]}" --verify_backlog=128 --randseed=45 --output-format=json --output="$WORK/fio-sd.json" >"$WORK/fio-sd.out" 2>&1 &
     fio_pid=$!
     sleep 1.5
+    local t_reload t_stop
+    t_reload=$(date '+%Y-%m-%d %H:%M:%S')
     sdctl reload $unit || { sdns journalctl -u $unit --no-pager | tail -n 30 >&2; fail "systemctl reload $unit"; }
     new=$(sd_main_pid $unit)
-    [[ $new -gt 0 && $new != "$main" && $(sdctl is-active $unit) == active ]] || fail "after reload: main pid $new (was $main), $(sdctl is-active $unit)"
+    [[ $new -gt 0 && $new != "$main" && $(sdctl is-active $unit) == active ]] ||
+        { sdctl status $unit >&2; sdns journalctl -u $unit --no-pager | tail -n 40 >&2; fail "after reload: main pid $new (was $main), $(sdctl is-active $unit)"; }
     rc=0
     wait "$fio_pid" || rc=$?
-    ((rc == 0)) || { cat "$WORK/fio-sd.out" >&2; fail "fio across systemctl reload exited $rc"; }
+    ((rc == 0)) || { cat "$WORK/fio-sd.out" "$WORK/fio-sd.json" >&2; fail "fio across systemctl reload exited $rc"; }
     fio "${job[@]}" --randseed=45 --verify_only >"$WORK/fio-ver.out" 2>&1 || { cat "$WORK/fio-ver.out" >&2; fail "verify after reload"; }
-    log "systemctl reload under fio verify: process $main -> $new, 0 errors"
+    local stall
+    stall=$(/usr/bin/python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]; print("%.0f" % (max(j["write"]["clat_ns"]["max"], j["read"]["clat_ns"]["max"]) / 1e6))' "$WORK/fio-sd.json")
+    log "systemctl reload under fio verify: process $main -> $new, 0 errors, longest IO ${stall} ms (p100)"
 
+    t_stop=$(date '+%Y-%m-%d %H:%M:%S')
     sdctl stop $unit || fail "systemctl stop"
     [[ ! -e $DEV ]] || fail "$DEV still there after systemctl stop"
-    sdns journalctl -u $unit --no-pager | grep -q "device $id stopped and deleted" || fail "no stop in the journal"
+    # The daemon that reload started stopped by itself on SIGTERM (systemd supervised it
+    # as its child: no "not our child", no SIGKILL). journald may take a moment.
+    local deadline=$((SECONDS + 15))
+    until sdns journalctl -u $unit --no-pager | grep -q "device $id stopped and deleted"; do
+        ((SECONDS < deadline)) || { sdns journalctl -u $unit --no-pager | tail -n 20 >&2; fail "no stop in the journal"; }
+        sleep 1
+    done
+    sdns journalctl -u $unit --no-pager --since "$t_reload" >"$WORK/journal.txt"
+    ! grep -q "not our child" "$WORK/journal.txt" || { tail -n 20 "$WORK/journal.txt" >&2; fail "systemd got a main process that is not its child"; }
+    sdns journalctl -u $unit --no-pager --since "$t_stop" >"$WORK/journal.txt"
+    ! grep -qE "SIGKILL|code=killed|Failed with result" "$WORK/journal.txt" || { tail -n 20 "$WORK/journal.txt" >&2; fail "the stop after reload was not clean"; }
     kill -KILL "$SD_PID"
     dpkg -r ubd-engine >"$WORK/dpkg.out" 2>&1 || { cat "$WORK/dpkg.out" >&2; fail "dpkg -r"; }
     [[ ! -e /usr/bin/ubd-engine ]] || fail "dpkg -r left /usr/bin/ubd-engine"

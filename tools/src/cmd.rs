@@ -252,7 +252,7 @@ fn serve(target: Arc<dyn Target>, spec: TargetSpec, opts: &DeviceOptions, a: &De
             let st = state::read(id)?.with_context(|| format!("device {id}: no state file"))?;
             // `upgrade` waits for this line before the old daemon lets go.
             let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{}", service::prepared_line(id));
+            let _ = writeln!(out, "{}", service::prepared_line(id, std::process::id()));
             let _ = out.flush();
             drop(out);
             service::wait_exit(st.pid, opts.stop_grace + Duration::from_secs(30))?;
@@ -628,10 +628,7 @@ pub fn del(id: Option<u32>, all: bool, force: bool) -> Result<()> {
 pub(crate) fn live_process(pid: i32) -> Option<Pid> {
     // 0 and negative pids (process groups) are no daemon.
     let p = Pid::from_raw(pid.max(0))?;
-    match rustix::process::test_kill_process(p) {
-        Ok(()) | Err(rustix::io::Errno::PERM) => Some(p),
-        Err(_) => None,
-    }
+    ubd_engine::pid_alive(pid).then_some(p)
 }
 
 fn del_one(ctrl: &mut Control, id: u32, force: bool) -> Result<()> {

@@ -49,8 +49,9 @@ impl MetricsServer {
                     .and_then(|mut a| a.next().ok_or_else(|| "no address".to_string()))
             })
             .map_err(|e| anyhow::anyhow!("--metrics {addr:?}: expected HOST:PORT such as 127.0.0.1:9101 ({e})"))?;
-        let server =
-            tiny_http::Server::http(sock).map_err(|e| anyhow::anyhow!("--metrics {addr}: cannot listen: {e}"))?;
+        let listener = listen(sock).map_err(|e| anyhow::anyhow!("--metrics {addr}: cannot listen: {e}"))?;
+        let server = tiny_http::Server::from_listener(listener, None)
+            .map_err(|e| anyhow::anyhow!("--metrics {addr}: cannot serve: {e}"))?;
         let bound = server.server_addr().to_ip().unwrap_or(sock);
         let shared = Arc::new(Mutex::new(Shared::default()));
         let s = Arc::clone(&shared);
@@ -75,6 +76,20 @@ impl MetricsServer {
     }
 }
 
+/// A listening TCP socket with SO_REUSEPORT (and SO_REUSEADDR): during `upgrade` the new
+/// daemon binds the address while the old one still serves it (both answer scrapes for
+/// that moment, with their own counters). Any other holder of the port (one without
+/// SO_REUSEPORT, or another user's) still makes this fail with EADDRINUSE.
+fn listen(sock: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType, sockopt};
+    let family = if sock.is_ipv4() { AddressFamily::INET } else { AddressFamily::INET6 };
+    let fd = rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
+    sockopt::set_socket_reuseaddr(&fd, true)?;
+    sockopt::set_socket_reuseport(&fd, true)?;
+    rustix::net::bind(&fd, &sock)?;
+    rustix::net::listen(&fd, 64)?;
+    Ok(std::net::TcpListener::from(fd))
+}
 fn serve_http(server: &tiny_http::Server, shared: &Arc<Mutex<Shared>>) {
     for req in server.incoming_requests() {
         let path = req.url().split('?').next().unwrap_or("");
@@ -352,6 +367,15 @@ mod tests {
         assert!(!e.contains('\n'));
         let e = format!("{:#}", MetricsServer::start("localhost").unwrap_err());
         assert!(e.starts_with("--metrics \"localhost\": expected HOST:PORT"), "{e}");
+    }
+
+    #[test]
+    fn a_successor_binds_the_address_while_the_old_daemon_serves_it() {
+        // upgrade: both daemons hold the address for a moment.
+        let old = MetricsServer::start("127.0.0.1:0").unwrap();
+        let new = MetricsServer::start(&old.addr().to_string()).unwrap();
+        assert_eq!(new.addr(), old.addr());
+        assert!(get(new.addr(), "/metrics").contains("ubd_up"));
     }
 
     fn get(addr: std::net::SocketAddr, path: &str) -> String {

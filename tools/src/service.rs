@@ -52,10 +52,14 @@ pub fn notify_barrier(timeout: Duration) {
     }
 }
 
-/// What `--takeover` prints on stdout once its target is open and it waits for the
-/// old daemon to let go.
-pub fn prepared_line(id: u32) -> String {
-    format!("prepared {id}")
+/// What `--takeover` prints on stdout (with its pid: `upgrade` does not start it as its
+/// own child) once its target is open and it waits for the old daemon to let go.
+pub fn prepared_line(id: u32, pid: u32) -> String {
+    format!("prepared {id} pid {pid}")
+}
+
+fn parse_prepared(id: u32, line: &str) -> Option<u32> {
+    line.strip_prefix(&format!("prepared {id} pid "))?.parse().ok()
 }
 
 /// `BINARY --version`, checked: it must run and say it is ubd-engine.
@@ -107,26 +111,22 @@ fn lines_of(child: &mut Child) -> mpsc::Receiver<String> {
     rx
 }
 
-/// Waits up to `timeout` for a line `want(line)` from the child; Err says why not.
-fn wait_line(
-    child: &mut Child,
+/// Waits up to `timeout` for a line `want(line)` from the new daemon; Err says why not.
+fn wait_line<T>(
     lines: &mpsc::Receiver<String>,
     timeout: Duration,
-    want: impl Fn(&str) -> bool,
-) -> std::result::Result<String, String> {
+    want: impl Fn(&str) -> Option<T>,
+) -> std::result::Result<T, String> {
     let deadline = Instant::now() + timeout;
     loop {
         match lines.recv_timeout(Duration::from_millis(100)) {
-            Ok(l) if want(&l) => return Ok(l),
-            Ok(l) => tracing::debug!("new daemon: {l}"),
+            Ok(l) => match want(&l) {
+                Some(v) => return Ok(v),
+                None => tracing::debug!("new daemon: {l}"),
+            },
             Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                let status = child.wait().map_or_else(|e| e.to_string(), |s| s.to_string());
-                return Err(format!("it exited ({status})"));
-            }
-        }
-        if let Ok(Some(s)) = child.try_wait() {
-            return Err(format!("it exited ({s})"));
+            // Its stdout closed: it exited (its own messages went to stderr, which it shares).
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Err("it exited".into()),
         }
         if Instant::now() > deadline {
             return Err(format!("it was not ready within {} s", timeout.as_secs()));
@@ -134,9 +134,11 @@ fn wait_line(
     }
 }
 
-fn stop_child(child: &mut Child) {
-    let _ = child.kill();
-    let _ = child.wait();
+/// Kills the new daemon: its process group (it is no child of ours to kill by pid).
+fn stop_group(pgid: Option<rustix::process::Pid>) {
+    if let Some(g) = pgid {
+        let _ = rustix::process::kill_process_group(g, Signal::KILL);
+    }
 }
 
 /// `upgrade ID`: start `binary --takeover ID <the daemon's own arguments>`; once it has
@@ -185,26 +187,36 @@ pub fn upgrade(id: u32, binary: Option<&Path>, timeout: u64) -> Result<()> {
     let version = check_binary(&binary)?;
     let how =
         if info.can_quiesce() { "QUIESCE_DEV" } else { "kill -9 and recovery (no UBLK_F_QUIESCE on this device)" };
-    let mut child = Command::new(&binary)
+    // The new daemon is started as a grandchild: the shell in between starts it in the
+    // background and exits at once, so that the daemon is reparented to PID 1 (systemd)
+    // before it is announced as the main process; systemd supervises a main process that
+    // is not its child only poorly (it does not see it exit, and stops it with SIGKILL).
+    // (The daemon gives SIGINT, which a background job inherits ignored, its action back.)
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(r#""$0" "$@" &"#)
+        .arg(&binary)
         .arg("--takeover")
         .arg(id.to_string())
         .args(&st.argv)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .with_context(|| format!("cannot start {}", binary.display()))?;
-    let new_pid = child.id();
+        .process_group(0);
+    let mut child = cmd.spawn().with_context(|| format!("cannot start {}", binary.display()))?;
+    let pgid = rustix::process::Pid::from_raw(child.id().cast_signed());
     let lines = lines_of(&mut child);
-    let prepared = prepared_line(id);
-    if let Err(why) = wait_line(&mut child, &lines, timeout, |l| l == prepared) {
-        stop_child(&mut child);
-        bail!(
-            "the new daemon ({}) failed before taking over: {why}; device {id} stays with process {}",
-            binary.display(),
-            st.pid
-        );
-    }
+    let _ = child.wait();
+    let new_pid = match wait_line(&lines, timeout, |l| parse_prepared(id, l)) {
+        Ok(p) => p,
+        Err(why) => {
+            stop_group(pgid);
+            bail!(
+                "the new daemon ({}) failed before taking over: {why}; device {id} stays with process {}",
+                binary.display(),
+                st.pid
+            );
+        }
+    };
     tracing::info!(
         "device {id}: the new daemon (process {new_pid}, {version}) is ready; handing over from process {} ({}) by {how}",
         st.pid,
@@ -216,19 +228,19 @@ pub fn upgrade(id: u32, binary: Option<&Path>, timeout: u64) -> Result<()> {
     let sig = if info.can_quiesce() { Signal::USR1 } else { Signal::KILL };
     debug_assert_eq!(Signal::USR1.as_raw(), ubd_engine::HANDOFF_SIGNAL);
     if let Err(e) = rustix::process::kill_process(old, sig) {
-        stop_child(&mut child);
+        stop_group(pgid);
         notify(&[NotifyState::MainPid(st.pid.cast_unsigned())]);
         bail!("cannot signal process {} ({e}): device {id} stays with it", st.pid);
     }
     let block = format!("/dev/ublkb{id}");
     // The old daemon drains for up to its stop timeout; recovery then takes a moment.
-    match wait_line(&mut child, &lines, timeout + Duration::from_secs(60), |l| l == block) {
+    match wait_line(&lines, timeout + Duration::from_secs(60), |l| (l == block).then_some(())) {
         Ok(_) => {
             println!("device {id} upgraded: process {} -> {new_pid} ({version})", st.pid);
             Ok(())
         }
         Err(why) => {
-            stop_child(&mut child);
+            stop_group(pgid);
             bail!(
                 "the new daemon did not take device {id} over: {why}; the device is left recoverable: run `ubd-engine recover {id}`"
             )
@@ -236,22 +248,40 @@ pub fn upgrade(id: u32, binary: Option<&Path>, timeout: u64) -> Result<()> {
     }
 }
 
-/// Process `pid` has exited (a zombie counts as exited: it no longer serves anything).
-fn gone(pid: i32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return true };
-    // pid (comm) STATE ...: comm may hold spaces and parentheses, so look after the last ')'.
-    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
-    matches!(state, Some("Z" | "X") | None)
-}
-
 /// Waits until `pid` (the daemon being replaced) is gone.
 pub fn wait_exit(pid: i32, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
-    while pid > 0 && !gone(pid) {
+    while ubd_engine::pid_alive(pid) {
         if Instant::now() > deadline {
             bail!("process {pid} did not let go of the device within {} s", timeout.as_secs());
         }
         std::thread::sleep(Duration::from_millis(10));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prepared_line_round_trip() {
+        assert_eq!(parse_prepared(7, &prepared_line(7, 4242)), Some(4242));
+        assert_eq!(parse_prepared(8, &prepared_line(7, 4242)), None);
+        assert_eq!(parse_prepared(7, "prepared 7"), None);
+        assert_eq!(parse_prepared(7, "/dev/ublkb7"), None);
+    }
+
+    #[test]
+    fn a_zombie_is_not_waited_for() {
+        // wait_exit ends once the process has exited, reaped or not.
+        let mut child = Command::new("true").spawn().unwrap();
+        wait_exit(child.id().cast_signed(), Duration::from_secs(10)).unwrap();
+        child.wait().unwrap();
+        let mut sleeper = Command::new("sleep").arg("5").spawn().unwrap();
+        let e = wait_exit(sleeper.id().cast_signed(), Duration::from_millis(200)).unwrap_err();
+        assert!(e.to_string().contains("did not let go of the device"), "{e}");
+        sleeper.kill().unwrap();
+        sleeper.wait().unwrap();
+    }
 }

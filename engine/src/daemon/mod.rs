@@ -222,10 +222,14 @@ pub struct ServeSummary {
     pub handed_over: bool,
 }
 
-/// Blocks SIGINT/SIGTERM in the calling thread (and the threads it spawns later), so
-/// that they are taken by [`serve`]'s wait loop rather than killing the process.
+/// Blocks SIGINT/SIGTERM (and [`HANDOFF_SIGNAL`]) in the calling thread (and the threads
+/// it spawns later), so that they are taken by [`serve`]'s wait loop rather than killing
+/// the process. A stop signal this process inherited as ignored (a shell's background
+/// job ignores SIGINT) gets its default action back first: an ignored signal is dropped
+/// even while blocked, and the device could not be stopped by it.
 pub fn block_stop_signals() -> Result<()> {
-    sys::block_signals(&STOP_SIGNALS).map_err(|e| Error::io("blocking signals", e))
+    sys::block_signals(&STOP_SIGNALS).map_err(|e| Error::io("blocking signals", e))?;
+    sys::default_signals(&STOP_SIGNALS).map_err(|e| Error::io("resetting signal actions", e))
 }
 
 /// Creates the device for `target`, serves it until SIGINT/SIGTERM (or a queue

@@ -120,15 +120,40 @@ pub fn default_sigpipe() {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
 }
 
-/// Does a process with this pid exist?
+/// Does a process with this pid exist and run? A zombie does not count: it has exited
+/// (its files, `/dev/ublkcN` among them, are closed) and only waits for its parent to
+/// reap it, which under systemd or another supervisor may take a moment.
 pub fn pid_alive(pid: i32) -> bool {
     // (`Pid::from_raw` debug-asserts a non-negative pid: check the sign first.)
-    let Some(pid) = (pid > 0).then(|| Pid::from_raw(pid)).flatten() else { return false };
+    let Some(p) = (pid > 0).then(|| Pid::from_raw(pid)).flatten() else { return false };
     // Signal 0 only checks for existence and permission (EPERM: it exists).
-    match rustix::process::test_kill_process(pid) {
+    let exists = match rustix::process::test_kill_process(p) {
         Ok(()) => true,
         Err(e) => e == rustix::io::Errno::PERM,
+    };
+    exists && !is_zombie(pid)
+}
+
+/// `/proc/PID/stat` says Z (zombie) or X (dead). Unreadable: not known to be one.
+fn is_zombie(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // pid (comm) STATE ...: comm may hold spaces and parentheses, so look after the last ')'.
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+    matches!(state, Some("Z" | "X"))
+}
+
+/// Gives `signals` their default action (undoing an inherited SIG_IGN). Meant for
+/// signals that are blocked and taken with [`wait_signal`]: their default action never
+/// runs then.
+pub fn default_signals(signals: &[libc::c_int]) -> io::Result<()> {
+    for &sig in signals {
+        // SAFETY: installs SIG_DFL, no handler; `sig` is a valid, catchable signal number
+        // (SIGINT/SIGTERM/SIGUSR1 here), for which signal(2) does not fail.
+        if unsafe { libc::signal(sig, libc::SIG_DFL) } == libc::SIG_ERR {
+            return Err(io::Error::last_os_error());
+        }
     }
+    Ok(())
 }
 
 /// Blocks `signals` in the calling thread; threads spawned after inherit the mask.
@@ -227,6 +252,16 @@ mod tests {
         (&f).read_exact(&mut buf).unwrap();
         assert_eq!(u64::from_ne_bytes(buf), 1);
         assert!(pid_alive(getpid()));
+        // A child that exited and is not reaped yet is a zombie: not alive.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id().cast_signed();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !is_zombie(pid) {
+            assert!(std::time::Instant::now() < deadline, "child {pid} did not exit");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(!pid_alive(pid));
+        child.wait().unwrap();
         assert!(!pid_alive(0));
         assert!(!pid_alive(-1));
         assert!(!pid_alive(i32::MAX));
