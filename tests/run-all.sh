@@ -4,8 +4,8 @@
 # release binary, and runs the end-to-end suite in a VM on each kernel.
 #
 # usage: tests/run-all.sh [--kernels "lts newest"] [--no-lint] [--full]
-#   --full  the heavier matrix: 100 add/del cycles (20 with fio) instead of 20 (4),
-#           10 kill -9 / recover rounds instead of 4 (3 instead of 2 with batch io),
+#   --full  the heavier matrix: 100 add/del cycles (20 with fio) instead of 12 (4),
+#           10 kill -9 / recover rounds instead of 3 (3 instead of 2 with batch io),
 #           batch io on a file in every buffer mode (not just copy), the rbd (Ceph)
 #           cases on every kernel (not just the newest), then tests/stress.sh
 # Needs root (packages, kernels in /lib/modules). Ends with "N passed, N failed".
@@ -30,7 +30,7 @@ if ((full)); then
     export UBD_CYCLES=${UBD_CYCLES:-100} UBD_FIO_CYCLES=${UBD_FIO_CYCLES:-20} UBD_RECOVER_ROUNDS=${UBD_RECOVER_ROUNDS:-10} \
         UBD_BATCH_RECOVER_ROUNDS=${UBD_BATCH_RECOVER_ROUNDS:-3} UBD_RBD_RECOVER_ROUNDS=${UBD_RBD_RECOVER_ROUNDS:-3} UBD_E2E_FULL=1
 else
-    export UBD_CYCLES=${UBD_CYCLES:-20} UBD_FIO_CYCLES=${UBD_FIO_CYCLES:-4} UBD_RECOVER_ROUNDS=${UBD_RECOVER_ROUNDS:-4} \
+    export UBD_CYCLES=${UBD_CYCLES:-12} UBD_FIO_CYCLES=${UBD_FIO_CYCLES:-4} UBD_RECOVER_ROUNDS=${UBD_RECOVER_ROUNDS:-3} \
         UBD_BATCH_RECOVER_ROUNDS=${UBD_BATCH_RECOVER_ROUNDS:-2} UBD_RBD_RECOVER_ROUNDS=${UBD_RBD_RECOVER_ROUNDS:-1}
 fi
 start=$SECONDS

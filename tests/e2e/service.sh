@@ -32,6 +32,12 @@ notify_listen() {
     export NOTIFY_SOCKET=$sock
 }
 
+# fio_running PID WHAT: the fio job PID must still run at WHAT (else the case did not
+# test what it says: the job ended before the event it was to span).
+fio_running() {
+    kill -0 "$1" 2>/dev/null || fail "the fio job had ended before $2: make it longer"
+}
+
 # wait_gone DEV PID [LOG]: waits (60 s) for the daemon PID (not a child of this shell)
 # to exit and its device DEV to go away; on failure shows LOG (the daemon's stderr).
 wait_gone() {
@@ -115,6 +121,7 @@ case_svc_run() {
     fio "${job[@]}" --verify_backlog=128 >"$WORK/fio-svc.out" 2>&1 &
     local fio_pid=$!
     sleep 1.5
+    fio_running "$fio_pid" "the kill -9"
     kill -KILL "$PID"
     wait "$PID" 2>/dev/null || true
     # A configuration that names another backing must not take the device over.
@@ -156,12 +163,14 @@ case_svc_upgrade() {
     kill -0 "$old" || fail "the old daemon died from a refused upgrade"
     dd if="$DEV" of=/dev/null bs=64k count=16 iflag=direct status=none || fail "device does not serve after refused upgrades"
     local job=(--name=up --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k
-        --iodepth=16 --size=64M --verify=crc32c --verify_fatal=1 --randseed=42)
+        --iodepth=16 --size=32M --verify=crc32c --verify_fatal=1 --randseed=42)
     fio "${job[@]}" --verify_backlog=128 --output-format=json --output="$WORK/fio-up.json" >"$WORK/fio-up.out" 2>&1 &
     local fio_pid=$!
     sleep 1.5
     local t0=$SECONDS
+    fio_running "$fio_pid" "the upgrade"
     "$UBD" upgrade $id >"$WORK/upgrade.out" 2>"$WORK/upgrade.log" || { cat "$WORK/upgrade.log" >&2; fail "upgrade failed"; }
+    fio_running "$fio_pid" "the end of the upgrade"
     local took=$((SECONDS - t0)) new
     new=$(sed -n "s/^device $id upgraded: process $old -> \([0-9]*\) .*/\1/p" "$WORK/upgrade.out")
     [[ -n $new ]] || { cat "$WORK/upgrade.out" "$WORK/upgrade.log" >&2; fail "no upgrade line"; }
@@ -276,10 +285,11 @@ case_svc_systemd() {
 
     # kill -9 under fio verify: systemd restarts the unit, which recovers the device.
     local job=(--name=sd --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k
-        --iodepth=16 --size=64M --verify=crc32c --verify_fatal=1 --randseed=44)
+        --iodepth=16 --size=32M --verify=crc32c --verify_fatal=1 --randseed=44)
     fio "${job[@]}" --verify_backlog=128 >"$WORK/fio-sd.out" 2>&1 &
     local fio_pid=$! rc=0 deadline new
     sleep 1.5
+    fio_running "$fio_pid" "the kill -9"
     sdns kill -KILL "$main"
     deadline=$((SECONDS + 120))
     while :; do
@@ -302,7 +312,9 @@ case_svc_systemd() {
     sleep 1.5
     local t_reload t_stop
     t_reload=$(date '+%Y-%m-%d %H:%M:%S')
+    fio_running "$fio_pid" "the reload"
     sdctl reload $unit || { sdns journalctl -u $unit --no-pager | tail -n 30 >&2; fail "systemctl reload $unit"; }
+    fio_running "$fio_pid" "the end of the reload"
     new=$(sd_main_pid $unit)
     [[ $new -gt 0 && $new != "$main" && $(sdctl is-active $unit) == active ]] ||
         { sdctl status $unit >&2; sdns journalctl -u $unit --no-pager | tail -n 40 >&2; fail "after reload: main pid $new (was $main), $(sdctl is-active $unit)"; }
