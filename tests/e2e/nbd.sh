@@ -70,7 +70,7 @@ case_nbd_nbdkit() {
     (($(max_kb) > 64)) || fail "max request $(max_kb) KiB: not past nbd.ko's 64 KiB"
     # Network devices skip the partition scan at start where the kernel can.
     if "$UBD" features --json | grep -q '"NO_AUTO_PART_SCAN"'; then
-        "$UBD" list --json | grep -q '"NO_AUTO_PART_SCAN"' || fail "the device was made without NO_AUTO_PART_SCAN"
+        grep -q '"NO_AUTO_PART_SCAN"' <<<"$("$UBD" list --json)" || fail "the device was made without NO_AUTO_PART_SCAN"
     fi
     fio_verify --rw=randwrite --bs=4k --iodepth=1 --size=4M
     fio_verify --rw=randwrite --bsrange=512-128k --iodepth=32 --numjobs=2 --offset_increment=96M --size=32M --fsync=16

@@ -50,7 +50,7 @@ case_rbd_io() {
     grep -q "buffer mode copy (auto: the rbd target moves request data" "$LOG" ||
         fail "buffer mode: $(grep "buffer mode" "$LOG")"
     if "$UBD" features --json | grep -q '"NO_AUTO_PART_SCAN"'; then
-        "$UBD" list --json | grep -q '"NO_AUTO_PART_SCAN"' || fail "the device was made without NO_AUTO_PART_SCAN"
+        grep -q '"NO_AUTO_PART_SCAN"' <<<"$("$UBD" list --json)" || fail "the device was made without NO_AUTO_PART_SCAN"
     fi
     fio_verify --rw=randwrite --bs=4k --iodepth=16 --size=2M
     fio_verify --rw=randwrite --bsrange=512-128k --iodepth=16 --numjobs=2 --offset_increment=16M --size=4M --fsync=8

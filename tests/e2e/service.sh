@@ -183,7 +183,7 @@ case_svc_upgrade() {
     fio "${job[@]}" --verify_only >"$WORK/fio-ver.out" 2>&1 || { cat "$WORK/fio-ver.out" >&2; fail "verify after upgrade"; }
     local how=kill
     grep -q "handing the device over (QUIESCE_DEV)" "$LOG" && how=quiesce
-    if "$UBD" features | grep -qw QUIESCE; then
+    if grep -qw QUIESCE <<<"$("$UBD" features)"; then
         [[ $how == quiesce ]] || { cat "$LOG" >&2; fail "the kernel has QUIESCE but the old daemon was not quiesced"; }
         grep -q "handed over to a new daemon" "$LOG" || { cat "$LOG" >&2; fail "old daemon did not report the hand-over"; }
     fi
@@ -250,7 +250,7 @@ case_svc_systemd() {
         /usr/share/fish/vendor_completions.d/ubd-engine.fish /usr/share/doc/ubd-engine/examples/devices.toml; do
         [[ -s $f ]] || fail "the package did not install $f"
     done
-    zcat /usr/share/man/man1/ubd-engine.1.gz | grep -q 'ubd\\-engine\\-upgrade' || fail "ubd-engine.1 does not list upgrade"
+    grep -q 'ubd\\-engine\\-upgrade' <<<"$(zcat /usr/share/man/man1/ubd-engine.1.gz)" || fail "ubd-engine.1 does not list upgrade"
     # bash completion offers the subcommands.
     local words
     words=$(bash -c 'source /usr/share/bash-completion/completions/ubd-engine; COMP_WORDS=(ubd-engine ""); COMP_CWORD=1; fn=$(complete -p ubd-engine | sed -n "s/.*-F \([^ ]*\).*/\1/p"); "$fn" ubd-engine "" ubd-engine; echo "${COMPREPLY[*]}"')
@@ -332,7 +332,7 @@ case_svc_systemd() {
     # The daemon that reload started stopped by itself on SIGTERM (systemd supervised it
     # as its child: no "not our child", no SIGKILL). journald may take a moment.
     local deadline=$((SECONDS + 15))
-    until sdns journalctl -u $unit --no-pager | grep -q "device $id stopped and deleted"; do
+    until grep -q "device $id stopped and deleted" <<<"$(sdns journalctl -u $unit --no-pager)"; do
         ((SECONDS < deadline)) || { sdns journalctl -u $unit --no-pager | tail -n 20 >&2; fail "no stop in the journal"; }
         sleep 1
     done

@@ -252,7 +252,9 @@ case_list_del() {
     start_dev --queues 1 --depth 8 loop "$WORK/a.img"
     local id=${DEV#/dev/ublkb}
     "$UBD" list | grep -E "^$id +live .*alive +loop $WORK/a.img"
-    "$UBD" list --json | grep -q '"daemon_alive": true'
+    # (Captured first: `grep -q` stops reading at its match, and the writer of a longer
+    # output would die of SIGPIPE, which pipefail counts as a failure.)
+    grep -q '"daemon_alive": true' <<<"$("$UBD" list --json)" || fail "list --json: no live daemon"
     # A device whose daemon is alive is refused without --force.
     expect_error "device $id is served by running process $PID; stop that process, or use --force" del "$id"
     "$UBD" del --force "$id"
