@@ -211,6 +211,13 @@ Description=ubd-engine e2e: journald and the units the test starts
 DefaultDependencies=no
 Wants=systemd-journald.socket systemd-journald.service
 T
+# A booted system has long reached sysinit/basic.target; here, pulling them in would run
+# the distribution's boot services in the VM (systemd-tmpfiles --boot empties /tmp, where
+# the suite and a CI checkout live). So the unit under test gets DefaultDependencies=no
+# (its own After=/Wants= stay), and network-online.target, which it wants, is masked.
+mkdir -p /run/systemd/system/ubd-engine@.service.d
+printf '[Unit]\nDefaultDependencies=no\n' >/run/systemd/system/ubd-engine@.service.d/e2e.conf
+ln -s /dev/null /run/systemd/system/network-online.target
 mountpoint -q /sys/fs/cgroup || mount -t cgroup2 none /sys/fs/cgroup
 exec /lib/systemd/systemd --system --unit=ubd-e2e.target --log-target=kmsg --show-status=false
 INNER
@@ -343,5 +350,7 @@ case_svc_systemd() {
     kill -KILL "$SD_PID"
     dpkg -r ubd-engine >"$WORK/dpkg.out" 2>&1 || { cat "$WORK/dpkg.out" >&2; fail "dpkg -r"; }
     [[ ! -e /usr/bin/ubd-engine ]] || fail "dpkg -r left /usr/bin/ubd-engine"
+    [[ -x $UBD ]] || fail "$UBD is gone after the case (something under systemd removed it)"
+    [[ -d $WORK ]] || fail "$WORK is gone after the case"
     log "systemctl stop deleted $DEV; dpkg -r"
 }

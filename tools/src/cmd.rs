@@ -255,7 +255,12 @@ fn serve(target: Arc<dyn Target>, spec: TargetSpec, opts: &DeviceOptions, a: &De
             let _ = writeln!(out, "{}", service::prepared_line(id, std::process::id()));
             let _ = out.flush();
             drop(out);
-            service::wait_exit(st.pid, opts.stop_grace + Duration::from_secs(30))?;
+            let deadline = opts.stop_grace + Duration::from_secs(30);
+            service::wait_exit(st.pid, deadline)?;
+            // The process may look gone (its main thread a zombie) while its other
+            // threads still hold /dev/ublkcN: the kernel's word is that the device left
+            // LIVE (quiesced, or failing IO) once the old daemon closed it.
+            service::wait_not_live(id, deadline)?;
             Some(id)
         }
     };

@@ -248,6 +248,20 @@ pub fn upgrade(id: u32, binary: Option<&Path>, timeout: u64) -> Result<()> {
     }
 }
 
+/// Waits until the kernel no longer has device `id` LIVE: its daemon has closed
+/// `/dev/ublkcN`, and the device waits for recovery.
+pub fn wait_not_live(id: u32, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut ctrl = Control::open()?;
+    while ctrl.dev_info(id)?.state_name() == "live" {
+        if Instant::now() > deadline {
+            bail!("device {id} was still live {} s after its daemon exited", timeout.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
 /// Waits until `pid` (the daemon being replaced) is gone.
 pub fn wait_exit(pid: i32, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
