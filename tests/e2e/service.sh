@@ -38,6 +38,12 @@ fio_running() {
     kill -0 "$1" 2>/dev/null || fail "the fio job had ended before $2: make it longer"
 }
 
+# fio_max_ms JSON: the longest IO (completion latency, reads or writes) of fio's first
+# job in its JSON output, in ms: the stall an event under the job caused at most.
+fio_max_ms() {
+    /usr/bin/python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]; print("%.0f" % (max(j["write"]["clat_ns"]["max"], j["read"]["clat_ns"]["max"]) / 1e6))' "$1"
+}
+
 # wait_gone DEV PID [LOG]: waits (60 s) for the daemon PID (not a child of this shell)
 # to exit and its device DEV to go away; on failure shows LOG (the daemon's stderr).
 wait_gone() {
@@ -188,7 +194,7 @@ case_svc_upgrade() {
         grep -q "handed over to a new daemon" "$LOG" || { cat "$LOG" >&2; fail "old daemon did not report the hand-over"; }
     fi
     local stall
-    stall=$(/usr/bin/python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]; print("%.0f" % (max(j["write"]["clat_ns"]["max"], j["read"]["clat_ns"]["max"]) / 1e6))' "$WORK/fio-up.json")
+    stall=$(fio_max_ms "$WORK/fio-up.json")
     log "upgrade by $how in ${took}s under fio randwrite verify: 0 errors, longest IO ${stall} ms (p100)"
     echo "$(uname -r) $how $stall" >>"$WORK/upgrade-stalls.txt"
     kill -TERM "$new"
@@ -330,7 +336,7 @@ case_svc_systemd() {
     ((rc == 0)) || { cat "$WORK/fio-sd.out" "$WORK/fio-sd.json" >&2; fail "fio across systemctl reload exited $rc"; }
     fio "${job[@]}" --randseed=45 --verify_only >"$WORK/fio-ver.out" 2>&1 || { cat "$WORK/fio-ver.out" >&2; fail "verify after reload"; }
     local stall
-    stall=$(/usr/bin/python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]; print("%.0f" % (max(j["write"]["clat_ns"]["max"], j["read"]["clat_ns"]["max"]) / 1e6))' "$WORK/fio-sd.json")
+    stall=$(fio_max_ms "$WORK/fio-sd.json")
     log "systemctl reload under fio verify: process $main -> $new, 0 errors, longest IO ${stall} ms (p100)"
 
     t_stop=$(date '+%Y-%m-%d %H:%M:%S')
