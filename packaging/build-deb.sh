@@ -10,7 +10,9 @@ if ! cargo deb --version >/dev/null 2>&1; then
     echo "build-deb.sh: installing cargo-deb (cargo install cargo-deb)" >&2
     cargo install --locked --quiet cargo-deb
 fi
-cargo build --release --quiet -p ubd-tools
+# The whole workspace, as tests/build-e2e.sh builds it: -p ubd-tools alone unifies the
+# dependencies' features differently and rebuilds them.
+cargo build --release --quiet
 rm -rf target/docs
 target/release/ubd-engine generate-docs target/docs >/dev/null
 gzip -9n target/docs/man/*.1

@@ -24,7 +24,7 @@ while (($#)); do
     esac
 done
 tests/vm/setup.sh >/dev/null || { echo "stress: tests/vm/setup.sh failed" >&2; exit 1; }
-cargo build --release --quiet --features ubd-tools/test-hooks --target-dir target/e2e -p ubd-tools || exit 1
+tests/build-e2e.sh || exit 1
 total_pass=0 total_fail=0
 for k in $kernels; do
     for ((r = 0; r < repeat; r++)); do

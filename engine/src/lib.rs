@@ -101,8 +101,8 @@ pub use buf::{BufferChoice, BufferMode};
 pub use cpus::{format_cpulist, parse_cpulist};
 pub use ctrl::{CONTROL_PATH, Control};
 pub use daemon::{
-    DeviceOptions, DeviceStats, HANDOFF_SIGNAL, Recovery, ServeSummary, StartedDevice, block_stop_signals, recover,
-    serve,
+    DeviceOptions, DeviceStats, HANDOFF_SIGNAL, Holder, Recovery, ServeSummary, StartedDevice, block_stop_signals,
+    device_holders, recover, serve,
 };
 pub use error::{Error, Result};
 pub use queue::config::{IoProtocol, QueueReport};

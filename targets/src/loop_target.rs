@@ -53,6 +53,13 @@ pub struct LoopOptions {
     /// Logical block size; default: the block device's, or 512 for a file (4096 when
     /// the file's O_DIRECT needs it).
     pub logical_block_size: Option<u32>,
+    /// Open the backing read-only and serve a read-only device. Without it, a backing
+    /// that can only be opened read-only (EACCES, EROFS, EPERM) gives a read-only device
+    /// too (logged).
+    pub read_only: bool,
+    /// Serve only the first SIZE bytes of the backing (a device `resize`d below its
+    /// block device's size). None: all of it.
+    pub size: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +74,10 @@ pub struct LoopTarget {
     path: PathBuf,
     backing: Backing,
     direct: bool,
+    /// `--read-only` was asked for (rather than found).
+    asked_read_only: bool,
+    /// [`LoopOptions::size`].
+    size_limit: Option<u64>,
     info: TargetInfo,
 }
 
@@ -85,9 +96,20 @@ impl LoopTarget {
         } else {
             return Err(Error::Config(format!("{} is not a regular file or a block device", path.display())));
         };
+        // Read-write unless asked not to; a backing that refuses writers is served read-only.
+        let mut read_only = opts.read_only;
+        if !read_only && let Err(e) = OpenOptions::new().read(true).write(true).open(path) {
+            match e.raw_os_error() {
+                Some(libc::EACCES | libc::EROFS | libc::EPERM) if OpenOptions::new().read(true).open(path).is_ok() => {
+                    tracing::warn!("{} can only be opened read-only ({e}): serving a read-only device", path.display());
+                    read_only = true;
+                }
+                _ => return Err(open_err(e)),
+            }
+        }
         let open = |direct: bool| {
             let mut o = OpenOptions::new();
-            o.read(true).write(true);
+            o.read(true).write(!read_only);
             if direct {
                 o.custom_flags(libc::O_DIRECT);
             }
@@ -112,14 +134,24 @@ impl LoopTarget {
                 let blksz = |e: rustix::io::Errno| Error::io(format!("BLKSSZGET on {}", path.display()), e.into());
                 let l = rustix::fs::ioctl_blksszget(&file).map_err(blksz)?;
                 let p = rustix::fs::ioctl_blkpbszget(&file).map_err(blksz)?;
-                (size, l, p, blockdev_discards(&meta))
+                (size, l, p, !read_only && blockdev_discards(&meta))
             }
             Backing::File => {
                 use rustix::fs::FallocateFlags;
                 let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
-                let discard = rustix::fs::fallocate(&file, punch, meta.len(), 4096).is_ok();
+                let discard = !read_only && rustix::fs::fallocate(&file, punch, meta.len(), 4096).is_ok();
                 (meta.len(), 512, 4096, discard)
             }
+        };
+        let size = match opts.size {
+            Some(limit) if limit > size => {
+                return Err(Error::Config(format!(
+                    "{} holds {size} bytes, less than the {limit} bytes the device has",
+                    path.display()
+                )));
+            }
+            Some(limit) => limit,
+            None => size,
         };
         let mut direct = direct;
         if let Some(l) = opts.logical_block_size {
@@ -162,11 +194,13 @@ impl LoopTarget {
             path: path.into(),
             backing,
             direct,
+            asked_read_only: opts.read_only,
+            size_limit: opts.size,
             info: TargetInfo {
                 dev_size: size,
                 logical_block_size: lbs,
                 physical_block_size: pbs.max(lbs),
-                read_only: false,
+                read_only,
                 rotational: false,
                 volatile_cache: true,
                 discard,
@@ -185,6 +219,8 @@ impl LoopTarget {
             path: self.path.clone(),
             direct: if self.direct { DirectIo::On } else { DirectIo::Off },
             logical_block_size: Some(self.info.logical_block_size),
+            read_only: self.asked_read_only,
+            size: self.size_limit,
         }
     }
 }
@@ -222,6 +258,7 @@ impl Target for LoopTarget {
             "size": self.info.dev_size,
             "logical_block_size": self.info.logical_block_size,
             "discard": self.info.discard.is_some(),
+            "read_only": self.info.read_only,
         })
     }
     fn open_queue(&self, setup: &mut QueueSetup) -> io::Result<Box<dyn QueueTarget>> {
@@ -342,9 +379,28 @@ mod tests {
         assert!(t.info().logical_block_size == 512 || t.info().logical_block_size == 4096);
         assert!(t.info().volatile_cache);
         assert_eq!(t.describe()["backing"], "file");
-        let b = LoopTarget::open(&p, &LoopOptions { direct: DirectIo::Off, logical_block_size: Some(4096) }).unwrap();
+        let b = LoopTarget::open(
+            &p,
+            &LoopOptions { direct: DirectIo::Off, logical_block_size: Some(4096), ..Default::default() },
+        )
+        .unwrap();
         assert!(!b.direct_io());
         assert_eq!(b.info().logical_block_size, 4096);
+    }
+
+    #[test]
+    fn read_only_opens_the_backing_read_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = temp_file(&dir, "ro.img", 1 << 20);
+        let t = LoopTarget::open(&p, &LoopOptions { read_only: true, ..Default::default() }).unwrap();
+        assert!(t.info().read_only);
+        assert!(t.info().discard.is_none());
+        assert_eq!(t.describe()["read_only"], true);
+        // The descriptor cannot write: nothing can reach the backing through it.
+        assert_eq!(t.file.write_at(b"x", 0).unwrap_err().raw_os_error(), Some(libc::EBADF));
+        let TargetSpec::Loop { read_only, .. } = t.spec() else { panic!() };
+        assert!(read_only);
+        assert!(!LoopTarget::open(&p, &LoopOptions::default()).unwrap().info().read_only);
     }
 
     #[test]
@@ -353,7 +409,11 @@ mod tests {
         assert_eq!(missing.to_string(), "cannot open /nonexistent/disk.img: No such file or directory (os error 2)");
         let dir = tempfile::tempdir().unwrap();
         let odd = temp_file(&dir, "odd.img", 1000);
-        let e = LoopTarget::open(&odd, &LoopOptions { direct: DirectIo::Off, logical_block_size: None }).unwrap_err();
+        let e = LoopTarget::open(
+            &odd,
+            &LoopOptions { direct: DirectIo::Off, logical_block_size: None, ..Default::default() },
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("(1000 bytes) is not a multiple of the 512-byte block size"), "{e}");
         let empty = temp_file(&dir, "empty.img", 0);
         assert!(LoopTarget::open(&empty, &LoopOptions::default()).unwrap_err().to_string().contains("is empty"));

@@ -22,6 +22,13 @@ pub enum TargetSpec {
         direct: DirectIo,
         /// None: the backing's (see [`LoopOptions::logical_block_size`]).
         logical_block_size: Option<u32>,
+        /// `--read-only` (a backing found read-only is found so again). Absent in state
+        /// files from before it existed, and when false.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        read_only: bool,
+        /// Only the first SIZE bytes of the backing (see [`LoopOptions::size`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        size: Option<u64>,
     },
     Null {
         size: u64,
@@ -58,8 +65,13 @@ impl TargetSpec {
     /// Opens the target.
     pub fn open(&self) -> ubd_engine::Result<Arc<dyn Target>> {
         Ok(match self {
-            TargetSpec::Loop { path, direct, logical_block_size } => {
-                let opts = LoopOptions { direct: *direct, logical_block_size: *logical_block_size };
+            TargetSpec::Loop { path, direct, logical_block_size, read_only, size } => {
+                let opts = LoopOptions {
+                    direct: *direct,
+                    logical_block_size: *logical_block_size,
+                    read_only: *read_only,
+                    size: *size,
+                };
                 Arc::new(LoopTarget::open(path, &opts)?)
             }
             TargetSpec::Null { size, logical_block_size } => Arc::new(NullTarget::new(*size, *logical_block_size)),
@@ -111,13 +123,34 @@ mod tests {
             round_trip(&null),
             serde_json::json!({ "kind": "null", "size": 1u64 << 30, "logical_block_size": 4096 })
         );
-        let lp = TargetSpec::Loop { path: "/dev/nvme0n1".into(), direct: DirectIo::On, logical_block_size: Some(512) };
+        let lp = TargetSpec::Loop {
+            path: "/dev/nvme0n1".into(),
+            direct: DirectIo::On,
+            logical_block_size: Some(512),
+            read_only: false,
+            size: None,
+        };
         assert_eq!(
             round_trip(&lp),
             serde_json::json!({ "kind": "loop", "path": "/dev/nvme0n1", "direct": "on", "logical_block_size": 512 })
         );
+        let limited = TargetSpec::Loop {
+            path: "/dev/ram0".into(),
+            direct: DirectIo::On,
+            logical_block_size: Some(512),
+            read_only: true,
+            size: Some(1 << 27),
+        };
+        assert_eq!(round_trip(&limited)["read_only"], true);
+        assert_eq!(round_trip(&limited)["size"], 1u64 << 27);
         for direct in [DirectIo::Auto, DirectIo::Off] {
-            round_trip(&TargetSpec::Loop { path: "/x.img".into(), direct, logical_block_size: None });
+            round_trip(&TargetSpec::Loop {
+                path: "/x.img".into(),
+                direct,
+                logical_block_size: None,
+                read_only: false,
+                size: None,
+            });
         }
         let e = serde_json::from_str::<TargetSpec>(r#"{"kind": "nfs", "host": "h"}"#).unwrap_err();
         assert!(e.to_string().contains("unknown variant `nfs`"), "{e}");
@@ -161,13 +194,13 @@ mod tests {
         std::fs::File::create(&path).unwrap().set_len(4 << 20).unwrap();
         let served = [
             LoopOptions::default(),
-            LoopOptions { direct: DirectIo::Off, logical_block_size: Some(4096) },
-            LoopOptions { direct: DirectIo::Off, logical_block_size: None },
+            LoopOptions { direct: DirectIo::Off, logical_block_size: Some(4096), ..Default::default() },
+            LoopOptions { direct: DirectIo::Off, logical_block_size: None, ..Default::default() },
         ];
         for opts in served {
             let t = LoopTarget::open(&path, &opts).unwrap();
             let spec = t.spec();
-            let TargetSpec::Loop { path: p, direct, logical_block_size } = &spec else { panic!("{spec:?}") };
+            let TargetSpec::Loop { path: p, direct, logical_block_size, .. } = &spec else { panic!("{spec:?}") };
             assert_eq!(p, &path);
             assert_eq!(*direct, if t.direct_io() { DirectIo::On } else { DirectIo::Off });
             assert_eq!(*logical_block_size, Some(t.info().logical_block_size));

@@ -298,7 +298,7 @@ case_svc_systemd() {
 
     # kill -9 under fio verify: systemd restarts the unit, which recovers the device.
     local job=(--name=sd --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k
-        --iodepth=16 --size=32M --verify=crc32c --verify_fatal=1 --randseed=44)
+        --iodepth=16 --size=64M --verify=crc32c --verify_fatal=1 --randseed=44)
     fio "${job[@]}" --verify_backlog=128 >"$WORK/fio-sd.out" 2>&1 &
     local fio_pid=$! rc=0 deadline new
     sleep 1.5

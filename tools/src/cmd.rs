@@ -50,6 +50,7 @@ fn device_options(a: &DevArgs) -> Result<DeviceOptions> {
         },
         stop_grace: Duration::from_secs(a.stop_timeout),
         partition_scan: true,
+        read_only: a.read_only,
     };
     opts.validate()?;
     Ok(opts)
@@ -71,8 +72,11 @@ pub fn serve_loop(a: &DevArgs, path: &Path, direct: ubd_targets::DirectIo, block
     let opts = device_options(a)?;
     preflight()?;
     let fault = fault_spec(a)?;
-    let t = ubd_targets::LoopTarget::open(path, &ubd_targets::LoopOptions { direct, logical_block_size: block_size })
-        .map_err(|e| a.at_key("path", e))?;
+    let t = ubd_targets::LoopTarget::open(
+        path,
+        &ubd_targets::LoopOptions { direct, logical_block_size: block_size, read_only: a.read_only, size: None },
+    )
+    .map_err(|e| a.at_key("path", e))?;
     let spec = t.spec();
     serve(with_faults(Arc::new(t), fault), spec, &opts, a, false)
 }
@@ -270,7 +274,7 @@ fn serve(target: Arc<dyn Target>, spec: TargetSpec, opts: &DeviceOptions, a: &De
     let mut dev_id = None;
     let on_started = |dev: &StartedDevice| {
         dev_id = Some(dev.dev_id);
-        report_started(name, &describe, &info, dev);
+        report_started(name, &describe, &info, dev, opts.read_only);
         let q0 = dev.queues.first();
         let st = DeviceState {
             dev_id: dev.dev_id,
@@ -499,7 +503,13 @@ fn print_batch_stats(s: &DeviceStats) {
     }
 }
 
-fn report_started(name: &str, describe: &serde_json::Value, info: &ubd_engine::TargetInfo, dev: &StartedDevice) {
+fn report_started(
+    name: &str,
+    describe: &serde_json::Value,
+    info: &ubd_engine::TargetInfo,
+    dev: &StartedDevice,
+    asked_read_only: bool,
+) {
     let q0 = dev.queues.first();
     let cpus: Vec<String> =
         dev.queues.iter().map(|q| q.cpus.as_deref().map_or_else(|| "any".into(), ubd_engine::format_cpulist)).collect();
@@ -528,6 +538,14 @@ fn report_started(name: &str, describe: &serde_json::Value, info: &ubd_engine::T
         tracing::info!("recovered device {}: took over from the dead daemon; in-flight IO re-issued", dev.dev_id);
     } else {
         tracing::info!("recovery on daemon death: {}", dev.recovery);
+    }
+    if dev.read_only {
+        let why = match (asked_read_only, dev.recovered) {
+            (true, _) => "--read-only",
+            (false, true) => "as the device was created",
+            (false, false) => "the target allows no writes",
+        };
+        tracing::info!("read-only device ({why}): writes fail with EROFS and never reach the target");
     }
     if let Some(direct) = describe.get("direct_io").and_then(serde_json::Value::as_bool) {
         tracing::info!("backing IO: {}", if direct { "O_DIRECT" } else { "buffered (page cache)" });
@@ -560,6 +578,9 @@ struct ListEntry {
     pid: i32,
     daemon_alive: bool,
     flags: Vec<String>,
+    /// From GET_PARAMS (None before SET_PARAMS).
+    size: Option<u64>,
+    read_only: Option<bool>,
     target: Option<String>,
     target_info: Option<serde_json::Value>,
 }
@@ -577,8 +598,11 @@ pub fn list(json: bool) -> Result<()> {
             tracing::warn!("device {id}: {e:#}");
             None
         });
+        let params = ctrl.get_params(id).ok().filter(|p| p.size_bytes() > 0);
         entries.push(ListEntry {
             dev_id: id,
+            size: params.as_ref().map(|p| p.size_bytes()),
+            read_only: params.as_ref().map(|p| p.read_only()),
             state: info.state_name(),
             queues: info.nr_hw_queues,
             depth: info.queue_depth,
@@ -598,19 +622,29 @@ pub fn list(json: bool) -> Result<()> {
         println!("no ublk devices");
         return Ok(());
     }
-    println!("{:<4} {:<8} {:>6} {:>6} {:>8} {:<6} TARGET", "ID", "STATE", "QUEUES", "DEPTH", "PID", "DAEMON");
+    println!(
+        "{:<4} {:<8} {:>6} {:>6} {:>8} {:<4} {:>8} {:<6} TARGET",
+        "ID", "STATE", "QUEUES", "DEPTH", "SIZE", "MODE", "PID", "DAEMON"
+    );
     for e in entries {
         let target = match (&e.target, &e.target_info) {
             (Some(t), Some(i)) => format!("{t} {}", i.get("path").and_then(|p| p.as_str()).unwrap_or("")),
             _ => "-".into(),
         };
         let alive = if e.daemon_alive { "alive" } else { "dead" };
+        let mode = match e.read_only {
+            Some(true) => "ro",
+            Some(false) => "rw",
+            None => "-",
+        };
         println!(
-            "{:<4} {:<8} {:>6} {:>6} {:>8} {:<6} {}",
+            "{:<4} {:<8} {:>6} {:>6} {:>8} {:<4} {:>8} {:<6} {}",
             e.dev_id,
             e.state,
             e.queues,
             e.depth,
+            e.size.map_or_else(|| "-".into(), human),
+            mode,
             e.pid,
             alive,
             target.trim()
@@ -619,11 +653,11 @@ pub fn list(json: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn del(id: Option<u32>, all: bool, force: bool) -> Result<()> {
+pub fn del(id: Option<u32>, all: bool, force: bool, yank: bool) -> Result<()> {
     let mut ctrl = Control::open()?;
     let ids = if all { Control::list_ids() } else { id.into_iter().collect() };
     for id in ids {
-        del_one(&mut ctrl, id, force)?;
+        del_one(&mut ctrl, id, force, yank)?;
         println!("deleted device {id}");
     }
     Ok(())
@@ -636,31 +670,59 @@ pub(crate) fn live_process(pid: i32) -> Option<Pid> {
     ubd_engine::pid_alive(pid).then_some(p)
 }
 
-fn del_one(ctrl: &mut Control, id: u32, force: bool) -> Result<()> {
+/// Deletes device `id`. A device that is open (mounted, held by a process or a stacked
+/// device) is left alone unless `yank`; one served by a live daemon needs `force` (or
+/// `yank`) and is stopped by that daemon (SIGTERM: it cleans up after itself; with
+/// `yank` a second signal makes it stop even if the device was opened meanwhile).
+fn del_one(ctrl: &mut Control, id: u32, force: bool, yank: bool) -> Result<()> {
     let info = ctrl.dev_info(id)?;
+    if !yank {
+        let holders = ubd_engine::device_holders(id);
+        if !holders.is_empty() {
+            bail!(
+                "device {id} is in use ({}): not deleted (close it first, or --yank to remove it anyway)",
+                holders.join(", ")
+            );
+        }
+    }
     let pid = info.ublksrv_pid;
     let me = std::process::id().cast_signed();
     let daemon = (pid != me && !info.is_dead()).then(|| live_process(pid)).flatten();
     if let Some(daemon) = daemon {
-        if !force {
+        if !force && !yank {
             bail!("device {id} is served by running process {pid}; stop that process, or use --force");
         }
         // A live daemon serves it: ask it to stop, so that it cleans up after itself.
-        rustix::process::kill_process(daemon, Signal::TERM)
-            .with_context(|| format!("signalling daemon {pid} of device {id}"))?;
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let signal = |sig| {
+            rustix::process::kill_process(daemon, sig)
+                .with_context(|| format!("signalling daemon {pid} of device {id}"))
+        };
+        signal(Signal::TERM)?;
+        let start = Instant::now();
+        let mut again = yank;
         loop {
             match ctrl.dev_info(id) {
                 Err(ubd_engine::Error::NoDevice { .. }) => return Ok(()),
                 Err(e) => return Err(e.into()),
-                Ok(_) if Instant::now() > deadline => {
-                    bail!("device {id}: daemon {pid} did not remove it within 30 s")
+                Ok(_) if start.elapsed() > Duration::from_secs(30) => {
+                    let holders = ubd_engine::device_holders(id);
+                    if holders.is_empty() {
+                        bail!("device {id}: daemon {pid} did not remove it within 30 s");
+                    }
+                    bail!("device {id}: daemon {pid} did not remove it within 30 s: in use ({})", holders.join(", "));
+                }
+                // --yank: the daemon waits for a device in use to be closed; a second
+                // stop signal stops it regardless.
+                Ok(_) if again && start.elapsed() > Duration::from_millis(500) => {
+                    signal(Signal::INT)?;
+                    again = false;
                 }
                 Ok(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         }
     }
-    if let Err(e) = ctrl.stop_dev(id)
+    let stopped = if yank { ctrl.stop_dev(id) } else { ctrl.safe_stop_dev(id) };
+    if let Err(e) = stopped
         && e.raw_os_error() != Some(libc::ENODEV)
     {
         return Err(e.into());
@@ -670,5 +732,85 @@ fn del_one(ctrl: &mut Control, id: u32, force: bool) -> Result<()> {
         _ => {}
     }
     state::remove(id);
+    Ok(())
+}
+
+/// `resize ID SIZE [--force]`: the served device's capacity becomes SIZE (UPDATE_SIZE,
+/// Linux 6.16+). Loop: a regular backing file grows first (sparse) and shrinks after the
+/// device with --force; a block device backing must hold SIZE. Null: just the size.
+/// The state file records the new size, so that `recover` re-opens the same device.
+pub fn resize(id: u32, size: &str, force: bool) -> Result<()> {
+    let new = parse_size(size).map_err(anyhow::Error::msg).context("SIZE")?;
+    let mut ctrl = Control::open()?;
+    ctrl.check_update_size(id)?;
+    let params = ctrl.get_params(id)?;
+    let (old, lbs) = (params.size_bytes(), params.logical_block_size());
+    if new == 0 || !new.is_multiple_of(u64::from(lbs)) {
+        bail!("size {new} bytes is not a positive multiple of device {id}'s {lbs}-byte block size");
+    }
+    if params.read_only() {
+        bail!("device {id} is read-only: it cannot be resized");
+    }
+    let mut st = state::read(id)?
+        .with_context(|| format!("device {id} is not served by ubd-engine (no {})", state::path(id).display()))?;
+    if live_process(st.pid).is_none() {
+        bail!("device {id}: its ubd-engine (pid {}) is not running", st.pid);
+    }
+    if new == old {
+        println!("device {id} is already {} ({new} bytes)", human(new));
+        return Ok(());
+    }
+    if new < old && !force {
+        bail!(
+            "shrinking device {id} from {} to {} cuts off the data past {new} bytes: use --force to do it",
+            human(old),
+            human(new)
+        );
+    }
+    match &mut st.target_spec {
+        TargetSpec::Loop { path, size: limit, .. } => {
+            let path = path.clone();
+            let meta = std::fs::metadata(&path).with_context(|| format!("backing {}", path.display()))?;
+            if meta.file_type().is_file() {
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .with_context(|| format!("cannot open backing {} to resize it", path.display()))?;
+                // Grow the backing before the device, shrink it after: the device never
+                // reaches past its backing's end.
+                if new > meta.len() {
+                    file.set_len(new).with_context(|| format!("growing {} to {new} bytes", path.display()))?;
+                }
+                ctrl.update_size(id, new)?;
+                if new < meta.len() {
+                    file.set_len(new).with_context(|| format!("shrinking {} to {new} bytes", path.display()))?;
+                }
+                *limit = None;
+            } else {
+                let file = std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+                let have = ubd_engine::os::blk_size_bytes(std::os::fd::AsFd::as_fd(&file))
+                    .with_context(|| format!("BLKGETSIZE64 on {}", path.display()))?;
+                if new > have {
+                    bail!(
+                        "{} holds {} ({have} bytes): it cannot back a {new}-byte device (grow it first)",
+                        path.display(),
+                        human(have)
+                    );
+                }
+                ctrl.update_size(id, new)?;
+                *limit = (new < have).then_some(new);
+            }
+        }
+        TargetSpec::Null { size, .. } => {
+            ctrl.update_size(id, new)?;
+            *size = new;
+        }
+        _ => bail!("the {} target cannot be resized (loop and null can)", st.target),
+    }
+    if let Some(s) = st.target_info.get_mut("size") {
+        *s = serde_json::json!(new);
+    }
+    state::write(&st).with_context(|| format!("device {id} is resized, but its state file was not updated"))?;
+    println!("device {id}: {} -> {} ({new} bytes)", human(old), human(new));
     Ok(())
 }

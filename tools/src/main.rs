@@ -81,6 +81,11 @@ pub struct DevArgs {
     /// ops=read|write|all, errno=NAME, stall=AFTER:DUR|inf, panic=N, seed=N.
     #[arg(long, global = true, value_name = "SPEC")]
     fault: Option<String>,
+    /// A read-only device (UBLK_ATTR_READ_ONLY): writes fail with EROFS; a loop backing
+    /// is opened read-only. A backing or export that allows no writes gives a read-only
+    /// device without it.
+    #[arg(long, global = true)]
+    read_only: bool,
     /// Serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9101).
     #[arg(long, global = true, value_name = "HOST:PORT")]
     metrics: Option<String>,
@@ -234,7 +239,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Stop and delete ublk devices (their serving process is asked to exit first).
+    /// Stop and delete ublk devices (their serving process is asked to exit first). A
+    /// device that is open (mounted, held by a process) is refused, naming its holders.
     Del {
         /// Device id.
         #[arg(required_unless_present = "all", conflicts_with = "all")]
@@ -243,6 +249,21 @@ enum Command {
         #[arg(long)]
         all: bool,
         /// Also delete devices whose serving process is alive (it is asked to stop).
+        #[arg(long)]
+        force: bool,
+        /// Remove the device even while it is open (mounted, or held by a process):
+        /// its users get EIO. Without it an open device is never deleted.
+        #[arg(long)]
+        yank: bool,
+    },
+    /// Change a served device's size at once (UPDATE_SIZE, Linux 6.16+): a loop backing
+    /// file grows with it; shrinking needs --force (it cuts off data).
+    Resize {
+        /// Device id.
+        id: u32,
+        /// The new size, e.g. 2G (K/M/G/T suffixes), a multiple of the block size.
+        size: String,
+        /// Shrink the device (and a backing file) even though data past SIZE is lost.
         #[arg(long)]
         force: bool,
     },
@@ -384,9 +405,10 @@ fn dispatch(command: Command, dev: &DevArgs) -> anyhow::Result<()> {
             cmd::serve_rbd(cli_dev, &image, o)
         }
         Command::List { json } => cmd::list(json),
-        Command::Del { id, all, force } => cmd::del(id, all, force),
+        Command::Del { id, all, force, yank } => cmd::del(id, all, force, yank),
         Command::Features { json } => cmd::features(json),
         Command::Stats { id, json } => cmd::stats(id, json),
+        Command::Resize { id, size, force } => cmd::resize(id, &size, force),
         Command::Recover { id } => cmd::recover(cli_dev, id),
         Command::Run { .. } => anyhow::bail!("run: not from a configuration"),
         Command::CheckConfig { config } => {

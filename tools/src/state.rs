@@ -93,6 +93,8 @@ mod tests {
                 path: "/tmp/disk.img".into(),
                 direct: ubd_targets::DirectIo::On,
                 logical_block_size: Some(4096),
+                read_only: false,
+                size: None,
             },
             block_path: "/dev/ublkb3".into(),
             queues: 2,

@@ -311,6 +311,71 @@ impl Control {
         }
     }
 
+    /// UPDATE_SIZE (UBLK_F_UPDATE_SIZE, 6.16+): the disk's capacity becomes `bytes` (a
+    /// multiple of 512) at once, and the kernel tells the block layer (a uevent, as
+    /// for a disk that changed size). Sent only to a LIVE device: some kernels
+    /// dereference a NULL disk when it arrives before START_DEV or after STOP_DEV. The
+    /// target must already serve the new size; the queues accept requests past the
+    /// size they started with once the kernel's capacity says so.
+    pub fn update_size(&mut self, dev_id: u32, bytes: u64) -> Result<()> {
+        self.check_update_size(dev_id)?;
+        if bytes == 0 || !bytes.is_multiple_of(512) {
+            return Err(Error::Config(format!("new size {bytes} bytes is not a positive multiple of 512")));
+        }
+        let cmd = CtrlCmd { dev_id, queue_id: u16::MAX, data: [bytes >> 9], ..Default::default() };
+        self.exec(uapi::CMD_UPDATE_SIZE, "UPDATE_SIZE", cmd, None)?;
+        Ok(())
+    }
+
+    /// TRY_STOP_DEV (UBLK_F_SAFE_STOP_DEV, 7.0+): STOP_DEV if nothing has the block device
+    /// open, else EBUSY (the kernel refuses new opens while it decides, so nothing can
+    /// slip in between the check and the stop).
+    pub fn try_stop_dev(&mut self, dev_id: u32) -> Result<()> {
+        let cmd = CtrlCmd { dev_id, queue_id: u16::MAX, ..Default::default() };
+        self.exec(uapi::CMD_TRY_STOP_DEV, "TRY_STOP_DEV", cmd, None)?;
+        Ok(())
+    }
+
+    /// Stops `dev_id` only if nothing has its block device open: TRY_STOP_DEV where the
+    /// kernel has it (7.0+); else a look at who holds it ([`device_holders`]) and then
+    /// STOP_DEV, which leaves a window in which something may open it. A device in use
+    /// is refused in one line naming its users.
+    ///
+    /// [`device_holders`]: crate::device_holders
+    pub fn safe_stop_dev(&mut self, dev_id: u32) -> Result<()> {
+        let in_use = |who: String| Error::Config(format!("device {dev_id} is in use ({who}): not stopped"));
+        let holders = crate::daemon::device_holders(dev_id);
+        if !holders.is_empty() {
+            return Err(in_use(holders.join(", ")));
+        }
+        if self.features()? & crate::sys::features::F_SAFE_STOP_DEV == 0 {
+            return self.stop_dev(dev_id);
+        }
+        match self.try_stop_dev(dev_id) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(in_use("TRY_STOP_DEV: EBUSY".into())),
+            r => r,
+        }
+    }
+
+    /// Whether [`Control::update_size`] can be sent to `dev_id` now: the kernel has
+    /// UPDATE_SIZE and the device is LIVE. The error is one line naming what is missing.
+    pub fn check_update_size(&mut self, dev_id: u32) -> Result<()> {
+        if self.features()? & crate::sys::features::F_UPDATE_SIZE == 0 {
+            return Err(Error::Config(
+                "resizing a device needs the ublk feature UPDATE_SIZE (Linux 6.16+), which this kernel does not offer"
+                    .into(),
+            ));
+        }
+        let info = self.dev_info(dev_id)?;
+        if info.state != uapi::DEV_LIVE {
+            return Err(Error::Config(format!(
+                "device {dev_id} is {}, not live: only a device being served can be resized",
+                info.state_name()
+            )));
+        }
+        Ok(())
+    }
+
     /// DEL_DEV: waits until `/dev/ublkcN` is closed by everyone.
     pub fn del_dev(&mut self, dev_id: u32) -> Result<()> {
         let cmd = CtrlCmd { dev_id, queue_id: u16::MAX, ..Default::default() };

@@ -50,6 +50,8 @@ pub(crate) struct Live {
     pub(crate) can_quiesce: bool,
     /// It was quiesced and is left for the daemon that takes it over.
     pub(crate) handed_over: bool,
+    /// The kernel has UBLK_F_SAFE_STOP_DEV: a stop signal tries TRY_STOP_DEV first.
+    pub(crate) safe_stop: bool,
     /// Counters of the queues joined so far, and the first failure joining them.
     joined: Vec<Arc<QueueStats>>,
     join_err: Option<Error>,
@@ -71,6 +73,7 @@ impl Live {
             recoverable: false,
             can_quiesce: false,
             handed_over: false,
+            safe_stop: false,
             joined: Vec::new(),
             join_err: None,
             done: false,
@@ -108,6 +111,9 @@ impl Live {
     ) -> Result<String> {
         let queue_stats: Vec<Arc<QueueStats>> = self.queues.iter().map(|q| Arc::clone(&q.stats)).collect();
         let mut last_tick = Instant::now();
+        // A stop signal that came while the device was open: it stops once closed.
+        let mut pending: Option<&'static str> = None;
+        let mut last_check = Instant::now();
         loop {
             if last_tick.elapsed() >= Duration::from_secs(1) {
                 last_tick = Instant::now();
@@ -123,7 +129,36 @@ impl Live {
             }
             if let Some(sig) = sig {
                 let name = if sig == libc::SIGINT { "SIGINT" } else { "SIGTERM" };
-                return Ok(format!("{name} received"));
+                if let Some(first) = pending {
+                    tracing::warn!(
+                        dev_id = self.dev_id,
+                        "{name} after {first}: stopping the device while it is in use"
+                    );
+                    return Ok(format!("{first}, then {name}: stopped while in use"));
+                }
+                match self.in_use() {
+                    None => return Ok(format!("{name} received")),
+                    Some(holders) => {
+                        tracing::warn!(
+                            dev_id = self.dev_id,
+                            "{name}: /dev/ublkb{} is in use ({holders}): serving on until it is closed, then stopping; \
+                             signal again to stop it now",
+                            self.dev_id
+                        );
+                        pending = Some(name);
+                        last_check = Instant::now();
+                    }
+                }
+                continue;
+            }
+            if let Some(first) = pending
+                && last_check.elapsed() >= Duration::from_millis(500)
+            {
+                last_check = Instant::now();
+                if self.in_use().is_none() {
+                    tracing::info!(dev_id = self.dev_id, "the device was closed: stopping ({first})");
+                    return Ok(format!("{first} received; stopped once the device was closed"));
+                }
             }
             let Some(events) = &self.events else { return Err(Error::Config("no queue events".into())) };
             match events.try_recv() {
@@ -145,6 +180,26 @@ impl Live {
                 Err(TryRecvError::Disconnected) => return Ok("all queue threads ended".into()),
             }
         }
+    }
+
+    /// Who has the block device open (None: nobody), as one line. With
+    /// UBLK_F_SAFE_STOP_DEV (7.0+) the kernel has the last word: TRY_STOP_DEV stops the
+    /// device only if nothing has it open, and refuses new opens while it does.
+    fn in_use(&mut self) -> Option<String> {
+        let holders = super::holders::device_holders(self.dev_id);
+        if !holders.is_empty() {
+            return Some(holders.join(", "));
+        }
+        if self.safe_stop {
+            match self.ctrl.try_stop_dev(self.dev_id) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    return Some("opened by something this process cannot see: TRY_STOP_DEV says EBUSY".into());
+                }
+                Err(e) => tracing::warn!(dev_id = self.dev_id, "TRY_STOP_DEV: {e}; stopping with STOP_DEV"),
+            }
+        }
+        None
     }
 
     /// [`HANDOFF_SIGNAL`]: quiesces the device (UBLK_F_QUIESCE) so that the queues can

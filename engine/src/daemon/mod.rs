@@ -4,6 +4,7 @@
 //! device it added: nothing is left behind.
 
 mod clock;
+mod holders;
 mod live;
 
 use std::fs::OpenOptions;
@@ -20,11 +21,13 @@ use crate::queue::{
     self,
     config::{IoProtocol, QueueConfig, QueueReport},
 };
+use crate::request::TargetInfo;
 use crate::ring::RingMode;
 use crate::sys::{self, features, uapi};
 use crate::target::Target;
 pub use clock::DeviceStats;
 use clock::StatsClock;
+pub use holders::{Holder, device_holders};
 pub use live::HANDOFF_SIGNAL;
 use live::{Live, OnExit, STOP_SIGNALS};
 
@@ -67,6 +70,12 @@ pub struct DeviceOptions {
     /// hangs the start (or a recovery). Off needs UBLK_F_NO_AUTO_PART_SCAN (Linux 7.0+);
     /// older kernels scan anyway (logged).
     pub partition_scan: bool,
+    /// A read-only device (UBLK_ATTR_READ_ONLY), whatever the target allows: the kernel
+    /// refuses writes, and the queues fail any write, discard or write-zeroes that still
+    /// arrives (a bio submitted past the block layer's check) with EROFS, so none
+    /// reaches the target. A target that is read-only itself makes the device read-only
+    /// without it.
+    pub read_only: bool,
 }
 
 /// What the kernel does with a device whose daemon dies.
@@ -145,6 +154,7 @@ impl Default for DeviceOptions {
             offload_min: None,
             stop_grace: Duration::from_secs(30),
             partition_scan: true,
+            read_only: false,
         }
     }
 }
@@ -208,6 +218,8 @@ pub struct StartedDevice {
     pub recovery: Recovery,
     /// The device existed and this process took it over (`recover`).
     pub recovered: bool,
+    /// Writes are refused ([`DeviceOptions::read_only`], or a read-only target).
+    pub read_only: bool,
 }
 
 /// Why serving ended, and the final counters.
@@ -242,7 +254,8 @@ pub fn serve(
     on_tick: impl FnMut(&DeviceStats),
 ) -> Result<ServeSummary> {
     opts.validate()?;
-    let params = build_params(target.info(), opts.max_io_buf_bytes)?;
+    let read_only = opts.read_only || target.info().read_only;
+    let params = build_params(&TargetInfo { read_only, ..target.info().clone() }, opts.max_io_buf_bytes)?;
     block_stop_signals()?;
     let mut ctrl = Control::open()?;
     let kernel_features = ctrl.features()?;
@@ -298,7 +311,7 @@ pub fn serve(
         )));
     }
     live.ctrl.set_params(info.dev_id, &params)?;
-    let setup = Setup { info, kernel_features, buffer_mode, buffer_reason, recovered: false };
+    let setup = Setup { info, kernel_features, buffer_mode, buffer_reason, recovered: false, read_only };
     run(live, setup, target, opts, on_started, on_tick)
 }
 
@@ -326,6 +339,15 @@ pub fn recover(
             params.basic.dev_sectors,
             size >> 9,
             size
+        )));
+    }
+    // Read-only comes from the device too; a target that can no longer write cannot
+    // take over a writable device.
+    let read_only = params.read_only();
+    if target.info().read_only && !read_only {
+        return Err(Error::Config(format!(
+            "device {dev_id} is writable but the {} target is read-only now: it cannot serve it",
+            target.name()
         )));
     }
     // The mode comes from the device (USER_COPY: `none`), whatever --buffer-mode says.
@@ -368,6 +390,7 @@ pub fn recover(
         buffer_mode,
         buffer_reason: "as the device was created".into(),
         recovered: true,
+        read_only,
     };
     run(live, setup, target, &opts, on_started, on_tick)
 }
@@ -409,6 +432,7 @@ struct Setup {
     buffer_mode: BufferMode,
     buffer_reason: String,
     recovered: bool,
+    read_only: bool,
 }
 
 /// The common path: open the char device, start the queues, START_DEV (or
@@ -421,7 +445,7 @@ fn run(
     on_started: impl FnOnce(&StartedDevice),
     mut on_tick: impl FnMut(&DeviceStats),
 ) -> Result<ServeSummary> {
-    let Setup { info, kernel_features, buffer_mode, buffer_reason, recovered } = setup;
+    let Setup { info, kernel_features, buffer_mode, buffer_reason, recovered, read_only } = setup;
     let io_protocol = if info.flags & features::F_BATCH_IO != 0 { IoProtocol::Batch } else { IoProtocol::PerTag };
     let dev_id = info.dev_id;
     let char_path = PathBuf::from(format!("/dev/ublkc{dev_id}"));
@@ -431,6 +455,7 @@ fn run(
     live.stop_grace = opts.stop_grace;
     live.recoverable = info.flags & features::F_USER_RECOVERY != 0;
     live.can_quiesce = live.recoverable && info.can_quiesce();
+    live.safe_stop = kernel_features & features::F_SAFE_STOP_DEV != 0;
     if live.recoverable {
         queue::crash_on_queue_panic(dev_id);
     }
@@ -450,12 +475,14 @@ fn run(
             },
         };
         let cfg = QueueConfig {
+            dev_id,
             q_id,
             depth: info.queue_depth,
             buf_size: info.max_io_buf_bytes,
             cpus,
             huge_pages: opts.huge_pages,
             dev_size: target.info().dev_size,
+            read_only,
             buffer_mode,
             ring: opts.ring,
             protocol: io_protocol,
@@ -494,6 +521,7 @@ fn run(
         io_protocol,
         recovery: Recovery::from_dev_flags(info.flags),
         recovered,
+        read_only,
     };
     on_started(&started);
     let mut clock = StatsClock::new(dev_id);

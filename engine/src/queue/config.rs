@@ -8,6 +8,7 @@ use crate::sys::mmap::PageKind;
 /// What one queue thread needs to know.
 #[derive(Debug, Clone)]
 pub(crate) struct QueueConfig {
+    pub(crate) dev_id: u32,
     pub(crate) q_id: u16,
     pub(crate) depth: u16,
     /// Bytes per tag buffer (`max_io_buf_bytes`).
@@ -17,6 +18,8 @@ pub(crate) struct QueueConfig {
     /// Try hugepage-backed buffers.
     pub(crate) huge_pages: bool,
     pub(crate) dev_size: u64,
+    /// Fail writes, discards and write-zeroes with EROFS (a read-only device).
+    pub(crate) read_only: bool,
     pub(crate) buffer_mode: BufferMode,
     /// Ring flags (None: the default, COOP_TASKRUN).
     pub(crate) ring: Option<RingMode>,

@@ -169,7 +169,16 @@ fn run(
         fixed_buffers: ring.fixed_buffers(),
         io_flusher,
     };
-    let g = Geometry { q_id, depth: cfg.depth, buf_size: cfg.buf_size, dev_size: cfg.dev_size, protocol: cfg.protocol };
+    let g = Geometry {
+        q_id,
+        depth: cfg.depth,
+        buf_size: cfg.buf_size,
+        dev_size: cfg.dev_size,
+        read_only: cfg.read_only,
+        protocol: cfg.protocol,
+        size_now: crate::sys::disk_bytes,
+        dev_id: cfg.dev_id,
+    };
     let mut reactor = Reactor::new(ring, qt, descs, g, events.clone(), stats);
     let what = if batch { "PREP_IO_CMDS / FETCH_IO_CMDS" } else { "FETCH_REQ" };
     reactor.arm().map_err(|errno| qerr(format!("submitting {what}: {}", std::io::Error::from_raw_os_error(-errno))))?;

@@ -12,7 +12,7 @@ use std::sync::mpsc::Sender;
 use super::config::{IoProtocol, QueueEvent};
 use super::stats::{self, QueueStats, Recorder};
 use crate::hooks::QueuePanic;
-use crate::request::{IoRequest, decode_request};
+use crate::request::{IoRequest, Op, decode_request};
 use crate::ring::io::Owner;
 use crate::ring::{BatchRing, CommitOutcome, Cqe, Kind, Ring, errno_of};
 use crate::sys::uapi::{self, IoDesc};
@@ -71,7 +71,13 @@ pub(crate) struct Geometry {
     pub(crate) depth: u16,
     pub(crate) buf_size: u32,
     pub(crate) dev_size: u64,
+    /// Writes, discards and write-zeroes fail with EROFS, unseen by the target.
+    pub(crate) read_only: bool,
     pub(crate) protocol: IoProtocol,
+    /// The device's size now, as the kernel has it (bytes), read when a request ends
+    /// past `dev_size`: the device may have grown (UPDATE_SIZE). None: unknown.
+    pub(crate) size_now: fn(dev_id: u32) -> Option<u64>,
+    pub(crate) dev_id: u32,
 }
 
 /// One queue's state machine over ring `R` and descriptors `D`.
@@ -359,7 +365,25 @@ impl<'a, R: Ring + BatchRing, D: Descs> Reactor<'a, R, D> {
         self.panic_hook.tick(self.g.q_id);
         self.started[idx] = self.recorder.now();
         let desc = self.descs.get(tag);
-        match decode_request(tag, &desc, self.g.buf_size, self.g.dev_size) {
+        let mut decoded = decode_request(tag, &desc, self.g.buf_size, self.g.dev_size);
+        if decoded.is_err() && desc.end_byte().is_some_and(|end| end > self.g.dev_size) {
+            // Past the size the queue knows: the device may have grown since. The
+            // kernel's capacity is the word (it never sends past it).
+            if let Some(now) = (self.g.size_now)(self.g.dev_id).filter(|&n| n > self.g.dev_size) {
+                tracing::info!(q_id = self.g.q_id, "the device grew from {} to {now} bytes", self.g.dev_size);
+                self.g.dev_size = now;
+                decoded = decode_request(tag, &desc, self.g.buf_size, self.g.dev_size);
+            }
+        }
+        match decoded {
+            Ok(req) if self.g.read_only && req.op != Op::Read && req.op != Op::Flush => {
+                // The kernel refuses writes to a read-only disk at open and in the write
+                // path, but a bio submitted directly only gets a warning: it stops here.
+                // Counted and logged as a failed request, as if the target had failed it.
+                self.slots[idx] = Slot::InTarget(req);
+                self.in_target += 1;
+                self.commit(tag, -libc::EROFS);
+            }
             Ok(req) => {
                 self.slots[idx] = Slot::InTarget(req);
                 self.in_target += 1;

@@ -120,6 +120,13 @@ pub fn default_sigpipe() {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
 }
 
+/// The capacity of `/dev/ublkbN` as the kernel has it, in bytes (sysfs counts 512-byte
+/// sectors). None when it cannot be read.
+pub(crate) fn disk_bytes(dev_id: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/sys/block/ublkb{dev_id}/size")).ok()?;
+    s.trim().parse::<u64>().ok()?.checked_mul(512)
+}
+
 /// Does a process with this pid exist and run? A zombie does not count: it has exited
 /// (its files, `/dev/ublkcN` among them, are closed) and only waits for its parent to
 /// reap it, which under systemd or another supervisor may take a moment.

@@ -37,8 +37,12 @@ pub const CMD_GET_PARAMS: u32 = ctrl_ior(0x09);
 pub const CMD_START_USER_RECOVERY: u32 = ctrl_iowr(0x10);
 pub const CMD_END_USER_RECOVERY: u32 = ctrl_iowr(0x11);
 pub const CMD_GET_FEATURES: u32 = ctrl_ior(0x13);
+/// UBLK_U_CMD_UPDATE_SIZE (6.16+, UBLK_F_UPDATE_SIZE): `data[0]` is the new size in sectors.
+pub const CMD_UPDATE_SIZE: u32 = ctrl_iowr(0x15);
 /// UBLK_U_CMD_QUIESCE_DEV (6.16+, UBLK_F_QUIESCE): `data[0]` is a timeout in ms.
 pub const CMD_QUIESCE_DEV: u32 = ctrl_iowr(0x16);
+/// UBLK_U_CMD_TRY_STOP_DEV (7.0+, UBLK_F_SAFE_STOP_DEV): STOP_DEV unless the disk is open.
+pub const CMD_TRY_STOP_DEV: u32 = ctrl_iowr(0x17);
 
 // Per-IO commands on /dev/ublkcN.
 pub const IO_FETCH_REQ: u32 = io_iowr(0x20);
@@ -177,6 +181,10 @@ impl IoDesc {
     }
     pub fn flags(&self) -> u32 {
         self.op_flags & !0xff
+    }
+    /// The byte just past the request's range (None if it overflows).
+    pub fn end_byte(&self) -> Option<u64> {
+        self.start_sector.checked_add(u64::from(self.nr_sectors))?.checked_mul(512)
     }
 }
 
@@ -355,6 +363,21 @@ pub struct Params {
 impl Params {
     /// Bytes every kernel since 6.6 knows, and all that is sent: up to the end of `zoned`.
     pub const WIRE_LEN: u32 = (offset_of!(Params, zoned) + size_of::<ParamZoned>()) as u32;
+
+    /// The device's size in bytes (0 before SET_PARAMS).
+    pub fn size_bytes(&self) -> u64 {
+        self.basic.dev_sectors << 9
+    }
+
+    /// The logical block size in bytes.
+    pub fn logical_block_size(&self) -> u32 {
+        1u32.checked_shl(u32::from(self.basic.logical_bs_shift)).unwrap_or(512)
+    }
+
+    /// UBLK_ATTR_READ_ONLY: the kernel refuses writes.
+    pub fn read_only(&self) -> bool {
+        self.basic.attrs & ATTR_READ_ONLY != 0
+    }
 }
 
 // Layout pins: these mirror the C header exactly.
@@ -450,7 +473,9 @@ mod tests {
         assert_eq!(CMD_SET_PARAMS, 0xc020_7508);
         assert_eq!(CMD_GET_PARAMS, 0x8020_7509);
         assert_eq!(CMD_GET_FEATURES, 0x8020_7513);
+        assert_eq!(CMD_UPDATE_SIZE, 0xc020_7515);
         assert_eq!(CMD_QUIESCE_DEV, 0xc020_7516);
+        assert_eq!(CMD_TRY_STOP_DEV, 0xc020_7517);
     }
 
     #[test]

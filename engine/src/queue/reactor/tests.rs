@@ -286,12 +286,37 @@ impl Sim {
     }
 
     fn with_target(protocol: IoProtocol, target: Box<dyn QueueTarget>, seen: Rc<RefCell<Seen>>) -> Self {
+        Self::build(protocol, target, seen, false, |_| Some(DEV))
+    }
+
+    /// A queue whose device the kernel has grown to twice the size it started with.
+    fn grown(protocol: IoProtocol) -> Self {
+        let seen = Rc::new(RefCell::new(Seen::default()));
+        let target = TestTarget { seen: Rc::clone(&seen), done: vec![0; usize::from(DEPTH)], panic_at: None };
+        Self::build(protocol, Box::new(target), seen, false, |_| Some(2 * DEV))
+    }
+
+    /// A read-only device's queue.
+    fn read_only(protocol: IoProtocol) -> Self {
+        let seen = Rc::new(RefCell::new(Seen::default()));
+        let target = TestTarget { seen: Rc::clone(&seen), done: vec![0; usize::from(DEPTH)], panic_at: None };
+        Self::build(protocol, Box::new(target), seen, true, |_| Some(DEV))
+    }
+
+    fn build(
+        protocol: IoProtocol,
+        target: Box<dyn QueueTarget>,
+        seen: Rc<RefCell<Seen>>,
+        read_only: bool,
+        size_now: fn(u32) -> Option<u64>,
+    ) -> Self {
         let ring = FakeRing::default();
         let kernel = Rc::clone(&ring.0);
         let descs = FakeDescs(Rc::new(RefCell::new(vec![IoDesc::default(); usize::from(DEPTH)])));
         let (tx, events) = mpsc::channel();
         let stats: &'static QueueStats = Box::leak(Box::new(QueueStats::new(protocol == IoProtocol::Batch)));
-        let g = Geometry { q_id: 0, depth: DEPTH, buf_size: BUF, dev_size: DEV, protocol };
+        let g =
+            Geometry { q_id: 0, depth: DEPTH, buf_size: BUF, dev_size: DEV, read_only, protocol, size_now, dev_id: 0 };
         let descs_handle = Rc::clone(&descs.0);
         let mut reactor = Reactor::new(ring, target, descs, g, tx, stats);
         reactor.arm().unwrap();
@@ -439,6 +464,43 @@ fn a_malformed_descriptor_fails_without_reaching_the_target() {
         s.pass();
         s.settle();
         assert_eq!(s.commits().last(), Some(&(0, 0)), "{p}");
+    }
+}
+
+#[test]
+fn a_read_only_device_fails_writes_without_reaching_the_target() {
+    for p in both() {
+        let mut s = Sim::read_only(p);
+        s.deliver(0, desc(uapi::IO_OP_WRITE, 0, 4096));
+        s.deliver(1, desc(uapi::IO_OP_DISCARD, 4096, 4096));
+        s.deliver(2, desc(uapi::IO_OP_WRITE_ZEROES, 8192, 4096));
+        s.pass();
+        s.settle();
+        assert_eq!(s.commits(), [(0, -libc::EROFS), (1, -libc::EROFS), (2, -libc::EROFS)], "{p}");
+        assert_eq!(s.seen.borrow().submits, 0, "{p}");
+        // Reads and flushes are served.
+        s.deliver(3, desc(uapi::IO_OP_READ, 0, 4096));
+        s.pass();
+        s.complete(3, 4096);
+        s.pass();
+        s.settle();
+        assert_eq!(s.commits().last(), Some(&(3, 4096)), "{p}");
+    }
+}
+
+#[test]
+fn a_device_grown_by_the_kernel_serves_its_new_end() {
+    for p in both() {
+        let mut s = Sim::grown(p);
+        s.deliver(0, desc(uapi::IO_OP_READ, DEV, 4096));
+        s.deliver(1, desc(uapi::IO_OP_READ, 2 * DEV, 4096));
+        s.pass();
+        s.complete(0, 4096);
+        s.pass();
+        s.settle();
+        // Past the old end: served; past the new one: still malformed.
+        assert_eq!(s.commits(), [(1, -libc::EIO), (0, 4096)], "{p}");
+        assert_eq!(s.seen.borrow().submits, 1, "{p}");
     }
 }
 

@@ -1,0 +1,206 @@
+# Device features (issue 16): read-only devices, live resize. Sourced by suite.sh.
+
+# sha of the first MiB of a backing (what must not change under a read-only device).
+head_sum() { dd if="$1" bs=1M count=1 status=none | sha256sum | cut -d' ' -f1; }
+
+# --read-only, and a backing that can only be opened read-only: the kernel marks the disk
+# read-only, writes fail, the backing's bytes do not change, reads give them; a kill -9
+# and recover keep the device read-only.
+case_read_only() {
+    local img=$FS/ro.img sum rc id
+    dd if=/dev/urandom of="$img" bs=1M count=16 status=none
+    sum=$(head_sum "$img")
+    start_dev --queues 2 --depth 16 --read-only loop "$img"
+    id=${DEV#/dev/ublkb}
+    grep -q "read-only device (--read-only): writes fail with EROFS" "$LOG" || { cat "$LOG" >&2; fail "no read-only line"; }
+    [[ $(blockdev --getro "$DEV") == 1 ]] || fail "$DEV is not read-only (blockdev --getro)"
+    "$UBD" list | grep -qE "^$id +live .* ro +[0-9]+ alive" || fail "list does not say ro: $("$UBD" list)"
+    grep -q '"read_only": true' <("$UBD" list --json) || fail "list --json does not say read_only"
+    rc=0
+    dd if=/dev/zero of="$DEV" bs=4k count=1 oflag=direct status=none 2>"$WORK/dd.err" || rc=$?
+    ((rc != 0)) || fail "a write to the read-only device succeeded"
+    log "write refused: $(head -n1 "$WORK/dd.err")"
+    rc=0
+    blkdiscard -o 0 -l 1M "$DEV" 2>"$WORK/dd.err" || rc=$?
+    ((rc != 0)) || fail "a discard on the read-only device succeeded"
+    cmp <(dd if="$DEV" bs=1M count=16 iflag=direct status=none) "$img" || fail "reads differ from the backing"
+    fio --name=ro --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randread --bs=4k --iodepth=16 --numjobs=2 \
+        --size=16M --io_size=8M --group_reporting >"$WORK/fio.out" || { cat "$WORK/fio.out" >&2; fail "fio randread"; }
+    # kill -9 and recover: still read-only (the device's attribute), backing opened read-only.
+    kill -9 "$PID"
+    wait "$PID" 2>/dev/null || true
+    start_recover "$id"
+    grep -q "read-only device (as the device was created)" "$LOG" ||
+        grep -q "read-only device (--read-only)" "$LOG" || { cat "$LOG" >&2; fail "recovered device not read-only"; }
+    [[ $(blockdev --getro "$DEV") == 1 ]] || fail "recovered $DEV is not read-only"
+    rc=0
+    dd if=/dev/zero of="$DEV" bs=4k count=1 oflag=direct status=none 2>/dev/null || rc=$?
+    ((rc != 0)) || fail "a write to the recovered read-only device succeeded"
+    stop_dev
+    [[ $(head_sum "$img") == "$sum" ]] || fail "the backing changed under a read-only device"
+    log "--read-only: blockdev --getro 1, list ro, write and discard refused, reads and fio randread match, kept across kill -9 + recover; backing unchanged"
+
+    # A backing on a read-only bind mount: opened read-only, served read-only, said so.
+    mkdir -p "$WORK/ro-src" "$WORK/ro-mnt"
+    cp "$img" "$WORK/ro-src/ro.img"
+    mount --bind "$WORK/ro-src" "$WORK/ro-mnt"
+    mount -o remount,bind,ro "$WORK/ro-mnt"
+    start_dev --queues 1 loop "$WORK/ro-mnt/ro.img"
+    grep -q "can only be opened read-only" "$LOG" || { cat "$LOG" >&2; umount "$WORK/ro-mnt"; fail "no log line for the read-only backing"; }
+    grep -q "read-only device (the target allows no writes)" "$LOG" || { cat "$LOG" >&2; umount "$WORK/ro-mnt"; fail "not served read-only"; }
+    [[ $(blockdev --getro "$DEV") == 1 ]] || { umount "$WORK/ro-mnt"; fail "$DEV is not read-only"; }
+    cmp <(dd if="$DEV" bs=1M count=16 iflag=direct status=none) "$img" || { umount "$WORK/ro-mnt"; fail "reads differ"; }
+    stop_dev
+    umount "$WORK/ro-mnt"
+    log "a backing on a read-only mount: $(grep -o '[^ ]* can only be opened read-only.*' "$LOG" | head -n1)"
+}
+
+# `resize` (UBLK_F_UPDATE_SIZE, 6.16+). Without the feature: refused in one line, the
+# device untouched. With it: ext4 on a loop file grows online (resize2fs) with its data
+# intact; shrinking needs --force; null resizes; a block device backing bounds the size
+# and a device shrunk below it recovers at its size after kill -9.
+case_resize() {
+    local img=$FS/rs.img id
+    truncate -s 64M "$img"
+    if [[ $("$UBD" features --json) != *'"UPDATE_SIZE"'* ]]; then
+        start_dev --queues 1 loop "$img"
+        id=${DEV#/dev/ublkb}
+        expect_error "resizing a device needs the ublk feature UPDATE_SIZE \(Linux 6.16\+\), which this kernel does not offer" resize "$id" 128M
+        [[ $(blockdev --getsize64 "$DEV") == $((64 << 20)) && $(stat -c %s "$img") == $((64 << 20)) ]] ||
+            fail "a refused resize changed the device or its backing"
+        stop_dev
+        exit 77
+    fi
+    start_dev --queues 2 --depth 32 loop "$img"
+    id=${DEV#/dev/ublkb}
+    mkfs.ext4 -q -F "$DEV"
+    mkdir -p "$WORK/mnt"
+    mount "$DEV" "$WORK/mnt"
+    make_tree
+    cp -a "$WORK/tree" "$WORK/mnt/tree"
+    (cd "$WORK/mnt/tree" && find . -type f -print0 | sort -z | xargs -0 sha256sum) >"$WORK/sums"
+    local before after
+    before=$(df -k --output=size "$WORK/mnt" | tail -n1)
+    "$UBD" resize "$id" 160M >"$WORK/rs.out" || { umount "$WORK/mnt"; fail "resize to 160M failed"; }
+    [[ $(blockdev --getsize64 "$DEV") == $((160 << 20)) ]] || { umount "$WORK/mnt"; fail "device size $(blockdev --getsize64 "$DEV") after resize"; }
+    [[ $(stat -c %s "$img") == $((160 << 20)) ]] || { umount "$WORK/mnt"; fail "the backing file did not grow"; }
+    resize2fs "$DEV" >"$WORK/resize2fs.out" 2>&1 || { cat "$WORK/resize2fs.out" >&2; umount "$WORK/mnt"; fail "online resize2fs"; }
+    after=$(df -k --output=size "$WORK/mnt" | tail -n1)
+    ((after > before + 80000)) || { umount "$WORK/mnt"; fail "ext4 did not grow: $before -> $after KiB"; }
+    # Fill the new space and check everything.
+    dd if=/dev/urandom of="$WORK/mnt/big" bs=1M count=100 conv=fsync status=none || { umount "$WORK/mnt"; fail "writing into the grown filesystem"; }
+    sha256sum "$WORK/mnt/big" >"$WORK/big.sum"
+    umount "$WORK/mnt"
+    fsck.ext4 -fn "$DEV" >"$WORK/fsck.out" 2>&1 || { cat "$WORK/fsck.out" >&2; fail "fsck after the online grow"; }
+    mount "$DEV" "$WORK/mnt"
+    (cd "$WORK/mnt/tree" && sha256sum -c --quiet "$WORK/sums") && (cd / && sha256sum -c --quiet "$WORK/big.sum") ||
+        { umount "$WORK/mnt"; fail "checksums after the grow"; }
+    umount "$WORK/mnt"
+    "$UBD" list | grep -qE "^$id +live .* 160\.0 MiB rw " || fail "list does not show 160 MiB: $("$UBD" list)"
+    log "ext4 on loop 64M -> $(cat "$WORK/rs.out"); resize2fs online ${before} -> ${after} KiB, 100 MiB written into it, fsck clean, checksums intact"
+    # Shrinking: refused without --force (nothing changes), done with it (backing too).
+    expect_error "shrinking device $id from 160.0 MiB to 96.0 MiB cuts off the data past 100663296 bytes: use --force" resize "$id" 96M
+    [[ $(blockdev --getsize64 "$DEV") == $((160 << 20)) ]] || fail "a refused shrink changed the size"
+    expect_error "size 1000 bytes is not a positive multiple of device $id's 512-byte block size" resize "$id" 1000
+    expect_error "device 9999 does not exist|no such device" resize 9999 1G
+    "$UBD" resize "$id" 96M --force >/dev/null
+    [[ $(blockdev --getsize64 "$DEV") == $((96 << 20)) && $(stat -c %s "$img") == $((96 << 20)) ]] ||
+        fail "after --force: device $(blockdev --getsize64 "$DEV"), backing $(stat -c %s "$img")"
+    # kill -9 after the resizes: recover takes the device at its new size.
+    kill -9 "$PID"
+    wait "$PID" 2>/dev/null || true
+    start_recover "$id"
+    [[ $(blockdev --getsize64 "$DEV") == $((96 << 20)) ]] || fail "recovered at $(blockdev --getsize64 "$DEV") bytes"
+    fio_verify --rw=randwrite --bs=4k --iodepth=16 --size=8M --offset=80M
+    stop_dev
+    log "shrink refused without --force, done with it (device and file 96 MiB); kill -9 + recover at 96 MiB, fio verify at its end"
+    # null: the size only; a block device backing: bounded by the block device, and a
+    # device below it recovers at its own size.
+    start_dev --queues 1 null --size 64M
+    "$UBD" resize "${DEV#/dev/ublkb}" 1G >/dev/null
+    [[ $(blockdev --getsize64 "$DEV") == $((1 << 30)) ]] || fail "null did not grow to 1G"
+    dd if="$DEV" of=/dev/null bs=1M skip=1000 count=8 iflag=direct status=none || fail "read past the old end of null"
+    stop_dev
+    start_dev --queues 1 loop /dev/ram0
+    id=${DEV#/dev/ublkb}
+    expect_error "/dev/ram0 holds 256.0 MiB \(268435456 bytes\): it cannot back a 536870912-byte device \(grow it first\)" resize "$id" 512M
+    "$UBD" resize "$id" 128M --force >/dev/null
+    dd if=/dev/urandom of="$WORK/pat" bs=1M count=4 status=none
+    dd if="$WORK/pat" of="$DEV" bs=1M seek=124 oflag=direct status=none
+    kill -9 "$PID"
+    wait "$PID" 2>/dev/null || true
+    start_recover "$id"
+    [[ $(blockdev --getsize64 "$DEV") == $((128 << 20)) ]] || fail "brd-backed device recovered at $(blockdev --getsize64 "$DEV") bytes"
+    cmp <(dd if="$DEV" bs=1M skip=124 count=4 iflag=direct status=none) "$WORK/pat" || fail "data at the end of the shrunk device"
+    stop_dev
+    log "null 64M -> 1G, read past the old end; loop /dev/ram0: 512M refused (256 MiB), 128M --force, kill -9 + recover at 128 MiB with its last 4 MiB intact"
+}
+
+# Safe stop: a device that is open is not removed by `del` (even --force) nor by its
+# daemon's SIGTERM: the refusal names the holder (mount point, pid); the daemon serves
+# on and stops once the device is closed; a second signal or `del --yank` removes it
+# anyway. On 7.0+ the daemon's stop goes through TRY_STOP_DEV.
+case_safe_stop() {
+    local img=$FS/ss.img id holder rc=0 deadline
+    truncate -s 64M "$img"
+    start_dev --queues 1 loop "$img"
+    id=${DEV#/dev/ublkb}
+    mkfs.ext4 -q -F "$DEV"
+    mkdir -p "$WORK/mnt"
+    mount "$DEV" "$WORK/mnt"
+    echo before >"$WORK/mnt/f" && sync
+    expect_error "device $id is in use \(mounted on $WORK/mnt \(ublkb$id\)\): not deleted \(close it first, or --yank to remove it anyway\)" del "$id" --force
+    expect_error "device $id is in use \(mounted on $WORK/mnt" del --all --force
+    kill -TERM "$PID"
+    deadline=$((SECONDS + 30))
+    until grep -q "is in use (mounted on $WORK/mnt" "$LOG"; do
+        ((SECONDS < deadline)) || { umount "$WORK/mnt"; cat "$LOG" >&2; fail "SIGTERM: the daemon did not say the device is in use"; }
+        sleep 0.1
+    done
+    sleep 1
+    kill -0 "$PID" 2>/dev/null || { cat "$LOG" >&2; fail "the daemon stopped a mounted device on SIGTERM"; }
+    echo after >>"$WORK/mnt/f" && sync || fail "the mounted filesystem stopped working after SIGTERM"
+    umount "$WORK/mnt"
+    timeout 30 tail --pid="$PID" -f /dev/null || fail "the daemon did not stop within 30 s of the umount"
+    wait "$PID" || rc=$?
+    ((rc == 0)) || { cat "$LOG" >&2; fail "daemon exited $rc"; }
+    grep -q "stopped once the device was closed" "$LOG" || { cat "$LOG" >&2; fail "no 'stopped once closed' line"; }
+    [[ ! -e $DEV ]] || fail "$DEV left after the daemon stopped"
+    fsck.ext4 -fn "$img" >"$WORK/fsck.out" 2>&1 || { cat "$WORK/fsck.out" >&2; fail "fsck of the backing"; }
+    log "mounted: del --force refused naming the mount point; SIGTERM served on ($(grep -o 'is in use ([^)]*)' "$LOG" | head -n1)), stopped after umount; fsck clean"
+    # A process holding it open: refused naming the pid; --yank removes it anyway.
+    start_dev --queues 1 loop "$img"
+    id=${DEV#/dev/ublkb}
+    sleep 300 <"$DEV" &
+    holder=$!
+    deadline=$((SECONDS + 10))
+    until [[ $(readlink "/proc/$holder/fd/0" 2>/dev/null) == "$DEV" ]]; do
+        ((SECONDS < deadline)) || fail "the holder never opened $DEV"
+        sleep 0.1
+    done
+    expect_error "device $id is in use \(open in process $holder \(sleep\) as $DEV\)" del "$id" --force
+    timeout 60 "$UBD" del "$id" --yank >"$WORK/del.out" || { kill "$holder"; fail "del --yank failed"; }
+    rc=0
+    timeout 30 tail --pid="$PID" -f /dev/null || fail "the daemon did not stop after del --yank"
+    wait "$PID" || rc=$?
+    ((rc == 0)) || { cat "$LOG" >&2; fail "daemon exited $rc after del --yank"; }
+    grep -q "stopping the device while it is in use" "$LOG" || { cat "$LOG" >&2; fail "no yank line in the daemon's log"; }
+    kill "$holder" 2>/dev/null
+    wait "$holder" 2>/dev/null || true
+    [[ ! -e $DEV ]] || fail "$DEV left after del --yank"
+    # A dead daemon's device, held open: `del` refuses, and works once it is closed.
+    start_dev --queues 1 loop "$img"
+    id=${DEV#/dev/ublkb}
+    sleep 300 <"$DEV" &
+    holder=$!
+    sleep 0.5
+    kill -9 "$PID"
+    wait "$PID" 2>/dev/null || true
+    expect_error "device $id is in use \(open in process $holder" del "$id"
+    kill "$holder"
+    wait "$holder" 2>/dev/null || true
+    timeout 60 "$UBD" del "$id" >/dev/null || fail "del of the closed device failed"
+    local how="holders from /proc and sysfs"
+    [[ $("$UBD" features --json) == *'"SAFE_STOP_DEV"'* ]] && how="TRY_STOP_DEV (SAFE_STOP_DEV) after the holder check"
+    log "held by a process: del --force refused naming pid $holder, del --yank removed it; a dead daemon's held device: del refused, then done once closed ($how)"
+}
