@@ -136,7 +136,7 @@ impl Live {
                     );
                     return Ok(format!("{first}, then {name}: stopped while in use"));
                 }
-                match self.in_use() {
+                match self.stop_unless_in_use() {
                     None => return Ok(format!("{name} received")),
                     Some(holders) => {
                         tracing::warn!(
@@ -155,7 +155,7 @@ impl Live {
                 && last_check.elapsed() >= Duration::from_millis(500)
             {
                 last_check = Instant::now();
-                if self.in_use().is_none() {
+                if self.stop_unless_in_use().is_none() {
                     tracing::info!(dev_id = self.dev_id, "the device was closed: stopping ({first})");
                     return Ok(format!("{first} received; stopped once the device was closed"));
                 }
@@ -182,10 +182,11 @@ impl Live {
         }
     }
 
-    /// Who has the block device open (None: nobody), as one line. With
-    /// UBLK_F_SAFE_STOP_DEV (7.0+) the kernel has the last word: TRY_STOP_DEV stops the
-    /// device only if nothing has it open, and refuses new opens while it does.
-    fn in_use(&mut self) -> Option<String> {
+    /// Who has the block device open, as one line; None when nobody does. With
+    /// UBLK_F_SAFE_STOP_DEV (7.0+) the kernel has the last word, and None then means
+    /// the device is already stopped: TRY_STOP_DEV stops it only if nothing has it
+    /// open, refusing new opens while it decides. (Teardown's STOP_DEV is then a no-op.)
+    fn stop_unless_in_use(&mut self) -> Option<String> {
         let holders = super::holders::device_holders(self.dev_id);
         if !holders.is_empty() {
             return Some(holders.join(", "));
