@@ -179,7 +179,7 @@ case_safe_stop() {
         sleep 0.1
     done
     expect_error "device $id is in use \(open in process $holder \(sleep\) as $DEV\)" del "$id" --force
-    timeout 60 "$UBD" del "$id" --yank >"$WORK/del.out" || { kill "$holder"; fail "del --yank failed"; }
+    timeout 60 "$UBD" del "$id" --yank >"$WORK/del.out" || { kill "$holder"; cat "$LOG" >&2; fail "del --yank failed"; }
     rc=0
     timeout 30 tail --pid="$PID" -f /dev/null || fail "the daemon did not stop after del --yank"
     wait "$PID" || rc=$?

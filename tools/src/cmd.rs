@@ -676,14 +676,12 @@ pub(crate) fn live_process(pid: i32) -> Option<Pid> {
 /// `yank` a second signal makes it stop even if the device was opened meanwhile).
 fn del_one(ctrl: &mut Control, id: u32, force: bool, yank: bool) -> Result<()> {
     let info = ctrl.dev_info(id)?;
-    if !yank {
-        let holders = ubd_engine::device_holders(id);
-        if !holders.is_empty() {
-            bail!(
-                "device {id} is in use ({}): not deleted (close it first, or --yank to remove it anyway)",
-                holders.join(", ")
-            );
-        }
+    let holders = ubd_engine::device_holders(id);
+    if !yank && !holders.is_empty() {
+        bail!(
+            "device {id} is in use ({}): not deleted (close it first, or --yank to remove it anyway)",
+            holders.join(", ")
+        );
     }
     let pid = info.ublksrv_pid;
     let me = std::process::id().cast_signed();
@@ -700,9 +698,13 @@ fn del_one(ctrl: &mut Control, id: u32, force: bool, yank: bool) -> Result<()> {
         signal(Signal::TERM)?;
         let start = Instant::now();
         let mut again = yank;
+        // Deleted once the kernel has no such device, or (deleted while still open: the
+        // number stays taken until the last user closes it) no char device.
+        let char_dev = format!("/sys/class/ublk-char/ublkc{id}");
         loop {
             match ctrl.dev_info(id) {
                 Err(ubd_engine::Error::NoDevice { .. }) => return Ok(()),
+                Ok(_) if !Path::new(&char_dev).exists() => return Ok(()),
                 Err(e) => return Err(e.into()),
                 Ok(_) if start.elapsed() > Duration::from_secs(30) => {
                     let holders = ubd_engine::device_holders(id);
@@ -727,7 +729,9 @@ fn del_one(ctrl: &mut Control, id: u32, force: bool, yank: bool) -> Result<()> {
     {
         return Err(e.into());
     }
-    match ctrl.del_dev(id) {
+    // Yanked while open: DEL_DEV would wait for the users to close the dead device.
+    let deleted = if holders.is_empty() { ctrl.del_dev(id) } else { ctrl.del_dev_nowait(id) };
+    match deleted {
         Err(e) if e.raw_os_error() != Some(libc::ENODEV) => return Err(e.into()),
         _ => {}
     }

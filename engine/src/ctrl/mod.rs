@@ -383,6 +383,21 @@ impl Control {
         Ok(())
     }
 
+    /// DEL_DEV_ASYNC (6.9+): deletes `dev_id` without waiting for its last user. What a
+    /// device stopped while in use needs: DEL_DEV would wait until every opener of the
+    /// (already dead) block device has closed it. The number stays taken until then.
+    /// Kernels without it: DEL_DEV, which waits.
+    pub fn del_dev_nowait(&mut self, dev_id: u32) -> Result<()> {
+        let cmd = CtrlCmd { dev_id, queue_id: u16::MAX, ..Default::default() };
+        match self.exec(uapi::CMD_DEL_DEV_ASYNC, "DEL_DEV_ASYNC", cmd, None) {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) => {
+                tracing::warn!(dev_id, "no DEL_DEV_ASYNC (Linux 6.9+): DEL_DEV waits for the device's last user");
+                self.del_dev(dev_id)
+            }
+            r => r.map(drop),
+        }
+    }
+
     /// Ids of the ublk devices that exist now (from `/sys/class/ublk-char`).
     pub fn list_ids() -> Vec<u32> {
         let mut ids: Vec<u32> = std::fs::read_dir("/sys/class/ublk-char")

@@ -255,6 +255,9 @@ impl Live {
             tracing::warn!(dev_id = self.dev_id, "a queue thread failed: aborting the queues");
             self.abort_queues();
         }
+        // Stopped while something has the block device open (a yank): DEL_DEV would wait
+        // for it to close the dead device, so the delete does not wait.
+        let held = delete && self.started && !super::holders::device_holders(self.dev_id).is_empty();
         if delete && self.started {
             match self.stop_dev() {
                 Ok(()) => {}
@@ -272,8 +275,18 @@ impl Live {
             first_err.get_or_insert(e);
         }
         if delete {
-            tracing::debug!(dev_id = self.dev_id, "teardown: DEL_DEV");
-            match self.ctrl.del_dev(self.dev_id) {
+            tracing::debug!(dev_id = self.dev_id, held, "teardown: DEL_DEV");
+            let deleted = if held {
+                tracing::info!(
+                    dev_id = self.dev_id,
+                    "deleting device {0} while it is still open: its number stays taken until the last user closes /dev/ublkb{0}",
+                    self.dev_id
+                );
+                self.ctrl.del_dev_nowait(self.dev_id)
+            } else {
+                self.ctrl.del_dev(self.dev_id)
+            };
+            match deleted {
                 Err(e) if e.raw_os_error() != Some(libc::ENODEV) => _ = first_err.get_or_insert(e),
                 _ => {}
             }

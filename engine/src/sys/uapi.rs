@@ -37,6 +37,8 @@ pub const CMD_GET_PARAMS: u32 = ctrl_ior(0x09);
 pub const CMD_START_USER_RECOVERY: u32 = ctrl_iowr(0x10);
 pub const CMD_END_USER_RECOVERY: u32 = ctrl_iowr(0x11);
 pub const CMD_GET_FEATURES: u32 = ctrl_ior(0x13);
+/// UBLK_U_CMD_DEL_DEV_ASYNC (6.9+): DEL_DEV without waiting for the device's last user.
+pub const CMD_DEL_DEV_ASYNC: u32 = ctrl_ior(0x14);
 /// UBLK_U_CMD_UPDATE_SIZE (6.16+, UBLK_F_UPDATE_SIZE): `data[0]` is the new size in sectors.
 pub const CMD_UPDATE_SIZE: u32 = ctrl_iowr(0x15);
 /// UBLK_U_CMD_QUIESCE_DEV (6.16+, UBLK_F_QUIESCE): `data[0]` is a timeout in ms.
@@ -473,6 +475,7 @@ mod tests {
         assert_eq!(CMD_SET_PARAMS, 0xc020_7508);
         assert_eq!(CMD_GET_PARAMS, 0x8020_7509);
         assert_eq!(CMD_GET_FEATURES, 0x8020_7513);
+        assert_eq!(CMD_DEL_DEV_ASYNC, 0x8020_7514);
         assert_eq!(CMD_UPDATE_SIZE, 0xc020_7515);
         assert_eq!(CMD_QUIESCE_DEV, 0xc020_7516);
         assert_eq!(CMD_TRY_STOP_DEV, 0xc020_7517);
