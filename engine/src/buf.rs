@@ -189,6 +189,22 @@ pub(crate) fn resolve(
     }
 }
 
+/// The buffer mode of an unprivileged device (UBLK_F_UNPRIVILEGED_DEV): copy, the only
+/// one the kernel allows there (it refuses USER_COPY, zero-copy and AUTO_BUF_REG for
+/// unprivileged devices: those reach the kernel's request pages). A forced other mode is
+/// refused in one line.
+pub(crate) fn resolve_unprivileged(choice: BufferChoice) -> Result<(BufferMode, String)> {
+    match choice {
+        BufferChoice::Auto | BufferChoice::Force(BufferMode::Copy) => Ok((
+            BufferMode::Copy,
+            "an unprivileged device: the kernel gives request pages only to privileged servers; copying".into(),
+        )),
+        BufferChoice::Force(mode) => Err(Error::Config(format!(
+            "buffer mode {mode} is not allowed on an unprivileged device (the kernel gives request pages to privileged servers only): use buffer mode copy, or run as root"
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,6 +220,16 @@ mod tests {
     /// For a target that never touches data (null).
     fn no_data(choice: BufferChoice, kernel_features: u64) -> Result<(BufferMode, String)> {
         resolve(choice, kernel_features, false, true, "null")
+    }
+
+    #[test]
+    fn unprivileged_devices_copy() {
+        assert_eq!(resolve_unprivileged(BufferChoice::Auto).unwrap().0, BufferMode::Copy);
+        assert_eq!(resolve_unprivileged(BufferChoice::Force(BufferMode::Copy)).unwrap().0, BufferMode::Copy);
+        for mode in [BufferMode::ZeroCopy, BufferMode::AutoReg, BufferMode::NoData] {
+            let e = resolve_unprivileged(BufferChoice::Force(mode)).unwrap_err().to_string();
+            assert!(e.contains("not allowed on an unprivileged device"), "{e}");
+        }
     }
 
     #[test]

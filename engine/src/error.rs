@@ -17,8 +17,14 @@ pub enum Error {
     )]
     NoUblk { path: PathBuf },
 
-    #[error("permission denied opening {path}: ubd-engine must run as root")]
+    #[error(
+        "permission denied opening {}: run as root, or as a member of the group the udev rule gives it to (README: Unprivileged devices)",
+        path.display()
+    )]
     NotRoot { path: PathBuf },
+
+    #[error("{cmd} of device {dev_id}: permission denied: the device belongs to {owner} (its {path} is not yours)")]
+    NotYours { cmd: &'static str, dev_id: u32, owner: String, path: String },
 
     #[error("cannot open {}: {cause}", path.display())]
     Open { path: PathBuf, cause: io::Error },
@@ -56,6 +62,7 @@ impl Error {
             Error::Open { cause, .. } | Error::Ctrl { cause, .. } | Error::Io { cause, .. } => cause.raw_os_error(),
             Error::NoDevice { .. } => Some(libc::ENODEV),
             Error::CtrlTimeout { .. } => Some(libc::ETIMEDOUT),
+            Error::NotYours { .. } => Some(libc::EACCES),
             _ => None,
         }
     }

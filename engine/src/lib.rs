@@ -99,17 +99,17 @@ mod target;
 
 pub use buf::{BufferChoice, BufferMode};
 pub use cpus::{format_cpulist, parse_cpulist};
-pub use ctrl::{CONTROL_PATH, Control};
+pub use ctrl::{CONTROL_PATH, Control, char_path};
 pub use daemon::{
     DeviceOptions, DeviceStats, HANDOFF_SIGNAL, Holder, Recovery, ServeSummary, StartedDevice, block_stop_signals,
-    device_holders, recover, serve,
+    device_holders, privileged, recover, serve,
 };
 pub use error::{Error, Result};
 pub use queue::config::{IoProtocol, QueueReport};
 pub use queue::stats::{BatchCounters, Counters, ErrnoCounts, LatencySummary, SizeCounter, StatsSnapshot};
 pub use request::{DiscardInfo, FileSlot, IoRequest, Mem, MemId, Op, TargetInfo};
 pub use ring::RingMode;
-pub use sys::features::feature_names;
+pub use sys::features::{self, feature_names};
 pub use sys::mmap::PageKind;
 /// Whether a process runs (exists and is no zombie): how the engine judges a device's daemon.
 pub use sys::pid_alive;

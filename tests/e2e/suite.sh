@@ -14,6 +14,8 @@ source "$HERE/rbd.sh"
 source "$HERE/service.sh"
 # shellcheck source=device.sh
 source "$HERE/device.sh"
+# shellcheck source=unpriv.sh
+source "$HERE/unpriv.sh"
 
 echo "=== ubd-engine e2e on $(uname -r), $(nproc) CPUs"
 rm -rf "$WORK" && mkdir -p "$WORK"
@@ -865,7 +867,7 @@ case_sockram() {
 
 cases=(features null null_nocopy loop_file loop_file_buffered loop_bdev mkfs_mount discard_flush discard_bdev
     list_del bad_input hugepages buffer_modes placement batch_io recover sigterm_under_load fault_errors fault_delay_stall abort
-    kill9_states cycles perf_smoke sockram read_only resize safe_stop svc_config svc_run svc_upgrade svc_systemd
+    kill9_states cycles perf_smoke sockram read_only resize safe_stop unprivileged svc_config svc_run svc_upgrade svc_systemd
     nbd_nbdkit nbd_file nbd_qemu nbd_restart nbd_errors nbd_recover nbd_bad_input nbd_bad_server
     rbd_io rbd_ext4 rbd_snap rbd_recover rbd_stall rbd_bad_input)
 # The rbd cases start a Ceph cluster (minutes under TCG): run-all.sh runs them on the
@@ -881,7 +883,7 @@ fi
 # between kernels (the data path and its buffer modes, recovery, stop and abort, add/del,
 # upgrade, NBD IO, read-only, resize and the refusals of what 6.12 lacks); the newest
 # runs every case. --full runs every case on every kernel.
-CORE_CASES=" features null loop_file loop_bdev mkfs_mount buffer_modes batch_io recover kill9_states abort cycles svc_run svc_upgrade nbd_nbdkit nbd_recover read_only resize safe_stop "
+CORE_CASES=" features null loop_file loop_bdev mkfs_mount buffer_modes batch_io recover kill9_states abort cycles svc_run svc_upgrade nbd_nbdkit nbd_recover read_only resize safe_stop unprivileged "
 if [[ ${UBD_E2E_SET:-all} == core ]]; then
     echo "--- the core cases only on this kernel (UBD_E2E_SET=core: the CI run has every case on the newest kernel; --full everywhere):$CORE_CASES"
     for i in "${!cases[@]}"; do

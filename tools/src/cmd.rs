@@ -26,6 +26,9 @@ fn device_options(a: &DevArgs) -> Result<DeviceOptions> {
     let queues = a.queues.unwrap_or_else(|| cpus.as_ref().map_or(1, |c| u16::try_from(c.len()).unwrap_or(u16::MAX)));
     let max_io = parse_size(&a.max_io_size).map_err(anyhow::Error::msg).context("--max-io-size")?;
     let max_io = u32::try_from(max_io).context("--max-io-size is too large")?;
+    let unprivileged = a.unprivileged || !ubd_engine::privileged();
+    let recovery =
+        a.recovery.unwrap_or(if unprivileged { ubd_engine::Recovery::Off } else { ubd_engine::Recovery::Reissue });
     let opts = DeviceOptions {
         queues,
         depth: a.depth,
@@ -35,7 +38,7 @@ fn device_options(a: &DevArgs) -> Result<DeviceOptions> {
         queue_affinity,
         huge_pages: !a.no_hugepages,
         buffer: a.buffer_mode,
-        recovery: a.recovery,
+        recovery,
         ring: a.ring.0,
         io_protocol: a.io_protocol,
         offload_min: match a.offload.as_str() {
@@ -51,19 +54,34 @@ fn device_options(a: &DevArgs) -> Result<DeviceOptions> {
         stop_grace: Duration::from_secs(a.stop_timeout),
         partition_scan: true,
         read_only: a.read_only,
+        unprivileged,
     };
     opts.validate()?;
     Ok(opts)
 }
 
-/// Refuses early, before touching the backing, when ublk cannot work here.
+/// Refuses early, before touching the backing, when ublk cannot work here: no ublk, or
+/// a caller who may not use it (root may; another user needs access to the control
+/// device and a kernel with unprivileged devices).
 pub(crate) fn preflight() -> Result<()> {
     if !Path::new(ubd_engine::CONTROL_PATH).exists() {
         return Err(ubd_engine::Error::NoUblk { path: ubd_engine::CONTROL_PATH.into() }.into());
     }
-    let euid = rustix::process::geteuid().as_raw();
-    if euid != 0 {
-        bail!("ubd-engine must run as root to create ublk devices (euid is {euid})");
+    if ubd_engine::privileged() {
+        return Ok(());
+    }
+    let uid = rustix::process::geteuid().as_raw();
+    let mut ctrl = Control::open().map_err(|e| match e {
+        ubd_engine::Error::NotRoot { .. } => anyhow::anyhow!(
+            "permission denied opening {} (uid {uid}): run as root, or as a member of the group the udev rule gives it to (README: Unprivileged devices)",
+            ubd_engine::CONTROL_PATH
+        ),
+        e => e.into(),
+    })?;
+    if ctrl.features()? & ubd_engine::features::F_UNPRIVILEGED_DEV == 0 {
+        bail!(
+            "ubd-engine must run as root here (uid {uid}): devices of other users need the ublk feature UNPRIVILEGED_DEV (Linux 6.5+), which this kernel does not offer"
+        );
     }
     Ok(())
 }
@@ -230,6 +248,8 @@ fn with_faults(t: Arc<dyn Target>, spec: Option<ubd_targets::FaultSpec>) -> Arc<
 /// `--fault` wraps it anew (faults of the dead daemon are not restored).
 pub fn recover(a: &DevArgs, id: u32) -> Result<()> {
     preflight()?;
+    // The kernel's word first: whether the device exists and is this caller's.
+    Control::open()?.dev_info(id)?;
     let st = state::read(id).with_context(|| format!("device {id}"))?.with_context(|| {
         format!("device {id}: no state file {} (was it served by ubd-engine?)", state::path(id).display())
     })?;
@@ -430,8 +450,43 @@ fn own_args(dev_id: u32) -> Vec<String> {
     out
 }
 
+/// `udev-owner NAME`: for the udev rule, `UBD_OWNER_UID=` and `UBD_OWNER_GID=` of the
+/// unprivileged device whose node is NAME (the kernel's word: GET_DEV_INFO2); nothing
+/// for an ordinary device, whose nodes stay root's. Sends control commands only (never
+/// opens the block device), so it cannot wait on the device it names.
+pub fn udev_owner(name: &str) -> Result<()> {
+    let id = node_device_id(name).with_context(|| format!("{name:?} is not a ublk device node (ublkcN, ublkbN)"))?;
+    let mut ctrl = Control::open()?;
+    if !ctrl.is_unprivileged(id) {
+        return Ok(());
+    }
+    let info = ctrl.dev_info(id)?;
+    println!("UBD_OWNER_UID={}\nUBD_OWNER_GID={}", info.owner_uid, info.owner_gid);
+    Ok(())
+}
+
+/// The device id of a ublk node name: ublkc3, ublkb3 and ublkb3p1 are device 3's.
+fn node_device_id(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("ublkc").or_else(|| name.strip_prefix("ublkb"))?;
+    let digits = rest.find(|c: char| !c.is_ascii_digit()).map_or(rest, |i| &rest[..i]);
+    let tail = &rest[digits.len()..];
+    if digits.is_empty()
+        || !(tail.is_empty()
+            || (name.starts_with("ublkb")
+                && tail.len() > 1
+                && tail.starts_with('p')
+                && tail[1..].bytes().all(|b| b.is_ascii_digit())))
+    {
+        return None;
+    }
+    digits.parse().ok()
+}
+
 /// `stats ID`: the live statistics a serving ubd-engine publishes every second.
 pub fn stats(id: u32, json: bool) -> Result<()> {
+    // The kernel's word on whether this caller may see the device (another user's
+    // unprivileged device: EACCES, reported as such).
+    Control::open()?.dev_info(id)?;
     let Some(st) = state::read(id)? else {
         bail!("device {id} is not served by a running ubd-engine (no {})", state::path(id).display());
     };
@@ -576,6 +631,9 @@ struct ListEntry {
     depth: u16,
     max_io_buf_bytes: u32,
     pid: i32,
+    /// Who created it (an unprivileged device belongs to them; flags then show UNPRIVILEGED_DEV).
+    owner_uid: u32,
+    owner_gid: u32,
     daemon_alive: bool,
     flags: Vec<String>,
     /// From GET_PARAMS (None before SET_PARAMS).
@@ -588,10 +646,16 @@ struct ListEntry {
 pub fn list(json: bool) -> Result<()> {
     let mut ctrl = Control::open()?;
     let mut entries = Vec::new();
+    let mut others = 0;
     for id in Control::list_ids() {
         let info = match ctrl.dev_info(id) {
             Ok(i) => i,
             Err(ubd_engine::Error::NoDevice { .. }) => continue,
+            // Another user's device (or, for a user, root's): not ours to show.
+            Err(ubd_engine::Error::NotYours { .. }) => {
+                others += 1;
+                continue;
+            }
             Err(e) => return Err(e.into()),
         };
         let st = state::read(id).unwrap_or_else(|e| {
@@ -608,6 +672,8 @@ pub fn list(json: bool) -> Result<()> {
             depth: info.queue_depth,
             max_io_buf_bytes: info.max_io_buf_bytes,
             pid: info.ublksrv_pid,
+            owner_uid: info.owner_uid,
+            owner_gid: info.owner_gid,
             daemon_alive: live_process(info.ublksrv_pid).is_some(),
             flags: feature_names(info.flags),
             target: st.as_ref().map(|s| s.target.clone()),
@@ -618,8 +684,13 @@ pub fn list(json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&entries)?);
         return Ok(());
     }
+    let note = match others {
+        0 => String::new(),
+        1 => " (and 1 device of another user)".into(),
+        n => format!(" (and {n} devices of other users)"),
+    };
     if entries.is_empty() {
-        println!("no ublk devices");
+        println!("no ublk devices{note}");
         return Ok(());
     }
     println!(
@@ -649,6 +720,9 @@ pub fn list(json: bool) -> Result<()> {
             alive,
             target.trim()
         );
+    }
+    if others > 0 {
+        println!("{}", note.trim().trim_start_matches('(').trim_end_matches(')').replacen("and ", "not shown: ", 1));
     }
     Ok(())
 }
@@ -817,4 +891,19 @@ pub fn resize(id: u32, size: &str, force: bool) -> Result<()> {
     state::write(&st).with_context(|| format!("device {id} is resized, but its state file was not updated"))?;
     println!("device {id}: {} -> {} ({new} bytes)", human(old), human(new));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_names() {
+        assert_eq!(node_device_id("ublkc3"), Some(3));
+        assert_eq!(node_device_id("ublkb12"), Some(12));
+        assert_eq!(node_device_id("ublkb12p1"), Some(12));
+        for bad in ["ublkc", "ublkc3p1", "ublkb3p", "ublkb3x", "ublk-control", "loop0", "ublkbp1"] {
+            assert_eq!(node_device_id(bad), None, "{bad}");
+        }
+    }
 }

@@ -60,8 +60,14 @@ pub struct DevArgs {
     buffer_mode: BufferChoice,
     /// What happens when the daemon dies: reissue (the device stays; `recover` takes
     /// it over and re-issues in-flight IO), fail-io (IO fails until recovered, 6.13+), off.
-    #[arg(long, global = true, value_enum, default_value_t = Recovery::Reissue)]
-    recovery: Recovery,
+    /// Default: reissue; off for an unprivileged device (which the kernel never keeps).
+    #[arg(long, global = true, value_enum)]
+    recovery: Option<Recovery>,
+    /// Create an unprivileged device (UBLK_F_UNPRIVILEGED_DEV, 6.5+), owned by this uid.
+    /// Implied when this process lacks CAP_SYS_ADMIN (not root); for root in a container
+    /// whose capabilities the host does not honour.
+    #[arg(long, global = true)]
+    unprivileged: bool,
     /// How queues fetch and commit requests: per-tag (FETCH/COMMIT_AND_FETCH per request,
     /// any kernel) or batch (UBLK_F_BATCH_IO: multishot fetch, batched commits, 7.0+).
     #[arg(long, global = true, value_enum, default_value_t = IoProtocol::PerTag)]
@@ -274,6 +280,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// For the udev rule (70-ubd-engine.rules): the owner of ublk node NAME (ublkcN,
+    /// ublkbN, ublkbNpM) as UBD_OWNER_UID=/UBD_OWNER_GID= lines when it belongs to an
+    /// unprivileged device; nothing for an ordinary device.
+    UdevOwner {
+        /// The kernel's name of the node (udev's %k).
+        name: String,
+    },
     /// Show the ublk features of the running kernel.
     Features {
         #[arg(long)]
@@ -407,6 +420,7 @@ fn dispatch(command: Command, dev: &DevArgs) -> anyhow::Result<()> {
         Command::List { json } => cmd::list(json),
         Command::Del { id, all, force, yank } => cmd::del(id, all, force, yank),
         Command::Features { json } => cmd::features(json),
+        Command::UdevOwner { name } => cmd::udev_owner(&name),
         Command::Stats { id, json } => cmd::stats(id, json),
         Command::Resize { id, size, force } => cmd::resize(id, &size, force),
         Command::Recover { id } => cmd::recover(cli_dev, id),
@@ -442,11 +456,23 @@ mod tests {
         Cli::command().debug_assert();
     }
 
+    /// The udev rule calls `/usr/bin/ubd-engine udev-owner %k` (where the package puts
+    /// the binary) and reads back the variables that subcommand prints.
+    #[test]
+    fn the_udev_rule_calls_this_cli() {
+        let rule = include_str!("../../packaging/udev/70-ubd-engine.rules");
+        assert_eq!(rule.matches(r#"IMPORT{program}="/usr/bin/ubd-engine udev-owner %k""#).count(), 2);
+        assert!(rule.contains(r#"OWNER="$env{UBD_OWNER_UID}", GROUP="$env{UBD_OWNER_GID}""#));
+        let cli = Cli::try_parse_from(["ubd-engine", "udev-owner", "ublkc3"]).unwrap();
+        assert!(matches!(cli.command, Command::UdevOwner { ref name } if name == "ublkc3"));
+        assert!(include_str!("cmd.rs").contains(r#""UBD_OWNER_UID={}\nUBD_OWNER_GID={}""#));
+    }
+
     #[test]
     fn defaults() {
         let d = dev(&[]);
         assert_eq!(d.buffer_mode, BufferChoice::Auto);
-        assert_eq!(d.recovery, Recovery::Reissue);
+        assert_eq!(d.recovery, None);
         assert_eq!(d.io_protocol, IoProtocol::PerTag);
         assert_eq!(d.ring, RingChoice(None));
         let Command::Loop { direct, .. } = Cli::try_parse_from(["ubd-engine", "loop", "x.img"]).unwrap().command else {
@@ -467,7 +493,7 @@ mod tests {
             assert_eq!(dev(&["--buffer-mode", v]).buffer_mode, want);
         }
         for (v, want) in [("reissue", Recovery::Reissue), ("fail-io", Recovery::FailIo), ("off", Recovery::Off)] {
-            assert_eq!(dev(&["--recovery", v]).recovery, want);
+            assert_eq!(dev(&["--recovery", v]).recovery, Some(want));
         }
         for (v, want) in [("per-tag", IoProtocol::PerTag), ("batch", IoProtocol::Batch)] {
             assert_eq!(dev(&["--io-protocol", v]).io_protocol, want);

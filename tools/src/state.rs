@@ -6,6 +6,8 @@ use anyhow::Context;
 use ubd_engine::RingMode;
 use ubd_targets::TargetSpec;
 
+/// Root's state directory. Another user's is `$XDG_RUNTIME_DIR/ubd-engine`, or
+/// `/tmp/ubd-engine-UID` without one ([`dir`]).
 pub const STATE_DIR: &str = "/run/ubd-engine";
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -33,12 +35,42 @@ pub struct DeviceState {
     pub version: String,
 }
 
+/// This user's state directory: [`STATE_DIR`] for root; for others (who serve
+/// unprivileged devices) `$XDG_RUNTIME_DIR/ubd-engine`, else `/tmp/ubd-engine-UID`.
+pub fn dir() -> PathBuf {
+    let uid = rustix::process::geteuid().as_raw();
+    if uid == 0 {
+        return PathBuf::from(STATE_DIR);
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
+        Some(d) if d.is_absolute() => d.join("ubd-engine"),
+        _ => PathBuf::from(format!("/tmp/ubd-engine-{uid}")),
+    }
+}
+
 pub fn path(dev_id: u32) -> PathBuf {
-    PathBuf::from(STATE_DIR).join(format!("{dev_id}.json"))
+    dir().join(format!("{dev_id}.json"))
+}
+
+/// Creates this user's state directory (0700 for users other than root), and makes sure
+/// it is this user's own: a directory someone else made in /tmp is refused.
+fn make_dir() -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let d = dir();
+    let uid = rustix::process::geteuid().as_raw();
+    std::fs::DirBuilder::new().recursive(true).mode(if uid == 0 { 0o755 } else { 0o700 }).create(&d)?;
+    let m = std::fs::symlink_metadata(&d)?;
+    if !m.is_dir() || m.uid() != uid || (uid != 0 && m.mode() & 0o077 != 0) {
+        return Err(std::io::Error::other(format!(
+            "{} is not a directory of uid {uid}'s own (mode 0700): refusing to keep state there",
+            d.display()
+        )));
+    }
+    Ok(d)
 }
 
 pub fn write(state: &DeviceState) -> std::io::Result<()> {
-    std::fs::create_dir_all(STATE_DIR)?;
+    make_dir()?;
     let tmp = path(state.dev_id).with_extension("json.tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(state)?)?;
     std::fs::rename(tmp, path(state.dev_id))
@@ -46,8 +78,50 @@ pub fn write(state: &DeviceState) -> std::io::Result<()> {
 
 /// The state file of `dev_id`: None when there is none, an error naming the file when
 /// it cannot be read or is not one this ubd-engine writes.
+///
+/// Root, whose own directory does not have it, looks in the directories of the users who
+/// serve unprivileged devices ([`user_dirs`]).
 pub fn read(dev_id: u32) -> anyhow::Result<Option<DeviceState>> {
-    read_file(&path(dev_id))
+    if let Some(st) = read_file(&path(dev_id))? {
+        return Ok(Some(st));
+    }
+    if rustix::process::geteuid().as_raw() != 0 {
+        return Ok(None);
+    }
+    for d in user_dirs() {
+        if let Some(st) = read_file(&d.join(format!("{dev_id}.json")))? {
+            return Ok(Some(st));
+        }
+    }
+    Ok(None)
+}
+
+/// For root: the state directories of other users (`/run/user/UID/ubd-engine`,
+/// `/tmp/ubd-engine-UID`), each only if it is a directory its user owns and only they
+/// can write, so that nobody can plant a state file for someone else's device.
+pub fn user_dirs() -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let owned_by = |p: &Path, uid: u32| {
+        std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir() && m.uid() == uid && m.mode() & 0o022 == 0)
+    };
+    for e in std::fs::read_dir("/run/user").into_iter().flatten().flatten() {
+        if let Some(uid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) {
+            let d = e.path().join("ubd-engine");
+            if owned_by(&e.path(), uid) && owned_by(&d, uid) {
+                out.push(d);
+            }
+        }
+    }
+    for e in std::fs::read_dir("/tmp").into_iter().flatten().flatten() {
+        let name = e.file_name();
+        if let Some(uid) = name.to_str().and_then(|n| n.strip_prefix("ubd-engine-")).and_then(|n| n.parse::<u32>().ok())
+            && owned_by(&e.path(), uid)
+        {
+            out.push(e.path());
+        }
+    }
+    out
 }
 
 fn read_file(path: &Path) -> anyhow::Result<Option<DeviceState>> {
@@ -64,15 +138,21 @@ pub fn remove(dev_id: u32) {
     let _ = std::fs::remove_file(stats_path(dev_id));
 }
 
+/// The stats file next to the state file that [`read`] finds (this user's by default).
 pub fn stats_path(dev_id: u32) -> PathBuf {
-    PathBuf::from(STATE_DIR).join(format!("{dev_id}.stats.json"))
+    let own = dir().join(format!("{dev_id}.stats.json"));
+    if own.exists() || rustix::process::geteuid().as_raw() != 0 {
+        return own;
+    }
+    user_dirs().into_iter().map(|d| d.join(format!("{dev_id}.stats.json"))).find(|p| p.exists()).unwrap_or(own)
 }
 
 /// Replaces the stats file atomically (readers never see half a file).
 pub fn write_stats(stats: &ubd_engine::DeviceStats) -> std::io::Result<()> {
-    let tmp = stats_path(stats.dev_id).with_extension("json.tmp");
+    let own = dir().join(format!("{}.stats.json", stats.dev_id));
+    let tmp = own.with_extension("json.tmp");
     std::fs::write(&tmp, serde_json::to_vec(stats)?)?;
-    std::fs::rename(tmp, stats_path(stats.dev_id))
+    std::fs::rename(tmp, own)
 }
 
 pub fn read_stats(dev_id: u32) -> anyhow::Result<ubd_engine::DeviceStats> {

@@ -2,6 +2,7 @@
 
 pub(crate) mod params;
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -34,6 +35,15 @@ pub struct Control {
     pending: Vec<(u64, Vec<u8>)>,
     /// Completions seen for commands nobody waits on any more.
     results: Vec<(u64, i32)>,
+    /// Devices known to be unprivileged (UBLK_F_UNPRIVILEGED_DEV) or not. Every command
+    /// to an unprivileged device must name its char device (the kernel checks that the
+    /// caller may open it), and only some commands are allowed for it.
+    unprivileged: HashMap<u32, bool>,
+}
+
+/// The char device of device `dev_id`.
+pub fn char_path(dev_id: u32) -> String {
+    format!("/dev/ublkc{dev_id}")
 }
 
 impl std::fmt::Debug for Control {
@@ -81,7 +91,7 @@ impl Control {
         let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
             .build(8)
             .map_err(|e| Error::io("creating the control io_uring (SQE128)", e))?;
-        Ok(Self { ring, file, seq: 0, pending: Vec::new(), results: Vec::new() })
+        Ok(Self { ring, file, seq: 0, pending: Vec::new(), results: Vec::new(), unprivileged: HashMap::new() })
     }
 
     /// Queues one command and hands it to the kernel. `buf`, when given, is what
@@ -178,6 +188,88 @@ impl Control {
         Err(Error::Ctrl { cmd: name, dev: cmd.dev_id.to_string(), cause: io::Error::from_raw_os_error(libc::EINTR) })
     }
 
+    /// Runs a command addressed to one device: as [`Control::exec`], with the device's
+    /// char device path in front of `buf` when the device is unprivileged (what the
+    /// kernel requires of every command to such a device, from anyone). The kernel then
+    /// checks that the caller may open that path (read, or read and write for commands
+    /// that change the device): another user's device answers EACCES, reported as such.
+    fn exec_dev(&mut self, cmd_op: u32, name: &'static str, mut cmd: CtrlCmd, buf: Option<&mut [u8]>) -> Result<i32> {
+        if !self.is_unprivileged(cmd.dev_id) {
+            return self.exec(cmd_op, name, cmd, buf).map_err(|e| match e.raw_os_error() {
+                // An ordinary device, and this caller lacks CAP_SYS_ADMIN.
+                Some(libc::EPERM) if cmd.dev_id != u32::MAX => Error::NotYours {
+                    cmd: name,
+                    dev_id: cmd.dev_id,
+                    owner: "root (an ordinary device: only CAP_SYS_ADMIN may command it)".into(),
+                    path: char_path(cmd.dev_id),
+                },
+                _ => e,
+            });
+        }
+        let path = char_path(cmd.dev_id);
+        let mut full = self.path_prefix(&mut cmd).unwrap_or_default();
+        let n = full.len();
+        if let Some(b) = buf.as_deref() {
+            full.extend_from_slice(b);
+        }
+        let res = self.exec(cmd_op, name, cmd, Some(&mut full)).map_err(|e| match e.raw_os_error() {
+            Some(libc::EACCES) => not_yours(cmd.dev_id, name, &path),
+            // The char device is gone while the device is still being deleted.
+            Some(libc::ENOENT) => Error::NoDevice { dev_id: cmd.dev_id },
+            _ => e,
+        })?;
+        if let Some(b) = buf {
+            b.copy_from_slice(&full[n..]);
+        }
+        Ok(res)
+    }
+
+    /// For a command to an unprivileged device: the bytes of its char device path, which
+    /// must start the command's buffer, with `cmd.dev_path_len` set. None for others.
+    fn path_prefix(&mut self, cmd: &mut CtrlCmd) -> Option<Vec<u8>> {
+        if !self.is_unprivileged(cmd.dev_id) {
+            return None;
+        }
+        let path = char_path(cmd.dev_id).into_bytes();
+        cmd.dev_path_len = path.len() as u16; // "/dev/ublkcN": at most 20 bytes
+        Some(path)
+    }
+
+    /// Whether `dev_id` is an unprivileged device (asked once with GET_DEV_INFO2, which
+    /// takes the char device path from anyone, then remembered). A device this caller
+    /// may not query at all counts as privileged: its commands then fail with the
+    /// kernel's own answer (EPERM: not root).
+    pub fn is_unprivileged(&mut self, dev_id: u32) -> bool {
+        if dev_id == u32::MAX {
+            return false;
+        }
+        if let Some(&u) = self.unprivileged.get(&dev_id) {
+            return u;
+        }
+        let path = char_path(dev_id);
+        let mut buf = path.clone().into_bytes();
+        let n = buf.len();
+        buf.resize(n + size_of::<DevInfo>(), 0);
+        let cmd = CtrlCmd { dev_id, queue_id: u16::MAX, dev_path_len: n as u16, ..Default::default() };
+        let answer = match self.exec(uapi::CMD_GET_DEV_INFO2, "GET_DEV_INFO2", cmd, Some(&mut buf)) {
+            Ok(_) => {
+                Some(struct_from_bytes::<DevInfo>(&buf[n..]).flags & crate::sys::features::F_UNPRIVILEGED_DEV != 0)
+            }
+            // Another user's unprivileged device: the kernel refused our access to its path.
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) => Some(true),
+            // A privileged device, and we are not root.
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => Some(false),
+            // A kernel without GET_DEV_INFO2 (< 6.5) has no unprivileged devices either.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => Some(false),
+            // No such device (yet), or no char node: asked again next time.
+            Err(_) => None,
+        };
+        if let Some(u) = answer {
+            self.unprivileged.insert(dev_id, u);
+        }
+        answer.unwrap_or(false)
+    }
+
     /// Feature bits the running kernel's ublk driver supports.
     pub fn features(&mut self) -> Result<u64> {
         let mut buf = [0u8; 8];
@@ -193,13 +285,14 @@ impl Control {
         let mut buf = struct_bytes(info);
         self.exec(uapi::CMD_ADD_DEV, "ADD_DEV", cmd, Some(&mut buf))?;
         *info = struct_from_bytes(&buf);
+        self.unprivileged.insert(info.dev_id, info.flags & crate::sys::features::F_UNPRIVILEGED_DEV != 0);
         Ok(())
     }
 
     pub fn dev_info(&mut self, dev_id: u32) -> Result<DevInfo> {
         let cmd = CtrlCmd { dev_id, queue_id: u16::MAX, ..Default::default() };
         let mut buf = [0u8; size_of::<DevInfo>()];
-        match self.exec(uapi::CMD_GET_DEV_INFO, "GET_DEV_INFO", cmd, Some(&mut buf)) {
+        match self.exec_dev(uapi::CMD_GET_DEV_INFO, "GET_DEV_INFO", cmd, Some(&mut buf)) {
             Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Err(Error::NoDevice { dev_id }),
             Err(e) => Err(e),
             Ok(_) => Ok(struct_from_bytes(&buf)),
@@ -211,7 +304,7 @@ impl Control {
         let mut p = *params;
         p.len = Params::WIRE_LEN;
         let mut buf = struct_bytes(&p);
-        self.exec(uapi::CMD_SET_PARAMS, "SET_PARAMS", cmd, Some(&mut buf[..Params::WIRE_LEN as usize]))?;
+        self.exec_dev(uapi::CMD_SET_PARAMS, "SET_PARAMS", cmd, Some(&mut buf[..Params::WIRE_LEN as usize]))?;
         Ok(())
     }
 
@@ -223,7 +316,7 @@ impl Control {
             ..Default::default()
         };
         let mut buf = struct_bytes(&p);
-        self.exec(uapi::CMD_GET_PARAMS, "GET_PARAMS", cmd, Some(&mut buf[..Params::WIRE_LEN as usize]))?;
+        self.exec_dev(uapi::CMD_GET_PARAMS, "GET_PARAMS", cmd, Some(&mut buf[..Params::WIRE_LEN as usize]))?;
         Ok(struct_from_bytes(&buf))
     }
 
@@ -231,7 +324,7 @@ impl Control {
     pub fn queue_affinity(&mut self, dev_id: u32, q_id: u16) -> Result<Vec<usize>> {
         let cmd = CtrlCmd { dev_id, queue_id: q_id, data: [u64::from(q_id)], ..Default::default() };
         let mut buf = [0u8; size_of::<libc::cpu_set_t>()];
-        self.exec(uapi::CMD_GET_QUEUE_AFFINITY, "GET_QUEUE_AFFINITY", cmd, Some(&mut buf))?;
+        self.exec_dev(uapi::CMD_GET_QUEUE_AFFINITY, "GET_QUEUE_AFFINITY", cmd, Some(&mut buf))?;
         Ok(crate::sys::cpumask_bytes_to_vec(&buf))
     }
 
@@ -239,14 +332,14 @@ impl Control {
     pub fn start_dev(&mut self, dev_id: u32, daemon_pid: i32) -> Result<()> {
         let pid = u64::try_from(daemon_pid).map_err(|_| Error::Config("bad pid".into()))?;
         let cmd = CtrlCmd { dev_id, queue_id: u16::MAX, data: [pid], ..Default::default() };
-        self.exec(uapi::CMD_START_DEV, "START_DEV", cmd, None)?;
+        self.exec_dev(uapi::CMD_START_DEV, "START_DEV", cmd, None)?;
         Ok(())
     }
 
     /// START_USER_RECOVERY: the device's old daemon is gone; a new one takes over.
     pub fn start_user_recovery(&mut self, dev_id: u32) -> Result<()> {
         let cmd = CtrlCmd { dev_id, queue_id: u16::MAX, ..Default::default() };
-        self.exec(uapi::CMD_START_USER_RECOVERY, "START_USER_RECOVERY", cmd, None)?;
+        self.exec_dev(uapi::CMD_START_USER_RECOVERY, "START_USER_RECOVERY", cmd, None)?;
         Ok(())
     }
 
@@ -254,7 +347,7 @@ impl Control {
     pub fn end_user_recovery(&mut self, dev_id: u32, daemon_pid: i32) -> Result<()> {
         let pid = u64::try_from(daemon_pid).map_err(|_| Error::Config("bad pid".into()))?;
         let cmd = CtrlCmd { dev_id, queue_id: u16::MAX, data: [pid], ..Default::default() };
-        self.exec(uapi::CMD_END_USER_RECOVERY, "END_USER_RECOVERY", cmd, None)?;
+        self.exec_dev(uapi::CMD_END_USER_RECOVERY, "END_USER_RECOVERY", cmd, None)?;
         Ok(())
     }
 
@@ -266,8 +359,9 @@ impl Control {
     /// Sends STOP_DEV without waiting: it completes once the requests in flight have
     /// completed and the disk is gone. Wait for it with [`Control::finish`].
     pub fn stop_dev_begin(&mut self, dev_id: u32) -> Result<PendingCmd> {
-        let cmd = CtrlCmd { dev_id, queue_id: u16::MAX, ..Default::default() };
-        Ok(PendingCmd(self.submit(uapi::CMD_STOP_DEV, "STOP_DEV", cmd, None)?))
+        let mut cmd = CtrlCmd { dev_id, queue_id: u16::MAX, ..Default::default() };
+        let path = self.path_prefix(&mut cmd);
+        Ok(PendingCmd(self.submit(uapi::CMD_STOP_DEV, "STOP_DEV", cmd, path.as_deref())?))
     }
 
     /// Waits up to `timeout` for `cmd`: Ok(false) if it has not completed yet (it may
@@ -275,6 +369,10 @@ impl Control {
     pub fn try_finish(&mut self, cmd: &PendingCmd, timeout: Duration) -> Result<bool> {
         match self.wait(&cmd.0, timeout)? {
             None => Ok(false),
+            Some((res, _)) if res == -libc::EACCES && cmd.0.dev != "(new)" => {
+                let id: u32 = cmd.0.dev.parse().unwrap_or(u32::MAX);
+                Err(not_yours(id, cmd.0.name, &char_path(id)))
+            }
             Some((res, _)) if res < 0 => {
                 Err(Error::Ctrl { cmd: cmd.0.name, dev: cmd.0.dev.clone(), cause: io::Error::from_raw_os_error(-res) })
             }
@@ -298,8 +396,9 @@ impl Control {
     /// the timeout, and the daemon keeps serving.
     pub fn quiesce_dev(&mut self, dev_id: u32, timeout: Duration) -> Result<()> {
         let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-        let cmd = CtrlCmd { dev_id, queue_id: u16::MAX, data: [ms], ..Default::default() };
-        let sub = self.submit(uapi::CMD_QUIESCE_DEV, "QUIESCE_DEV", cmd, None)?;
+        let mut cmd = CtrlCmd { dev_id, queue_id: u16::MAX, data: [ms], ..Default::default() };
+        let path = self.path_prefix(&mut cmd);
+        let sub = self.submit(uapi::CMD_QUIESCE_DEV, "QUIESCE_DEV", cmd, path.as_deref())?;
         match self.wait(&sub, timeout + CMD_TIMEOUT)? {
             None => {
                 Err(Error::CtrlTimeout { cmd: "QUIESCE_DEV", dev: sub.dev, secs: (timeout + CMD_TIMEOUT).as_secs() })
@@ -323,7 +422,7 @@ impl Control {
             return Err(Error::Config(format!("new size {bytes} bytes is not a positive multiple of 512")));
         }
         let cmd = CtrlCmd { dev_id, queue_id: u16::MAX, data: [bytes >> 9], ..Default::default() };
-        self.exec(uapi::CMD_UPDATE_SIZE, "UPDATE_SIZE", cmd, None)?;
+        self.exec_dev(uapi::CMD_UPDATE_SIZE, "UPDATE_SIZE", cmd, None)?;
         Ok(())
     }
 
@@ -332,7 +431,7 @@ impl Control {
     /// slip in between the check and the stop).
     pub fn try_stop_dev(&mut self, dev_id: u32) -> Result<()> {
         let cmd = CtrlCmd { dev_id, queue_id: u16::MAX, ..Default::default() };
-        self.exec(uapi::CMD_TRY_STOP_DEV, "TRY_STOP_DEV", cmd, None)?;
+        self.exec_dev(uapi::CMD_TRY_STOP_DEV, "TRY_STOP_DEV", cmd, None)?;
         Ok(())
     }
 
@@ -348,7 +447,8 @@ impl Control {
         if !holders.is_empty() {
             return Err(in_use(holders.join(", ")));
         }
-        if self.features()? & crate::sys::features::F_SAFE_STOP_DEV == 0 {
+        // The kernel takes no TRY_STOP_DEV for an unprivileged device (EINVAL).
+        if self.features()? & crate::sys::features::F_SAFE_STOP_DEV == 0 || self.is_unprivileged(dev_id) {
             return self.stop_dev(dev_id);
         }
         match self.try_stop_dev(dev_id) {
@@ -379,7 +479,8 @@ impl Control {
     /// DEL_DEV: waits until `/dev/ublkcN` is closed by everyone.
     pub fn del_dev(&mut self, dev_id: u32) -> Result<()> {
         let cmd = CtrlCmd { dev_id, queue_id: u16::MAX, ..Default::default() };
-        self.exec(uapi::CMD_DEL_DEV, "DEL_DEV", cmd, None)?;
+        self.exec_dev(uapi::CMD_DEL_DEV, "DEL_DEV", cmd, None)?;
+        self.unprivileged.remove(&dev_id);
         Ok(())
     }
 
@@ -388,8 +489,12 @@ impl Control {
     /// (already dead) block device has closed it. The number stays taken until then.
     /// Kernels without it: DEL_DEV, which waits.
     pub fn del_dev_nowait(&mut self, dev_id: u32) -> Result<()> {
+        if self.is_unprivileged(dev_id) {
+            // Not a command an unprivileged device takes (EINVAL).
+            return self.del_dev(dev_id);
+        }
         let cmd = CtrlCmd { dev_id, queue_id: u16::MAX, ..Default::default() };
-        match self.exec(uapi::CMD_DEL_DEV_ASYNC, "DEL_DEV_ASYNC", cmd, None) {
+        match self.exec_dev(uapi::CMD_DEL_DEV_ASYNC, "DEL_DEV_ASYNC", cmd, None) {
             Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) => {
                 tracing::warn!(dev_id, "no DEL_DEV_ASYNC (Linux 6.9+): DEL_DEV waits for the device's last user");
                 self.del_dev(dev_id)
@@ -409,6 +514,14 @@ impl Control {
         ids.sort_unstable();
         ids
     }
+}
+
+/// The error for a command to another user's unprivileged device (EACCES: the kernel
+/// found that the caller may not open its char device), naming the owner.
+fn not_yours(dev_id: u32, cmd: &'static str, path: &str) -> Error {
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::metadata(path).map(|m| format!("uid {}", m.uid())).unwrap_or_else(|_| "another user".into());
+    Error::NotYours { cmd, dev_id, owner, path: path.into() }
 }
 
 #[cfg(test)]

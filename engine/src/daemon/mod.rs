@@ -76,6 +76,28 @@ pub struct DeviceOptions {
     /// reaches the target. A target that is read-only itself makes the device read-only
     /// without it.
     pub read_only: bool,
+    /// Create an unprivileged device (UBLK_F_UNPRIVILEGED_DEV, Linux 6.5+): what a caller
+    /// without CAP_SYS_ADMIN must ask for ([`privileged`] says whether this process has
+    /// it). The device belongs to the caller's uid and gid; every command to it must name
+    /// its char device, which the caller must be able to open (a udev rule hands it over);
+    /// it is served in copy mode and cannot be recovered (the kernel allows neither
+    /// zero-copy nor USER_RECOVERY for it). For a caller with CAP_SYS_ADMIN the kernel
+    /// ignores it and creates an ordinary device.
+    pub unprivileged: bool,
+}
+
+/// Whether this process has CAP_SYS_ADMIN in its effective set, as the ublk driver
+/// requires of a caller creating (or commanding) an ordinary device. Inside a user
+/// namespace this is what the namespace grants, which the driver (checking the initial
+/// namespace) may not honour: such a caller must ask for an unprivileged device.
+pub fn privileged() -> bool {
+    const CAP_SYS_ADMIN: u32 = 21;
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else { return false };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0)
 }
 
 /// What the kernel does with a device whose daemon dies.
@@ -155,6 +177,7 @@ impl Default for DeviceOptions {
             stop_grace: Duration::from_secs(30),
             partition_scan: true,
             read_only: false,
+            unprivileged: false,
         }
     }
 }
@@ -259,8 +282,23 @@ pub fn serve(
     block_stop_signals()?;
     let mut ctrl = Control::open()?;
     let kernel_features = ctrl.features()?;
-    let (buffer_mode, buffer_reason) =
-        resolve(opts.buffer, kernel_features, target.moves_data(), target.supports_zero_copy(), target.name())?;
+    let unprivileged = if opts.unprivileged { features::F_UNPRIVILEGED_DEV } else { 0 };
+    if kernel_features & unprivileged != unprivileged {
+        return Err(Error::Config(
+            "a device for a user without CAP_SYS_ADMIN needs the ublk feature UNPRIVILEGED_DEV (Linux 6.5+), which this kernel does not offer: run as root".into(),
+        ));
+    }
+    if unprivileged != 0 && opts.recovery != Recovery::Off {
+        return Err(Error::Config(format!(
+            "recovery {} needs a privileged device: the kernel does not let an unprivileged device outlive its daemon (no USER_RECOVERY with UNPRIVILEGED_DEV): use --recovery off, or run as root",
+            opts.recovery
+        )));
+    }
+    let (buffer_mode, buffer_reason) = if unprivileged != 0 {
+        crate::buf::resolve_unprivileged(opts.buffer)?
+    } else {
+        resolve(opts.buffer, kernel_features, target.moves_data(), target.supports_zero_copy(), target.name())?
+    };
     let want_recovery = opts.recovery.dev_flags();
     let want_batch = if opts.io_protocol == IoProtocol::Batch { features::F_BATCH_IO } else { 0 };
     if kernel_features & want_batch != want_batch {
@@ -294,7 +332,13 @@ pub fn serve(
         max_io_buf_bytes: opts.max_io_buf_bytes,
         dev_id: opts.dev_id.unwrap_or(u32::MAX),
         ublksrv_pid: sys::getpid(),
-        flags: features::F_CMD_IOCTL_ENCODE | buffer_mode.dev_flag() | want_recovery | want_batch | no_scan | quiesce,
+        flags: features::F_CMD_IOCTL_ENCODE
+            | buffer_mode.dev_flag()
+            | want_recovery
+            | want_batch
+            | no_scan
+            | quiesce
+            | unprivileged,
         ..Default::default()
     };
     ctrl.add_dev(&mut info).map_err(|e| match (e.raw_os_error(), opts.dev_id) {
@@ -309,6 +353,11 @@ pub fn serve(
             "the kernel refused buffer mode {buffer_mode}, recovery {:?} or io protocol {} (device flags {:#x})",
             opts.recovery, opts.io_protocol, info.flags
         )));
+    }
+    if info.flags & features::F_UNPRIVILEGED_DEV != 0 {
+        wait_for_access(info.dev_id)?;
+    } else if unprivileged != 0 {
+        tracing::info!(dev_id = info.dev_id, "the kernel made an ordinary device: this process has CAP_SYS_ADMIN");
     }
     live.ctrl.set_params(info.dev_id, &params)?;
     let setup = Setup { info, kernel_features, buffer_mode, buffer_reason, recovered: false, read_only };
@@ -455,7 +504,8 @@ fn run(
     live.stop_grace = opts.stop_grace;
     live.recoverable = info.flags & features::F_USER_RECOVERY != 0;
     live.can_quiesce = live.recoverable && info.can_quiesce();
-    live.safe_stop = kernel_features & features::F_SAFE_STOP_DEV != 0;
+    // No TRY_STOP_DEV for unprivileged devices (the kernel answers EINVAL).
+    live.safe_stop = kernel_features & features::F_SAFE_STOP_DEV != 0 && info.flags & features::F_UNPRIVILEGED_DEV == 0;
     if live.recoverable {
         queue::crash_on_queue_panic(dev_id);
     }
@@ -550,6 +600,26 @@ fn open_char_dev(path: &Path) -> Result<OwnedFd> {
             Err(e) => return Err(Error::Open { path: path.into(), cause: e }),
         }
     }
+}
+
+/// Waits (up to 10 s) until this process may read and write the char device of its new
+/// unprivileged device: the kernel creates it root-owned, and the udev rule shipped with
+/// ubd-engine (`ubd-engine udev-owner`) gives it to the device's owner. Every later
+/// command to the device needs that access.
+fn wait_for_access(dev_id: u32) -> Result<()> {
+    use rustix::fs::{Access, access};
+    let path = crate::ctrl::char_path(dev_id);
+    wait_for_node(Path::new(&path))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while access(path.as_str(), Access::READ_OK | Access::WRITE_OK).is_err() {
+        if Instant::now() > deadline {
+            return Err(Error::Config(format!(
+                "{path} is still not yours 10 s after the device was created: is the udev rule for unprivileged devices installed (README: Unprivileged devices)? Root must delete device {dev_id}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
 }
 
 fn wait_for_node(path: &Path) -> Result<()> {

@@ -28,6 +28,9 @@ const fn io_iowr(nr: u8) -> u32 {
 // Control commands (ioctl-encoded; accepted by every kernel since 6.4).
 pub const CMD_GET_QUEUE_AFFINITY: u32 = ctrl_ior(0x01);
 pub const CMD_GET_DEV_INFO: u32 = ctrl_ior(0x02);
+/// GET_DEV_INFO with the char device path in front of the buffer (6.5+): what an
+/// unprivileged caller may send, and the one command that takes the path for any device.
+pub const CMD_GET_DEV_INFO2: u32 = ctrl_ior(0x12);
 pub const CMD_ADD_DEV: u32 = ctrl_iowr(0x04);
 pub const CMD_DEL_DEV: u32 = ctrl_iowr(0x05);
 pub const CMD_START_DEV: u32 = ctrl_iowr(0x06);
@@ -468,6 +471,7 @@ mod tests {
         assert_eq!(IO_FETCH_IO_CMDS, 0xc010_7527);
         assert_eq!(CMD_GET_QUEUE_AFFINITY, 0x8020_7501);
         assert_eq!(CMD_GET_DEV_INFO, 0x8020_7502);
+        assert_eq!(CMD_GET_DEV_INFO2, 0x8020_7512);
         assert_eq!(CMD_ADD_DEV, 0xc020_7504);
         assert_eq!(CMD_DEL_DEV, 0xc020_7505);
         assert_eq!(CMD_START_DEV, 0xc020_7506);
