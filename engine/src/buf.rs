@@ -23,11 +23,18 @@ pub enum BufferMode {
     /// reads and writes are refused. Shown as `none`.
     #[serde(rename = "none")]
     NoData,
+    /// `UBLK_F_USER_COPY` (Linux 6.5+) for targets that move data: the queue copies a
+    /// write's data from `/dev/ublkcN` into its per-tag buffer before the target sees the
+    /// request, and a read's data back after, with a read or write SQE on the char device
+    /// at the request's offset (in the same ring as everything else). The kernel copies
+    /// nothing itself. What the INTEGRITY feature and the zoned target need.
+    UserCopy,
 }
 
 impl BufferMode {
     /// The modes a target that moves data can use.
-    pub const ALL: [BufferMode; 3] = [BufferMode::Copy, BufferMode::ZeroCopy, BufferMode::AutoReg];
+    pub const ALL: [BufferMode; 4] =
+        [BufferMode::Copy, BufferMode::ZeroCopy, BufferMode::AutoReg, BufferMode::UserCopy];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -35,6 +42,7 @@ impl BufferMode {
             BufferMode::ZeroCopy => "zero-copy",
             BufferMode::AutoReg => "auto-reg",
             BufferMode::NoData => "none",
+            BufferMode::UserCopy => "user-copy",
         }
     }
 
@@ -48,17 +56,20 @@ impl BufferMode {
 
     /// The mode named `name` (as [`name`](Self::name) spells it).
     pub fn from_name(name: &str) -> Option<Self> {
-        [BufferMode::Copy, BufferMode::ZeroCopy, BufferMode::AutoReg, BufferMode::NoData]
+        [BufferMode::Copy, BufferMode::ZeroCopy, BufferMode::AutoReg, BufferMode::NoData, BufferMode::UserCopy]
             .into_iter()
             .find(|m| m.name() == name)
     }
 
-    /// The mode a device was created in, from its flags (for `recover`).
-    pub fn from_dev_flags(flags: u64) -> Self {
+    /// The mode a device was created in, from its flags (for `recover`). USER_COPY is
+    /// `user-copy` for a target that moves data, `none` for one that does not.
+    pub fn from_dev_flags(flags: u64, moves_data: bool) -> Self {
         if flags & features::F_AUTO_BUF_REG != 0 {
             BufferMode::AutoReg
         } else if flags & features::F_SUPPORT_ZERO_COPY != 0 {
             BufferMode::ZeroCopy
+        } else if flags & features::F_USER_COPY != 0 && moves_data {
+            BufferMode::UserCopy
         } else if flags & features::F_USER_COPY != 0 {
             BufferMode::NoData
         } else {
@@ -72,7 +83,7 @@ impl BufferMode {
             BufferMode::Copy => 0,
             BufferMode::ZeroCopy => features::F_SUPPORT_ZERO_COPY,
             BufferMode::AutoReg => features::F_AUTO_BUF_REG,
-            BufferMode::NoData => features::F_USER_COPY,
+            BufferMode::NoData | BufferMode::UserCopy => features::F_USER_COPY,
         }
     }
 
@@ -81,9 +92,10 @@ impl BufferMode {
         matches!(self, BufferMode::ZeroCopy | BufferMode::AutoReg)
     }
 
-    /// Whether the queue needs per-tag buffers of its own (copy mode only).
+    /// Whether the queue needs per-tag buffers of its own (copy and user-copy): the
+    /// request's data is in memory of ours while the target works on it.
     pub fn needs_buffers(self) -> bool {
-        self == BufferMode::Copy
+        matches!(self, BufferMode::Copy | BufferMode::UserCopy)
     }
 
     /// Whether target reads and writes have a buffer to use (every mode but `none`).
@@ -107,7 +119,7 @@ impl std::fmt::Display for BufferMode {
 #[cfg(feature = "clap")]
 impl clap::ValueEnum for BufferMode {
     fn value_variants<'a>() -> &'a [Self] {
-        &[BufferMode::Copy, BufferMode::ZeroCopy, BufferMode::AutoReg, BufferMode::NoData]
+        &[BufferMode::Copy, BufferMode::ZeroCopy, BufferMode::AutoReg, BufferMode::UserCopy, BufferMode::NoData]
     }
     fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
         Some(clap::builder::PossibleValue::new(self.name()))
@@ -128,8 +140,15 @@ pub enum BufferChoice {
 #[cfg(feature = "clap")]
 impl clap::ValueEnum for BufferChoice {
     fn value_variants<'a>() -> &'a [Self] {
-        use BufferMode::{AutoReg, Copy, NoData, ZeroCopy};
-        &[BufferChoice::Auto, Self::Force(Copy), Self::Force(ZeroCopy), Self::Force(AutoReg), Self::Force(NoData)]
+        use BufferMode::{AutoReg, Copy, NoData, UserCopy, ZeroCopy};
+        &[
+            BufferChoice::Auto,
+            Self::Force(Copy),
+            Self::Force(ZeroCopy),
+            Self::Force(AutoReg),
+            Self::Force(UserCopy),
+            Self::Force(NoData),
+        ]
     }
     fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
         match self {
@@ -205,6 +224,25 @@ pub(crate) fn resolve_unprivileged(choice: BufferChoice) -> Result<(BufferMode, 
     }
 }
 
+/// The buffer mode of a zoned device: user-copy (USER_COPY, 6.5+), the one mode in
+/// which zone appends and zone reports reach the server (the kernel copies only plain
+/// writes into a copy-mode buffer, and 6.12 allows ZONED only with USER_COPY).
+pub(crate) fn resolve_zoned(choice: BufferChoice, kernel_features: u64) -> Result<(BufferMode, String)> {
+    match choice {
+        BufferChoice::Auto | BufferChoice::Force(BufferMode::UserCopy)
+            if BufferMode::UserCopy.supported(kernel_features) =>
+        {
+            Ok((BufferMode::UserCopy, "a zoned device: zone appends and reports move through the char device".into()))
+        }
+        BufferChoice::Auto | BufferChoice::Force(BufferMode::UserCopy) => Err(Error::Config(
+            "a zoned device needs buffer mode user-copy, which needs the ublk feature USER_COPY (Linux 6.5+), which this kernel does not offer".into(),
+        )),
+        BufferChoice::Force(mode) => Err(Error::Config(format!(
+            "buffer mode {mode} cannot serve a zoned device (zone appends and zone reports move only in user-copy): use buffer mode user-copy"
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,6 +258,19 @@ mod tests {
     /// For a target that never touches data (null).
     fn no_data(choice: BufferChoice, kernel_features: u64) -> Result<(BufferMode, String)> {
         resolve(choice, kernel_features, false, true, "null")
+    }
+
+    #[test]
+    fn zoned_devices_user_copy() {
+        assert_eq!(resolve_zoned(BufferChoice::Auto, DEBIAN_612).unwrap().0, BufferMode::UserCopy);
+        assert_eq!(
+            resolve_zoned(BufferChoice::Force(BufferMode::UserCopy), DEBIAN_72).unwrap().0,
+            BufferMode::UserCopy
+        );
+        let e = resolve_zoned(BufferChoice::Force(BufferMode::Copy), DEBIAN_72).unwrap_err().to_string();
+        assert!(e.contains("buffer mode copy cannot serve a zoned device"), "{e}");
+        let e = resolve_zoned(BufferChoice::Auto, DEBIAN_612 & !features::F_USER_COPY).unwrap_err().to_string();
+        assert!(e.contains("USER_COPY (Linux 6.5+)"), "{e}");
     }
 
     #[test]
@@ -297,10 +348,13 @@ mod tests {
     #[test]
     fn modes_from_device_flags() {
         use features::*;
-        assert_eq!(BufferMode::from_dev_flags(F_CMD_IOCTL_ENCODE | F_USER_RECOVERY), BufferMode::Copy);
-        for mode in [BufferMode::Copy, BufferMode::ZeroCopy, BufferMode::AutoReg, BufferMode::NoData] {
+        assert_eq!(BufferMode::from_dev_flags(F_CMD_IOCTL_ENCODE | F_USER_RECOVERY, true), BufferMode::Copy);
+        for mode in
+            [BufferMode::Copy, BufferMode::ZeroCopy, BufferMode::AutoReg, BufferMode::NoData, BufferMode::UserCopy]
+        {
             let flags = F_CMD_IOCTL_ENCODE | F_USER_RECOVERY | F_USER_RECOVERY_REISSUE | F_BATCH_IO | mode.dev_flag();
-            assert_eq!(BufferMode::from_dev_flags(flags), mode);
+            // USER_COPY is user-copy for a target that moves data, none for one that does not.
+            assert_eq!(BufferMode::from_dev_flags(flags, mode != BufferMode::NoData), mode);
             assert_eq!(BufferMode::from_name(mode.name()), Some(mode));
         }
         assert_eq!(BufferMode::from_name("auto"), None);

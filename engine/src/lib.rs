@@ -60,6 +60,7 @@
 //!     rotational: false,
 //!     volatile_cache: false,
 //!     discard: None,
+//!     zoned: None,
 //! };
 //! let summary = ubd_engine::serve(
 //!     Arc::new(Forgetful(info)),
@@ -107,7 +108,7 @@ pub use daemon::{
 pub use error::{Error, Result};
 pub use queue::config::{IoProtocol, QueueReport};
 pub use queue::stats::{BatchCounters, Counters, ErrnoCounts, LatencySummary, SizeCounter, StatsSnapshot};
-pub use request::{DiscardInfo, FileSlot, IoRequest, Mem, MemId, Op, TargetInfo};
+pub use request::{DiscardInfo, FileSlot, IoRequest, Mem, MemId, Op, TargetInfo, ZonedInfo};
 pub use ring::RingMode;
 pub use sys::features::{self, feature_names};
 pub use sys::mmap::PageKind;

@@ -23,6 +23,21 @@ pub struct TargetInfo {
     pub volatile_cache: bool,
     /// DISCARD / WRITE_ZEROES support, if any.
     pub discard: Option<DiscardInfo>,
+    /// A host-managed zoned device (UBLK_F_ZONED, Linux 6.6+): its zone geometry. The
+    /// target then gets the zone operations ([`Op::ZoneAppend`] and the rest), and the
+    /// device is served in buffer mode user-copy.
+    pub zoned: Option<ZonedInfo>,
+}
+
+/// The zones of a host-managed zoned device.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ZonedInfo {
+    /// Bytes of each zone (a power of two; the device size is a multiple of it).
+    pub zone_size: u64,
+    /// Zones that may be open at once (0: no limit).
+    pub max_open_zones: u32,
+    /// Zones that may be open or closed (written but not full) at once (0: no limit).
+    pub max_active_zones: u32,
 }
 
 /// DISCARD / WRITE_ZEROES limits of a device.
@@ -36,8 +51,10 @@ pub struct DiscardInfo {
     pub max_write_zeroes_sectors: u32,
 }
 
-/// The operation of a request.
+/// The operation of a request. Zone operations come only to zoned devices
+/// ([`TargetInfo::zoned`]); more may come with new kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
 pub enum Op {
     /// Read `len` bytes at `offset` into the request buffer.
     Read,
@@ -49,6 +66,47 @@ pub enum Op {
     Discard,
     /// The range reads back as zeroes.
     WriteZeroes,
+    /// Open the zone at `offset` explicitly.
+    ZoneOpen,
+    /// Close the open zone at `offset`.
+    ZoneClose,
+    /// Make the zone at `offset` full.
+    ZoneFinish,
+    /// Write `len` bytes of the request buffer at the write pointer of the zone at
+    /// `offset`; the target says where with [`IoCtx::zone_appended`](crate::IoCtx::zone_appended).
+    ZoneAppend,
+    /// Reset the zone at `offset` (empty, write pointer at its start).
+    ZoneReset,
+    /// Reset every sequential zone.
+    ZoneResetAll,
+    /// Fill the request buffer with up to `len / 64` zone descriptors (`struct
+    /// blk_zone`), from the zone at `offset` on; the result is the bytes written.
+    ReportZones,
+}
+
+impl Op {
+    /// The request brings data for the target (its buffer holds it when the target
+    /// gets the request).
+    pub fn carries_data_in(self) -> bool {
+        matches!(self, Op::Write | Op::ZoneAppend)
+    }
+    /// The target fills the request buffer (its result is the bytes filled).
+    pub fn carries_data_out(self) -> bool {
+        matches!(self, Op::Read | Op::ReportZones)
+    }
+    /// A zone operation (only a zoned device gets these).
+    pub fn is_zone_op(self) -> bool {
+        matches!(
+            self,
+            Op::ZoneOpen
+                | Op::ZoneClose
+                | Op::ZoneFinish
+                | Op::ZoneAppend
+                | Op::ZoneReset
+                | Op::ZoneResetAll
+                | Op::ReportZones
+        )
+    }
 }
 
 /// A validated request, decoded from the kernel's descriptor.
@@ -104,11 +162,35 @@ pub(crate) fn decode_request(tag: u16, desc: &IoDesc, buf_size: u32, dev_size: u
         uapi::IO_OP_FLUSH => Op::Flush,
         uapi::IO_OP_DISCARD => Op::Discard,
         uapi::IO_OP_WRITE_ZEROES => Op::WriteZeroes,
+        uapi::IO_OP_ZONE_OPEN => Op::ZoneOpen,
+        uapi::IO_OP_ZONE_CLOSE => Op::ZoneClose,
+        uapi::IO_OP_ZONE_FINISH => Op::ZoneFinish,
+        uapi::IO_OP_ZONE_APPEND => Op::ZoneAppend,
+        uapi::IO_OP_ZONE_RESET => Op::ZoneReset,
+        uapi::IO_OP_ZONE_RESET_ALL => Op::ZoneResetAll,
+        uapi::IO_OP_REPORT_ZONES => Op::ReportZones,
         _ => return Err(-libc::EOPNOTSUPP),
     };
     if op == Op::Flush {
         // A flush has no range: the kernel sends start_sector = -1 and no sectors.
         return Ok(IoRequest { tag, op, flags: desc.flags(), offset: 0, len: 0 });
+    }
+    if matches!(op, Op::ZoneOpen | Op::ZoneClose | Op::ZoneFinish | Op::ZoneReset | Op::ZoneResetAll) {
+        // No data: the zone's start (0 for RESET_ALL).
+        let offset = desc.start_sector.checked_mul(512).ok_or(-libc::EIO)?;
+        if offset >= dev_size {
+            return Err(-libc::EIO);
+        }
+        return Ok(IoRequest { tag, op, flags: desc.flags(), offset, len: 0 });
+    }
+    if op == Op::ReportZones {
+        // `nr_sectors` holds nr_zones: the buffer has room for that many descriptors.
+        let offset = desc.start_sector.checked_mul(512).ok_or(-libc::EIO)?;
+        let len = u64::from(desc.nr_sectors) * 64;
+        if offset >= dev_size || len == 0 || len > u64::from(buf_size) {
+            return Err(-libc::EIO);
+        }
+        return Ok(IoRequest { tag, op, flags: desc.flags(), offset, len });
     }
     let offset = desc.start_sector.checked_mul(512).ok_or(-libc::EIO)?;
     let len = u64::from(desc.nr_sectors) * 512;
@@ -116,7 +198,7 @@ pub(crate) fn decode_request(tag: u16, desc: &IoDesc, buf_size: u32, dev_size: u
     if len == 0 || end > dev_size {
         return Err(-libc::EIO);
     }
-    if matches!(op, Op::Read | Op::Write) && len > u64::from(buf_size) {
+    if matches!(op, Op::Read | Op::Write | Op::ZoneAppend) && len > u64::from(buf_size) {
         return Err(-libc::EIO);
     }
     Ok(IoRequest { tag, op, flags: desc.flags(), offset, len })

@@ -220,6 +220,8 @@ pub struct IoCtx<'a> {
     live: &'a dyn Fn(u16) -> bool,
     /// Requests finished from this call ([`IoCtx::finish`]), committed after it.
     finished: &'a mut Vec<(u16, i32)>,
+    /// Zone appends and the sector each wrote at ([`IoCtx::zone_appended`]).
+    appended: &'a mut Vec<(u16, u64)>,
 }
 
 impl fmt::Debug for IoCtx<'_> {
@@ -235,8 +237,22 @@ impl<'a> IoCtx<'a> {
         inflight: &'a mut Inflight,
         live: &'a dyn Fn(u16) -> bool,
         finished: &'a mut Vec<(u16, i32)>,
+        appended: &'a mut Vec<(u16, u64)>,
     ) -> Self {
-        Self { sq, owner, inflight, live, finished }
+        Self { sq, owner, inflight, live, finished, appended }
+    }
+
+    /// Zoned devices: the zone append on `tag` wrote its data at `sector` (512-byte
+    /// units: where the zone's write pointer was), which the kernel reports to the
+    /// writer. Say it before the request is finished (`Done`, or [`IoCtx::finish`]).
+    /// `-EINVAL` if `tag` is not in the target.
+    pub fn zone_appended(&mut self, tag: u16, sector: u64) -> Result<(), i32> {
+        if !self.open(tag) {
+            return Err(-libc::EINVAL);
+        }
+        self.appended.retain(|&(t, _)| t != tag);
+        self.appended.push((tag, sector));
+        Ok(())
     }
 
     fn count(&mut self, r: Result<(), i32>) -> Result<(), i32> {
@@ -403,6 +419,7 @@ impl<'a> IoCtx<'a> {
             inflight: &mut *self.inflight,
             live: self.live,
             finished: &mut *self.finished,
+            appended: &mut *self.appended,
         }
     }
 
@@ -418,6 +435,7 @@ impl<'a> IoCtx<'a> {
             inflight: &mut *self.inflight,
             live: self.live,
             finished: &mut *self.finished,
+            appended: &mut *self.appended,
         })
     }
 }

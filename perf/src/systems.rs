@@ -168,7 +168,8 @@ pub struct EngineCaps {
 
 impl EngineCaps {
     /// Buffer modes available given `--help` text and the kernel's features:
-    /// copy always; zero-copy with SUPPORT_ZERO_COPY; auto-reg with AUTO_BUF_REG.
+    /// copy always; zero-copy with SUPPORT_ZERO_COPY; auto-reg with AUTO_BUF_REG;
+    /// user-copy with USER_COPY (and an engine that has the mode).
     pub fn from_parts(help: &str, features: Vec<String>) -> Self {
         let mut buffer_modes = Vec::new();
         if help.contains("--buffer-mode") {
@@ -178,6 +179,9 @@ impl EngineCaps {
             }
             if features.iter().any(|f| f == "AUTO_BUF_REG") {
                 buffer_modes.push("auto-reg".to_string());
+            }
+            if features.iter().any(|f| f == "USER_COPY") && help.contains("user-copy") {
+                buffer_modes.push("user-copy".to_string());
             }
         }
         EngineCaps { buffer_modes, features }
@@ -711,6 +715,9 @@ mod tests {
         assert_eq!(names(&default_systems(&old, false, false)), ["raw", "kloop", "engine-loop", "engine-null"]);
         let lts = EngineCaps::from_parts("--buffer-mode <MODE>", vec!["USER_COPY".into()]);
         assert_eq!(lts.buffer_modes, ["copy"]);
+        let uc =
+            EngineCaps::from_parts("--buffer-mode <MODE> [possible values: copy, user-copy]", vec!["USER_COPY".into()]);
+        assert_eq!(uc.buffer_modes, ["copy", "user-copy"]);
         let f = parse_features(br#"{"features":["SUPPORT_ZERO_COPY","AUTO_BUF_REG"],"mask":"0x1"}"#).unwrap();
         let new = EngineCaps::from_parts("--buffer-mode <MODE>", f);
         assert_eq!(new.buffer_modes, ["copy", "zero-copy", "auto-reg"]);

@@ -9,6 +9,7 @@ pub mod null;
 pub mod rbd;
 pub mod sockram;
 pub mod spec;
+pub mod zoned;
 
 pub use fault::{FaultSpec, FaultTarget};
 pub use loop_target::{DirectIo, LoopOptions, LoopTarget};
@@ -17,3 +18,4 @@ pub use null::NullTarget;
 pub use rbd::{RbdOptions, RbdTarget};
 pub use sockram::SockRamTarget;
 pub use spec::TargetSpec;
+pub use zoned::{ZonedOptions, ZonedTarget};

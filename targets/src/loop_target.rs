@@ -204,6 +204,7 @@ impl LoopTarget {
                 rotational: false,
                 volatile_cache: true,
                 discard,
+                zoned: None,
             },
         })
     }
@@ -331,6 +332,8 @@ impl QueueTarget for LoopQueue {
                 };
                 pending_or(io.fallocate(self.slot, mode, req.offset, req.len, COOKIE_FALLOCATE))
             }
+            // Zone operations: a loop device is not zoned.
+            _ => Disposition::Done(-libc::EOPNOTSUPP),
         }
     }
 

@@ -21,6 +21,7 @@ impl NullTarget {
                 rotational: false,
                 volatile_cache: false,
                 discard: None,
+                zoned: None,
             },
         }
     }
@@ -67,6 +68,8 @@ fn null_result(req: &IoRequest) -> i32 {
     match req.op {
         Op::Read | Op::Write => i32::try_from(req.len).unwrap_or(-libc::EIO),
         Op::Flush | Op::Discard | Op::WriteZeroes => 0,
+        // Zone operations: a null device is not zoned.
+        _ => -libc::EOPNOTSUPP,
     }
 }
 

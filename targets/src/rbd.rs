@@ -121,6 +121,7 @@ impl RbdTarget {
                 max_discard_sectors: MOST_SECTORS,
                 max_write_zeroes_sectors: MOST_SECTORS,
             }),
+            zoned: None,
         };
         let (maj, min, ext) = ubd_ceph::rbd_version().unwrap_or_default();
         let describe = serde_json::json!({
@@ -250,6 +251,8 @@ impl RbdQueue {
             Op::Flush => AioOp::Flush,
             Op::Discard => AioOp::Discard { off: req.offset, len: req.len },
             Op::WriteZeroes => AioOp::WriteZeroes { off: req.offset, len: req.len },
+            // Zone operations: an RBD image is not zoned.
+            _ => return Err(-libc::EOPNOTSUPP),
         };
         self.aio.submit(op, u, |buf| {
             buf.copy_from_slice(io.request_buf(len)?);

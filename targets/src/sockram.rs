@@ -182,6 +182,7 @@ impl SockRamTarget {
                     max_discard_sectors: 1 << 16,
                     max_write_zeroes_sectors: 1 << 16,
                 }),
+                zoned: None,
             },
             store: Arc::new(Mutex::new(vec![0; len])),
         })

@@ -59,6 +59,16 @@ pub enum TargetSpec {
         size: u64,
         logical_block_size: u32,
     },
+    /// The in-memory zoned target (see [`ZonedTarget`](crate::ZonedTarget)): its data
+    /// lived in the dead daemon, so it is not recoverable either.
+    Zoned {
+        size: u64,
+        zone_size: u64,
+        conventional: u32,
+        max_open: u32,
+        max_active: u32,
+        logical_block_size: u32,
+    },
 }
 
 impl TargetSpec {
@@ -99,6 +109,11 @@ impl TargetSpec {
             TargetSpec::SockRam { .. } => {
                 return Err(ubd_engine::Error::Config(
                     "the sockram test target kept its data in the daemon that died: it cannot be recovered (delete the device with `ubd-engine del`)".into(),
+                ));
+            }
+            TargetSpec::Zoned { .. } => {
+                return Err(ubd_engine::Error::Config(
+                    "the zoned target kept its zones in memory in the daemon that died: it cannot be recovered (delete the device with `ubd-engine del`)".into(),
                 ));
             }
         })

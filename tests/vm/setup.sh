@@ -31,7 +31,7 @@ VENV=$UBD_CACHE/venv
 # qemu-system-x86 of another version would make apt remove it (see below).
 PKGS=(qemu-system-x86 qemu-utils kmod fio busybox-static xz-utils e2fsprogs binutils file
     util-linux procps python3-venv ca-certificates fonts-dejavu-core
-    nbdkit nbd-client python3-prometheus-client curl
+    nbdkit nbd-client python3-prometheus-client curl btrfs-progs
     ceph-mon ceph-osd ceph-common rbd-nbd)
 
 CODENAME=$(sed -n 's/^VERSION_CODENAME=//p' /etc/os-release)

@@ -132,6 +132,30 @@ pub fn serve_sockram(a: &DevArgs, size: &str, block_size: u32) -> Result<()> {
     serve(with_faults(Arc::new(t), fault), spec, &opts, a, false)
 }
 
+/// `zoned`: the in-memory host-managed zoned target. `zones` is (conventional, max
+/// open, max active).
+pub fn serve_zoned(a: &DevArgs, size: &str, zone_size: &str, zones: (u32, u32, u32), block_size: u32) -> Result<()> {
+    let mut opts = device_options(a)?;
+    let size = checked_size(size, block_size)?;
+    let zone_size = parse_size(zone_size).map_err(anyhow::Error::msg).context("--zone-size")?;
+    let (conventional, max_open, max_active) = zones;
+    let fault = fault_spec(a)?;
+    let t = ubd_targets::ZonedTarget::new(&ubd_targets::ZonedOptions {
+        size,
+        zone_size,
+        conventional,
+        max_open,
+        max_active,
+        block_size,
+    })
+    .map_err(|e| anyhow::anyhow!("zoned: {e}"))?;
+    preflight()?;
+    // The scan at start would only read zeroes; the block layer reads the zones anyway.
+    opts.partition_scan = false;
+    let spec = t.spec();
+    serve(with_faults(Arc::new(t), fault), spec, &opts, a, false)
+}
+
 /// `nbd URI`: a client of an NBD server's export.
 pub fn serve_nbd(
     a: &DevArgs,

@@ -55,6 +55,7 @@ pub struct DevArgs {
     no_hugepages: bool,
     /// How request data moves: auto (fastest the kernel offers; none for null), copy
     /// (any kernel), zero-copy (REGISTER_IO_BUF, 6.15+), auto-reg (AUTO_BUF_REG, 6.16+),
+    /// user-copy (UBLK_F_USER_COPY, 6.5+: data moved by reads and writes of /dev/ublkcN),
     /// none (null only: no data moved, UBLK_F_USER_COPY, 6.5+).
     #[arg(long, global = true, value_enum, default_value_t = BufferChoice::Auto)]
     buffer_mode: BufferChoice,
@@ -234,6 +235,30 @@ enum Command {
         #[arg(long, value_name = "BYTES", default_value_t = 512)]
         block_size: u32,
     },
+    /// A host-managed zoned device in memory (UBLK_F_ZONED, Linux 6.6+): sequential
+    /// zones with write pointers, zone append, open/close/finish/reset and REPORT ZONES,
+    /// open and active zone limits; served in buffer mode user-copy. Its data dies with
+    /// the process.
+    Zoned {
+        /// Device size, e.g. 1G (a multiple of the zone size).
+        #[arg(long, value_name = "SIZE")]
+        size: String,
+        /// Zone size, a power of two from 64K, e.g. 64M.
+        #[arg(long, value_name = "SIZE", default_value = "64M")]
+        zone_size: String,
+        /// Conventional (randomly writable) zones at the start of the device.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        conventional: u32,
+        /// Zones that may be open at once (0: no limit).
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        max_open: u32,
+        /// Zones that may be open or closed at once (0: no limit).
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        max_active: u32,
+        /// Logical block size in bytes.
+        #[arg(long, value_name = "BYTES", default_value_t = 4096)]
+        block_size: u32,
+    },
     /// Take over a device whose ubd-engine died (kill -9, crash): the target is
     /// re-opened as recorded in /run/ubd-engine/ID.json, in-flight IO is re-issued.
     Recover {
@@ -402,6 +427,9 @@ fn dispatch(command: Command, dev: &DevArgs) -> anyhow::Result<()> {
         Command::Loop { path, direct, block_size } => cmd::serve_loop(cli_dev, &path, direct, block_size),
         Command::Null { size, block_size } => cmd::serve_null(cli_dev, &size, block_size),
         Command::Sockram { size, block_size } => cmd::serve_sockram(cli_dev, &size, block_size),
+        Command::Zoned { size, zone_size, conventional, max_open, max_active, block_size } => {
+            cmd::serve_zoned(cli_dev, &size, &zone_size, (conventional, max_open, max_active), block_size)
+        }
         Command::Nbd { uri, connections, reconnect_timeout, io_timeout } => {
             cmd::serve_nbd(cli_dev, &uri, connections, reconnect_timeout, io_timeout)
         }
@@ -488,6 +516,7 @@ mod tests {
             ("copy", BufferChoice::Force(BufferMode::Copy)),
             ("zero-copy", BufferChoice::Force(BufferMode::ZeroCopy)),
             ("auto-reg", BufferChoice::Force(BufferMode::AutoReg)),
+            ("user-copy", BufferChoice::Force(BufferMode::UserCopy)),
             ("none", BufferChoice::Force(BufferMode::NoData)),
         ] {
             assert_eq!(dev(&["--buffer-mode", v]).buffer_mode, want);

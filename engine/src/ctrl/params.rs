@@ -67,6 +67,34 @@ pub fn build_params(info: &TargetInfo, max_io_buf_bytes: u32) -> Result<Params> 
             reserved0: 0,
         };
     }
+    if let Some(z) = &info.zoned {
+        let zone_sectors = z.zone_size >> 9;
+        let nr_zones = info.dev_size / z.zone_size.max(1);
+        if !z.zone_size.is_power_of_two()
+            || z.zone_size < u64::from(lbs).max(4096)
+            || !info.dev_size.is_multiple_of(z.zone_size)
+            || zone_sectors > u64::from(u32::MAX)
+        {
+            return Err(Error::Config(format!(
+                "zone size {} must be a power of two of at least 4K that divides the device size {}",
+                z.zone_size, info.dev_size
+            )));
+        }
+        for (what, n) in [("open", z.max_open_zones), ("active", z.max_active_zones)] {
+            if u64::from(n) > nr_zones {
+                return Err(Error::Config(format!("max {what} zones {n} exceeds the {nr_zones} zones of the device")));
+            }
+        }
+        p.types |= uapi::PARAM_TYPE_ZONED;
+        p.basic.chunk_sectors = zone_sectors as u32;
+        p.zoned = uapi::ParamZoned {
+            max_open_zones: z.max_open_zones,
+            max_active_zones: z.max_active_zones,
+            // A zone append carries at most one request buffer, and stays in its zone.
+            max_zone_append_sectors: (max_io_buf_bytes >> 9).min(zone_sectors as u32),
+            reserved: [0; 20],
+        };
+    }
     Ok(p)
 }
 
@@ -88,6 +116,22 @@ mod tests {
                 max_discard_sectors: 1 << 20,
                 max_write_zeroes_sectors: 1 << 20,
             }),
+            zoned: None,
+        }
+    }
+
+    #[test]
+    fn builds_zoned() {
+        let mut z = info(64 << 20, 4096);
+        z.discard = None;
+        z.zoned = Some(crate::request::ZonedInfo { zone_size: 4 << 20, max_open_zones: 4, max_active_zones: 8 });
+        let p = build_params(&z, 512 << 10).unwrap();
+        assert_eq!(p.types, uapi::PARAM_TYPE_BASIC | uapi::PARAM_TYPE_ZONED);
+        assert_eq!(p.basic.chunk_sectors, 8192);
+        assert_eq!((p.zoned.max_open_zones, p.zoned.max_active_zones, p.zoned.max_zone_append_sectors), (4, 8, 1024));
+        for (zone_size, open) in [(3 << 20, 0), (128 << 20, 0), (2048, 0), (4 << 20, 17)] {
+            z.zoned = Some(crate::request::ZonedInfo { zone_size, max_open_zones: open, max_active_zones: 0 });
+            build_params(&z, 512 << 10).unwrap_err();
         }
     }
 

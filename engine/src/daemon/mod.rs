@@ -294,8 +294,29 @@ pub fn serve(
             opts.recovery
         )));
     }
+    let zoned = if target.info().zoned.is_some() { features::F_ZONED } else { 0 };
+    if zoned != 0 {
+        if kernel_features & features::F_ZONED == 0 {
+            return Err(Error::Config(
+                "a zoned device needs the ublk feature ZONED (Linux 6.6+), which this kernel does not offer".into(),
+            ));
+        }
+        if unprivileged != 0 {
+            return Err(Error::Config(
+                "a zoned device needs buffer mode user-copy, which the kernel does not allow on an unprivileged device: run as root".into(),
+            ));
+        }
+        if opts.io_protocol == IoProtocol::Batch {
+            return Err(Error::Config(
+                "a zoned device is served with io protocol per-tag: batch commits here carry no zone append sector"
+                    .into(),
+            ));
+        }
+    }
     let (buffer_mode, buffer_reason) = if unprivileged != 0 {
         crate::buf::resolve_unprivileged(opts.buffer)?
+    } else if zoned != 0 {
+        crate::buf::resolve_zoned(opts.buffer, kernel_features)?
     } else {
         resolve(opts.buffer, kernel_features, target.moves_data(), target.supports_zero_copy(), target.name())?
     };
@@ -338,7 +359,8 @@ pub fn serve(
             | want_batch
             | no_scan
             | quiesce
-            | unprivileged,
+            | unprivileged
+            | zoned,
         ..Default::default()
     };
     ctrl.add_dev(&mut info).map_err(|e| match (e.raw_os_error(), opts.dev_id) {
@@ -400,7 +422,7 @@ pub fn recover(
         )));
     }
     // The mode comes from the device (USER_COPY: `none`), whatever --buffer-mode says.
-    let buffer_mode = BufferMode::from_dev_flags(info.flags);
+    let buffer_mode = BufferMode::from_dev_flags(info.flags, target.moves_data());
     if buffer_mode.is_zero_copy() && !target.supports_zero_copy() {
         return Err(Error::Config(format!(
             "device {dev_id} was created in buffer mode {buffer_mode}, which the {} target cannot serve",

@@ -175,6 +175,7 @@ fn run(
         buf_size: cfg.buf_size,
         dev_size: cfg.dev_size,
         read_only: cfg.read_only,
+        user_copy: cfg.buffer_mode == crate::buf::BufferMode::UserCopy,
         protocol: cfg.protocol,
         size_now: crate::sys::disk_bytes,
         dev_id: cfg.dev_id,

@@ -59,6 +59,12 @@ enum Slot {
     Fetching,
     /// A request is being served by the target.
     InTarget(IoRequest),
+    /// User copy: a write's data is being read from the char device into the tag's
+    /// buffer; the target gets the request once it is there.
+    CopyIn(IoRequest),
+    /// User copy: the target read the request's data (result given); it is being
+    /// written to the char device, and the request is committed once it is there.
+    CopyOut(IoRequest, i32),
     /// The kernel aborted the tag (device going away), or its commit could not be
     /// sent: not re-issued.
     Dead,
@@ -73,6 +79,9 @@ pub(crate) struct Geometry {
     pub(crate) dev_size: u64,
     /// Writes, discards and write-zeroes fail with EROFS, unseen by the target.
     pub(crate) read_only: bool,
+    /// Buffer mode user-copy: the queue moves request data through the char device
+    /// ([`Ring::push_user_copy`]) before and after the target.
+    pub(crate) user_copy: bool,
     pub(crate) protocol: IoProtocol,
     /// The device's size now, as the kernel has it (bytes), read when a request ends
     /// past `dev_size`: the device may have grown (UPDATE_SIZE). None: unknown.
@@ -92,6 +101,10 @@ pub(crate) struct Reactor<'a, R: Ring + BatchRing, D: Descs> {
     inflight: Inflight,
     /// Requests a target call finished for other tags ([`IoCtx::finish`]).
     finished: Vec<(u16, i32)>,
+    /// Zone appends a target call placed ([`IoCtx::zone_appended`]), and per tag the
+    /// sector its zone append wrote at, for its commit.
+    appended: Vec<(u16, u64)>,
+    append_at: Vec<Option<u64>>,
     /// The target's `stop` has been called.
     stop_called: bool,
     /// Requests the target finished while SQEs of theirs were still in flight: committed
@@ -101,8 +114,10 @@ pub(crate) struct Reactor<'a, R: Ring + BatchRing, D: Descs> {
     cmds_inflight: u32,
     /// Batch protocol: the multishot FETCH_IO_CMDS is with the kernel.
     fetch_armed: bool,
-    /// Requests in the target.
+    /// Requests in the target (user copy: and those whose data is being copied).
     in_target: u32,
+    /// User-copy reads and writes of the char device in flight (they use tag buffers).
+    copies_inflight: u32,
     stopping: bool,
     /// Told to abort: give up on requests still in the target and exit now.
     aborting: bool,
@@ -124,7 +139,7 @@ impl<R: Ring + BatchRing, D: Descs> Drop for Reactor<'_, R, D> {
     fn drop(&mut self) {
         // Gone with target IO in flight (an abort, a panic): the ring's teardown in the
         // kernel is asynchronous, so the buffers that IO uses must stay mapped.
-        if self.inflight.requests > 0 || self.inflight.queue > 0 {
+        if self.inflight.requests > 0 || self.inflight.queue > 0 || self.copies_inflight > 0 {
             self.ring.abandon_buffers();
         }
     }
@@ -148,11 +163,14 @@ impl<'a, R: Ring + BatchRing, D: Descs> Reactor<'a, R, D> {
             slots: vec![Slot::Idle; depth],
             inflight: Inflight::new(g.depth),
             finished: Vec::new(),
+            appended: Vec::new(),
+            append_at: vec![None; depth],
             stop_called: false,
             deferred: vec![None; depth],
             cmds_inflight: 0,
             fetch_armed: false,
             in_target: 0,
+            copies_inflight: 0,
             stopping: false,
             aborting: false,
             poisoned: false,
@@ -310,6 +328,7 @@ impl<'a, R: Ring + BatchRing, D: Descs> Reactor<'a, R, D> {
                 }
             }
             Kind::Target => self.on_target(c.tag, c.cookie, c.res),
+            Kind::UserCopy => self.on_user_copy(c.tag, c.res),
             Kind::QueueIo => {
                 self.inflight.queue -= 1;
                 self.call_queue(|t, io| t.queue_complete(c.cookie, c.res, io));
@@ -376,13 +395,22 @@ impl<'a, R: Ring + BatchRing, D: Descs> Reactor<'a, R, D> {
             }
         }
         match decoded {
-            Ok(req) if self.g.read_only && req.op != Op::Read && req.op != Op::Flush => {
+            Ok(req) if self.g.read_only && !matches!(req.op, Op::Read | Op::Flush | Op::ReportZones) => {
                 // The kernel refuses writes to a read-only disk at open and in the write
                 // path, but a bio submitted directly only gets a warning: it stops here.
                 // Counted and logged as a failed request, as if the target had failed it.
                 self.slots[idx] = Slot::InTarget(req);
                 self.in_target += 1;
                 self.commit(tag, -libc::EROFS);
+            }
+            Ok(req) if self.g.user_copy && req.op.carries_data_in() && req.len > 0 => {
+                // The data first: the target sees the request once it is in our buffer.
+                self.slots[idx] = Slot::CopyIn(req);
+                self.in_target += 1;
+                match self.ring.push_user_copy(tag, false, u32::try_from(req.len).unwrap_or(u32::MAX)) {
+                    Ok(()) => self.copies_inflight += 1,
+                    Err(errno) => self.commit(tag, errno),
+                }
             }
             Ok(req) => {
                 self.slots[idx] = Slot::InTarget(req);
@@ -412,6 +440,47 @@ impl<'a, R: Ring + BatchRing, D: Descs> Reactor<'a, R, D> {
                 tracing::error!(q_id = self.g.q_id, tag, "ublk io command failed: {e}");
                 self.slots[idx] = Slot::Dead;
             }
+        }
+    }
+
+    /// User copy: the char device read (a write's data in) or write (a read's data out)
+    /// of `tag` completed with `res` bytes moved.
+    fn on_user_copy(&mut self, tag: u16, res: i32) {
+        self.copies_inflight -= 1;
+        let moved = |want: u32| match res {
+            r if r >= 0 && r as u32 == want => None,
+            r if r < 0 => Some(r),
+            // A short copy: the kernel has less of the request than it said.
+            _ => Some(-libc::EIO),
+        };
+        match self.slots.get(usize::from(tag)).copied() {
+            Some(Slot::CopyIn(req)) => match moved(u32::try_from(req.len).unwrap_or(u32::MAX)) {
+                None if self.poisoned || self.aborting => self.commit(tag, -libc::EIO),
+                None => {
+                    self.slots[usize::from(tag)] = Slot::InTarget(req);
+                    self.run_target(tag, |t, io| t.submit(&req, io));
+                }
+                Some(errno) => {
+                    tracing::warn!(
+                        q_id = self.g.q_id,
+                        tag,
+                        "reading the request's data from the char device failed: {res}"
+                    );
+                    self.commit(tag, errno);
+                }
+            },
+            Some(Slot::CopyOut(_, done)) => match moved(done as u32) {
+                None => self.finish_commit(tag, done),
+                Some(errno) => {
+                    tracing::warn!(
+                        q_id = self.g.q_id,
+                        tag,
+                        "writing the request's data to the char device failed: {res}"
+                    );
+                    self.finish_commit(tag, errno);
+                }
+            },
+            other => tracing::error!(q_id = self.g.q_id, tag, ?other, "user-copy completion for a tag not copying"),
         }
     }
 
@@ -478,10 +547,17 @@ impl<'a, R: Ring + BatchRing, D: Descs> Reactor<'a, R, D> {
         let slots = &self.slots;
         let live = |t: u16| matches!(slots.get(usize::from(t)), Some(Slot::InTarget(_)));
         let target = &mut *self.target;
-        let mut io = IoCtx::new(self.ring.sq(), owner, &mut self.inflight, &live, &mut self.finished);
+        let mut io =
+            IoCtx::new(self.ring.sq(), owner, &mut self.inflight, &live, &mut self.finished, &mut self.appended);
         IN_TARGET.with(|t| t.set(true));
         let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(target, &mut io)));
         IN_TARGET.with(|t| t.set(false));
+        // Where the call's zone appends wrote, before their commits (now or later).
+        for (tag, sector) in self.appended.drain(..) {
+            if let Some(at) = self.append_at.get_mut(usize::from(tag)) {
+                *at = Some(sector);
+            }
+        }
         match out {
             Ok(v) => Some(v),
             Err(payload) => {
@@ -535,20 +611,66 @@ impl<'a, R: Ring + BatchRing, D: Descs> Reactor<'a, R, D> {
         }
     }
 
-    /// The target finished the request on `tag` with `res`: record it and commit it.
+    /// The target finished the request on `tag` with `res`: record it and commit it
+    /// (user copy: a read's data goes to the kernel first, then [`Self::finish_commit`]).
     fn commit(&mut self, tag: u16, res: i32) {
         let idx = usize::from(tag);
-        let Slot::InTarget(req) = self.slots[idx] else {
+        match self.slots[idx] {
+            Slot::InTarget(req) if self.g.user_copy && req.op.carries_data_out() && res > 0 => {
+                self.slots[idx] = Slot::CopyOut(req, res);
+                // res <= req.len <= buf_size: what the target read into the buffer.
+                match self.ring.push_user_copy(tag, true, res as u32) {
+                    Ok(()) => self.copies_inflight += 1,
+                    Err(errno) => self.finish_commit(tag, errno),
+                }
+            }
+            Slot::InTarget(_) | Slot::CopyIn(_) => self.finish_commit(tag, res),
+            _ => tracing::error!(q_id = self.g.q_id, tag, "a request finished twice: the second is ignored"),
+        }
+    }
+
+    /// Records the request on `tag` as done with `res` and gives the tag back.
+    fn finish_commit(&mut self, tag: u16, res: i32) {
+        let idx = usize::from(tag);
+        let (Slot::InTarget(req) | Slot::CopyIn(req) | Slot::CopyOut(req, _)) = self.slots[idx] else {
             tracing::error!(q_id = self.g.q_id, tag, "a request finished twice: the second is ignored");
             return;
         };
         self.in_target -= 1;
         self.deferred[idx] = None;
+        let append_at = self.append_at[idx].take();
+        let res = match (req.op, append_at) {
+            // A zone append must say where it wrote.
+            (Op::ZoneAppend, None) if res >= 0 => {
+                tracing::error!(q_id = self.g.q_id, tag, "the target finished a zone append without its sector");
+                -libc::EIO
+            }
+            _ => res,
+        };
         self.recorder.record(req.op, res, self.started[idx]);
         if res < 0 {
             self.log_error(&req, res);
         }
-        self.send_commit(tag, res);
+        match append_at {
+            Some(sector) if req.op == Op::ZoneAppend && res >= 0 => self.send_append_commit(tag, res, sector),
+            _ => self.send_commit(tag, res),
+        }
+    }
+
+    /// Gives the zone append on `tag` back to the kernel with where it wrote.
+    fn send_append_commit(&mut self, tag: u16, res: i32, sector: u64) {
+        let sent = match self.g.protocol {
+            // Batch commit elements carry no zone LBA here: zoned devices use per-tag.
+            IoProtocol::Batch => self.ring.queue_commit(tag, -libc::EIO),
+            IoProtocol::PerTag => self.ring.push_zone_append_commit(tag, res, sector).map(|()| self.cmds_inflight += 1),
+        };
+        self.slots[usize::from(tag)] = match sent {
+            Ok(()) => Slot::Fetching,
+            Err(errno) => {
+                tracing::error!(q_id = self.g.q_id, tag, "cannot queue the commit: errno {}", -errno);
+                Slot::Dead
+            }
+        };
     }
 
     /// Gives `tag` back to the kernel with `res` (and asks for its next request).

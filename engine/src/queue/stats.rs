@@ -41,7 +41,7 @@ impl Latency {
     fn for_op(&mut self, op: Op) -> &mut Histogram<u64> {
         match op {
             Op::Read => &mut self.read,
-            Op::Write => &mut self.write,
+            Op::Write | Op::ZoneAppend => &mut self.write,
             _ => &mut self.other,
         }
     }
@@ -75,6 +75,10 @@ pub struct Counters {
     pub discards: u64,
     /// WRITE_ZEROES completed successfully.
     pub write_zeroes: u64,
+    /// Zone operations completed successfully (zoned devices: open, close, finish,
+    /// reset, report; a zone append counts as a write).
+    #[serde(default)]
+    pub zone_ops: u64,
     /// Bytes the successful READs returned.
     pub bytes_read: u64,
     /// Bytes the successful WRITEs took.
@@ -156,6 +160,7 @@ impl Counters {
             flushes,
             discards,
             write_zeroes,
+            zone_ops,
             bytes_read,
             bytes_written,
             errors,
@@ -174,6 +179,7 @@ impl Counters {
         self.flushes += flushes;
         self.discards += discards;
         self.write_zeroes += write_zeroes;
+        self.zone_ops += zone_ops;
         self.bytes_read += bytes_read;
         self.bytes_written += bytes_written;
         self.errors += errors;
@@ -190,7 +196,7 @@ impl Counters {
 
     /// Requests completed (any op, successful).
     pub fn ops(&self) -> u64 {
-        self.reads + self.writes + self.flushes + self.discards + self.write_zeroes
+        self.reads + self.writes + self.flushes + self.discards + self.write_zeroes + self.zone_ops
     }
 
     /// SQEs per io_uring_enter.
@@ -352,13 +358,14 @@ impl Recorder {
                     c.reads += 1;
                     c.bytes_read += bytes;
                 }
-                Op::Write => {
+                Op::Write | Op::ZoneAppend => {
                     c.writes += 1;
                     c.bytes_written += bytes;
                 }
                 Op::Flush => c.flushes += 1,
                 Op::Discard => c.discards += 1,
                 Op::WriteZeroes => c.write_zeroes += 1,
+                _ => c.zone_ops += 1,
             }
         }
         let ns = u64::try_from(self.now.saturating_duration_since(started).as_nanos()).unwrap_or(u64::MAX);
@@ -750,12 +757,13 @@ mod tests {
 
     #[test]
     fn json_field_names_unchanged() {
-        const COUNTERS: [&str; 15] = [
+        const COUNTERS: [&str; 16] = [
             "reads",
             "writes",
             "flushes",
             "discards",
             "write_zeroes",
+            "zone_ops",
             "bytes_read",
             "bytes_written",
             "errors",
@@ -831,6 +839,7 @@ mod tests {
         let mut back = serde_json::to_value(&snap).unwrap();
         let m = back.as_object_mut().unwrap();
         assert_eq!(m.remove("errors_by_errno").unwrap(), serde_json::json!([0u64; ErrnoCounts::NAMES.len()].to_vec()));
+        assert_eq!(m.remove("zone_ops").unwrap(), serde_json::json!(0));
         let mut old = old;
         for l in ["read_latency", "write_latency", "other_latency"] {
             for v in [&mut m[l], &mut old[l]] {

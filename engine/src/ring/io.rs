@@ -139,7 +139,7 @@ impl QueueRing {
         match mem {
             Mem::Request { off, len } => {
                 let tag = tag.ok_or(-libc::EINVAL)?;
-                if self.mode != BufferMode::Copy {
+                if !self.mode.needs_buffers() {
                     return Err(-libc::EOPNOTSUPP);
                 }
                 if tag >= self.depth || u64::from(off) + u64::from(len) > u64::from(self.buf_size) {
@@ -206,8 +206,8 @@ impl TargetSq for QueueRing {
         let (ptr, len, mem) = match io.mem {
             Mem::Request { off, len } => {
                 let Owner::Request(tag) = owner else { return Err(-libc::EINVAL) };
-                // Only copy mode has request data in memory of ours.
-                if self.mode != BufferMode::Copy {
+                // Only copy and user-copy modes have request data in memory of ours.
+                if !self.mode.needs_buffers() {
                     return Err(-libc::EOPNOTSUPP);
                 }
                 if tag >= self.depth || u64::from(off) + u64::from(len) > u64::from(self.buf_size) {

@@ -380,6 +380,9 @@ pub(crate) trait Ring {
     fn sq(&mut self) -> &mut dyn io::TargetSq;
     /// Per-tag protocol: FETCH_REQ (`result` None) or COMMIT_AND_FETCH_REQ with `result`.
     fn push_ublk(&mut self, tag: u16, result: Option<i32>) -> Result<(), i32>;
+    /// Per-tag protocol: COMMIT_AND_FETCH_REQ of a zone append that wrote at `sector`
+    /// (the command's `zone_append_lba`).
+    fn push_zone_append_commit(&mut self, tag: u16, result: i32, sector: u64) -> Result<(), i32>;
     /// Arms the wake-up read on the eventfd.
     fn push_wake(&mut self) -> Result<(), i32>;
     /// Arms the read on the target's waker eventfd (no-op without a waker).
@@ -399,6 +402,11 @@ pub(crate) trait Ring {
     /// The queue gives up with target IO possibly in flight: the memory it names is
     /// never freed.
     fn abandon_buffers(&mut self);
+    /// User-copy mode: moves `len` bytes of request `tag`'s data between the kernel and
+    /// the tag's buffer, a read of `/dev/ublkcN` (`to_kernel` false: a write's data,
+    /// before the target) or a write to it (`to_kernel` true: a read's data, before the
+    /// commit). Completes as [`Kind::UserCopy`] with the bytes moved.
+    fn push_user_copy(&mut self, tag: u16, to_kernel: bool, len: u32) -> Result<(), i32>;
 }
 
 impl Ring for QueueRing {
@@ -429,10 +437,40 @@ impl Ring for QueueRing {
                 (uapi::IO_COMMIT_AND_FETCH_REQ, r)
             }
         };
-        let sqe = self.io_cmd(op, tag, res, self.buf_addr(tag) as u64, Kind::Ublk);
+        // Only copy mode names its buffer: with USER_COPY the kernel wants 0 there.
+        let addr = if self.mode == BufferMode::Copy { self.buf_addr(tag) as u64 } else { 0 };
+        let sqe = self.io_cmd(op, tag, res, addr, Kind::Ublk);
         // SAFETY: the command is inline; in copy mode `addr` is this tag's buffer inside
         // `self.bufs`, which outlives the ring; otherwise it is 0. Slot 0 is the char device.
         unsafe { self.push(&sqe) }
+    }
+
+    fn push_zone_append_commit(&mut self, tag: u16, result: i32, sector: u64) -> Result<(), i32> {
+        self.unregister_request_buf(tag)?;
+        let sqe = self.io_cmd(uapi::IO_COMMIT_AND_FETCH_REQ, tag, result, sector, Kind::Ublk);
+        // SAFETY: the command is inline; `addr` carries the sector (zone_append_lba), no
+        // memory. Slot 0 is the char device.
+        unsafe { self.push(&sqe) }
+    }
+
+    fn push_user_copy(&mut self, tag: u16, to_kernel: bool, len: u32) -> Result<(), i32> {
+        if self.mode != BufferMode::UserCopy || tag >= self.depth || len > self.buf_size {
+            return Err(-libc::EINVAL);
+        }
+        let pos = uapi::user_copy_offset(self.q_id, tag);
+        let ptr = self.buf_addr(tag);
+        let fd = types::Fixed(0);
+        // Plain reads and writes, never the fixed-buffer forms: the driver copies only
+        // from and to user-backed iterators (a registered buffer's bvec gets EACCES).
+        let sqe = if to_kernel {
+            opcode::Write::new(fd, ptr, len).offset(pos).build()
+        } else {
+            opcode::Read::new(fd, ptr, len).offset(pos).build()
+        };
+        // SAFETY: `ptr..ptr+len` is inside this tag's buffer (len <= buf_size checked; user
+        // copy has buffers), which lives as long as the ring (leaked if the ring goes with
+        // the SQE in flight); slot 0 is the char device.
+        unsafe { self.push(&sqe.user_data(tag::encode(Kind::UserCopy, tag, 0))) }
     }
 
     /// What the last wake-up read returned (the sum of the values signalled).

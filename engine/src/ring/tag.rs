@@ -21,10 +21,22 @@ pub enum Kind {
     QueueIo = 7,
     /// The read on the target's waker eventfd.
     Waker = 8,
+    /// User-copy mode: the read or write on the char device that moves a request's data
+    /// between the kernel and the tag's buffer.
+    UserCopy = 9,
 }
 
-const KINDS: [Kind; 8] =
-    [Kind::Ublk, Kind::Target, Kind::Wake, Kind::Aux, Kind::Fetch, Kind::Commit, Kind::QueueIo, Kind::Waker];
+const KINDS: [Kind; 9] = [
+    Kind::Ublk,
+    Kind::Target,
+    Kind::Wake,
+    Kind::Aux,
+    Kind::Fetch,
+    Kind::Commit,
+    Kind::QueueIo,
+    Kind::Waker,
+    Kind::UserCopy,
+];
 
 pub fn encode(kind: Kind, tag: u16, cookie: u16) -> u64 {
     (kind as u64) << 56 | u64::from(cookie) << 16 | u64::from(tag)
@@ -55,7 +67,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn roundtrip(tag: u16, cookie: u16, k in 0usize..8, mem in proptest::option::of(0u16..u16::MAX)) {
+        fn roundtrip(tag: u16, cookie: u16, k in 0usize..9, mem in proptest::option::of(0u16..u16::MAX)) {
             let kind = KINDS[k];
             let ud = encode_mem(kind, tag, cookie, mem);
             prop_assert_eq!(decode(ud), Some((kind, tag, cookie)));

@@ -30,6 +30,7 @@ pub const F_USER_RECOVERY_REISSUE: u64 = 1 << 4;
 pub const F_CMD_IOCTL_ENCODE: u64 = 1 << 6;
 pub const F_UNPRIVILEGED_DEV: u64 = 1 << 5;
 pub const F_USER_COPY: u64 = 1 << 7;
+pub const F_ZONED: u64 = 1 << 8;
 pub const F_USER_RECOVERY_FAIL_IO: u64 = 1 << 9;
 pub const F_UPDATE_SIZE: u64 = 1 << 10;
 pub const F_AUTO_BUF_REG: u64 = 1 << 11;

@@ -71,6 +71,16 @@ pub const MAX_NR_QUEUES: u16 = 4096;
 /// Largest per-request buffer the kernel accepts (`UBLK_IO_BUF_BITS` = 25).
 pub const MAX_IO_BUF_BYTES: u32 = 1 << 25;
 
+/// User copy (UBLK_F_USER_COPY): where request (`q_id`, `tag`)'s data sits in the char
+/// device's file offsets (`UBLKSRV_IO_BUF_OFFSET` + queue << `UBLK_QID_OFF` + tag <<
+/// `UBLK_TAG_OFF`; the low 25 bits are the offset inside the request).
+pub const fn user_copy_offset(q_id: u16, tag: u16) -> u64 {
+    const IO_BUF_OFFSET: u64 = 0x8000_0000;
+    const TAG_OFF: u32 = 25;
+    const QID_OFF: u32 = TAG_OFF + 16;
+    IO_BUF_OFFSET + ((q_id as u64) << QID_OFF) + ((tag as u64) << TAG_OFF)
+}
+
 /// Per-queue stride of the descriptor area in the char device's mmap space.
 pub const fn io_desc_queue_offset(q_id: u16, page_size: usize) -> usize {
     let per_queue = MAX_QUEUE_DEPTH as usize * size_of::<IoDesc>();
@@ -91,6 +101,16 @@ pub const IO_OP_DISCARD: u8 = 3;
 #[cfg(test)]
 pub const IO_OP_WRITE_SAME: u8 = 4;
 pub const IO_OP_WRITE_ZEROES: u8 = 5;
+// Zoned devices (UBLK_F_ZONED).
+pub const IO_OP_ZONE_OPEN: u8 = 10;
+pub const IO_OP_ZONE_CLOSE: u8 = 11;
+pub const IO_OP_ZONE_FINISH: u8 = 12;
+pub const IO_OP_ZONE_APPEND: u8 = 13;
+pub const IO_OP_ZONE_RESET_ALL: u8 = 14;
+pub const IO_OP_ZONE_RESET: u8 = 15;
+/// REQ_OP_DRV_IN: the server writes `nr_zones` (in `nr_sectors`) `struct blk_zone` from
+/// `start_sector` into the request's buffer.
+pub const IO_OP_REPORT_ZONES: u8 = 18;
 
 // IO flags (the bits above the op).
 pub const IO_F_FUA: u32 = 1 << 13;
@@ -106,6 +126,7 @@ pub const ATTR_FUA: u32 = 1 << 3;
 pub const PARAM_TYPE_BASIC: u32 = 1 << 0;
 pub const PARAM_TYPE_DISCARD: u32 = 1 << 1;
 pub const PARAM_TYPE_DEVT: u32 = 1 << 2;
+pub const PARAM_TYPE_ZONED: u32 = 1 << 3;
 
 /// `struct ublksrv_ctrl_cmd`: sits in the command area of a 128-byte SQE.
 #[repr(C)]
@@ -320,7 +341,7 @@ pub struct ParamDevt {
     pub disk_minor: u32,
 }
 
-/// `struct ublk_param_zoned` (not used, but sits between devt and later types).
+/// `struct ublk_param_zoned` (UBLK_PARAM_TYPE_ZONED: zoned devices).
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ParamZoned {
@@ -472,6 +493,10 @@ mod tests {
         assert_eq!(CMD_GET_QUEUE_AFFINITY, 0x8020_7501);
         assert_eq!(CMD_GET_DEV_INFO, 0x8020_7502);
         assert_eq!(CMD_GET_DEV_INFO2, 0x8020_7512);
+        // ublk_user_copy_pos(q, tag, 0) as the kernel header computes it.
+        assert_eq!(user_copy_offset(0, 0), 0x8000_0000);
+        assert_eq!(user_copy_offset(0, 1), 0x8000_0000 + (1 << 25));
+        assert_eq!(user_copy_offset(3, 7), 0x8000_0000 + (3 << 41) + (7 << 25));
         assert_eq!(CMD_ADD_DEV, 0xc020_7504);
         assert_eq!(CMD_DEL_DEV, 0xc020_7505);
         assert_eq!(CMD_START_DEV, 0xc020_7506);

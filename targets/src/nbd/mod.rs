@@ -246,6 +246,7 @@ impl NbdTarget {
             rotational: e.has(proto::TF_ROTATIONAL),
             volatile_cache: e.has(proto::TF_SEND_FLUSH),
             discard,
+            zoned: None,
         })
     }
 

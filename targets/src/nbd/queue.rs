@@ -731,6 +731,8 @@ impl QueueTarget for NbdQueue {
             Op::Discard => (proto::CMD_TRIM, 0),
             Op::WriteZeroes if !e.has(proto::TF_SEND_WRITE_ZEROES) => return Disposition::Done(-libc::EOPNOTSUPP),
             Op::WriteZeroes => (proto::CMD_WRITE_ZEROES, if req.no_unmap() { proto::CMD_FLAG_NO_HOLE } else { 0 }),
+            // Zone operations: an NBD export is not zoned.
+            _ => return Disposition::Done(-libc::EOPNOTSUPP),
         };
         if u32::try_from(req.len).is_err() {
             return Disposition::Done(-libc::EINVAL);

@@ -54,6 +54,10 @@ struct Kernel {
     sent: Vec<Option<Vec<(u16, i32)>>>,
     /// Batch: the tags the next Fetch completion delivers.
     to_fetch: Vec<u16>,
+    /// User copy: char device reads and writes not yet completed: (tag, to_kernel, len).
+    copies: Vec<(u16, bool, u32)>,
+    /// Zone append commits: (tag, sector).
+    append_sectors: Vec<(u16, u64)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -122,6 +126,12 @@ impl Ring for FakeRing {
         }
         Ok(())
     }
+    fn push_zone_append_commit(&mut self, tag: u16, result: i32, sector: u64) -> Result<(), i32> {
+        let mut k = self.0.borrow_mut();
+        k.commits.push((tag, result));
+        k.append_sectors.push((tag, sector));
+        Ok(())
+    }
     fn push_wake(&mut self) -> Result<(), i32> {
         self.0.borrow_mut().wakes_armed += 1;
         Ok(())
@@ -150,6 +160,10 @@ impl Ring for FakeRing {
     }
     fn abandon_buffers(&mut self) {
         self.0.borrow_mut().abandoned = true;
+    }
+    fn push_user_copy(&mut self, tag: u16, to_kernel: bool, len: u32) -> Result<(), i32> {
+        self.0.borrow_mut().copies.push((tag, to_kernel, len));
+        Ok(())
     }
 }
 
@@ -289,6 +303,24 @@ impl Sim {
         Self::build(protocol, target, seen, false, |_| Some(DEV))
     }
 
+    /// A queue in buffer mode user-copy.
+    fn user_copy(protocol: IoProtocol) -> Self {
+        let seen = Rc::new(RefCell::new(Seen::default()));
+        let target = TestTarget { seen: Rc::clone(&seen), done: vec![0; usize::from(DEPTH)], panic_at: None };
+        let mut s = Self::build(protocol, Box::new(target), seen, false, |_| Some(DEV));
+        s.reactor.g.user_copy = true;
+        s
+    }
+
+    /// Completes the oldest user-copy read or write of `tag` with `res`.
+    fn complete_copy(&self, tag: u16, res: i32) -> (bool, u32) {
+        let mut k = self.kernel.borrow_mut();
+        let i = k.copies.iter().position(|&(t, _, _)| t == tag).expect("no user copy for the tag");
+        let (_, to_kernel, len) = k.copies.remove(i);
+        k.cqes.push_back(Cqe { kind: Kind::UserCopy, tag, cookie: 0, res, flags: 0 });
+        (to_kernel, len)
+    }
+
     /// A queue whose device the kernel has grown to twice the size it started with.
     fn grown(protocol: IoProtocol) -> Self {
         let seen = Rc::new(RefCell::new(Seen::default()));
@@ -315,8 +347,17 @@ impl Sim {
         let descs = FakeDescs(Rc::new(RefCell::new(vec![IoDesc::default(); usize::from(DEPTH)])));
         let (tx, events) = mpsc::channel();
         let stats: &'static QueueStats = Box::leak(Box::new(QueueStats::new(protocol == IoProtocol::Batch)));
-        let g =
-            Geometry { q_id: 0, depth: DEPTH, buf_size: BUF, dev_size: DEV, read_only, protocol, size_now, dev_id: 0 };
+        let g = Geometry {
+            q_id: 0,
+            depth: DEPTH,
+            buf_size: BUF,
+            dev_size: DEV,
+            read_only,
+            user_copy: false,
+            protocol,
+            size_now,
+            dev_id: 0,
+        };
         let descs_handle = Rc::clone(&descs.0);
         let mut reactor = Reactor::new(ring, target, descs, g, tx, stats);
         reactor.arm().unwrap();
@@ -1086,4 +1127,149 @@ fn done_with_sqes_in_flight_commits_when_they_complete() {
     s.complete(0, 4096);
     s.pass();
     assert_eq!(s.commits(), [(0, 8192)]);
+}
+
+#[test]
+fn user_copy_brings_a_writes_data_in_before_the_target() {
+    for p in both() {
+        let mut s = Sim::user_copy(p);
+        s.deliver(1, desc(uapi::IO_OP_WRITE, 4096, 8192));
+        s.pass();
+        // The data is read from the char device first; the target has not seen it.
+        assert_eq!(s.kernel.borrow().copies, [(1, false, 8192)], "{p}");
+        assert_eq!(s.seen.borrow().submits, 0, "{p}");
+        assert!(s.kernel.borrow().target.is_empty(), "{p}");
+        s.complete_copy(1, 8192);
+        s.pass();
+        assert_eq!(s.seen.borrow().submits, 1, "{p}");
+        let TargetIo::Rw(rw) = s.complete(1, 8192) else { panic!("not a write") };
+        assert!(rw.write && rw.len == 8192 && rw.offset == 4096, "{p}: {rw:?}");
+        s.pass();
+        s.settle();
+        assert_eq!(s.commits(), [(1, 8192)], "{p}");
+        assert!(s.kernel.borrow().copies.is_empty(), "{p}");
+    }
+}
+
+#[test]
+fn user_copy_sends_a_reads_data_out_before_the_commit() {
+    for p in both() {
+        let mut s = Sim::user_copy(p);
+        s.deliver(2, desc(uapi::IO_OP_READ, 0, 4096));
+        s.pass();
+        assert!(s.kernel.borrow().copies.is_empty(), "{p}");
+        s.complete(2, 4096);
+        s.pass();
+        // Read into our buffer: it goes to the kernel before the tag is committed.
+        assert_eq!(s.kernel.borrow().copies, [(2, true, 4096)], "{p}");
+        assert!(s.commits().is_empty(), "{p}");
+        s.complete_copy(2, 4096);
+        s.pass();
+        s.settle();
+        assert_eq!(s.commits(), [(2, 4096)], "{p}");
+        // No data, no copy: a flush goes straight to the target.
+        s.deliver(3, desc(uapi::IO_OP_FLUSH, 0, 0));
+        s.pass();
+        assert!(s.kernel.borrow().copies.is_empty(), "{p}");
+        assert!(matches!(s.complete(3, 0), TargetIo::Fsync), "{p}");
+        s.pass();
+        s.settle();
+        assert_eq!(s.commits(), [(2, 4096), (3, 0)], "{p}");
+    }
+}
+
+#[test]
+fn user_copy_failures_fail_the_request() {
+    for p in both() {
+        let mut s = Sim::user_copy(p);
+        // A short read of a write's data: EIO, and the target never sees it.
+        s.deliver(0, desc(uapi::IO_OP_WRITE, 0, 4096));
+        s.pass();
+        s.complete_copy(0, 512);
+        s.pass();
+        s.settle();
+        assert_eq!(s.commits(), [(0, -libc::EIO)], "{p}");
+        assert_eq!(s.seen.borrow().submits, 0, "{p}");
+        // A failed write of a read's data: its errno.
+        s.deliver(1, desc(uapi::IO_OP_READ, 0, 4096));
+        s.pass();
+        s.complete(1, 4096);
+        s.pass();
+        s.complete_copy(1, -libc::EFAULT);
+        s.pass();
+        s.settle();
+        assert_eq!(s.commits(), [(0, -libc::EIO), (1, -libc::EFAULT)], "{p}");
+        // A read the target failed: no copy, its error.
+        s.deliver(2, desc(uapi::IO_OP_READ, 0, 4096));
+        s.pass();
+        s.complete(2, -libc::EIO);
+        s.pass();
+        s.settle();
+        assert!(s.kernel.borrow().copies.is_empty(), "{p}");
+        assert_eq!(s.commits().last(), Some(&(2, -libc::EIO)), "{p}");
+    }
+}
+
+/// Zoned: serves zone appends from its buffer at a fixed sector, reports into it.
+struct AppendTarget {
+    at: u64,
+    forget: bool,
+}
+
+impl QueueTarget for AppendTarget {
+    fn submit(&mut self, req: &IoRequest, io: &mut IoCtx<'_>) -> Disposition {
+        match req.op {
+            Op::ZoneAppend if !self.forget => {
+                io.zone_appended(req.tag, self.at).unwrap();
+                Disposition::Done(req.len as i32)
+            }
+            Op::ReportZones | Op::ZoneAppend => Disposition::Done(req.len as i32),
+            Op::ZoneReset => Disposition::Done(0),
+            _ => Disposition::Done(-libc::EOPNOTSUPP),
+        }
+    }
+    fn complete(&mut self, _: &IoRequest, _: u16, _: i32, _: &mut IoCtx<'_>) -> Disposition {
+        Disposition::Done(-libc::EIO)
+    }
+}
+
+#[test]
+fn zone_appends_commit_where_they_wrote() {
+    let seen = Rc::new(RefCell::new(Seen::default()));
+    let mut s = Sim::with_target(IoProtocol::PerTag, Box::new(AppendTarget { at: 4096, forget: false }), seen);
+    s.reactor.g.user_copy = true;
+    // The data comes in first, as for a write; the commit carries the sector.
+    s.deliver(1, desc(uapi::IO_OP_ZONE_APPEND, 1 << 19, 8192));
+    s.pass();
+    assert_eq!(s.kernel.borrow().copies, [(1, false, 8192)]);
+    s.complete_copy(1, 8192);
+    s.pass();
+    assert_eq!(s.commits(), [(1, 8192)]);
+    assert_eq!(s.kernel.borrow().append_sectors, [(1, 4096)]);
+    // A report's descriptors go out like a read's data (nr_zones in nr_sectors).
+    let mut d = desc(uapi::IO_OP_REPORT_ZONES, 0, 0);
+    d.nr_sectors = 4;
+    s.deliver(2, d);
+    s.pass();
+    assert_eq!(s.kernel.borrow().copies, [(2, true, 256)]);
+    s.complete_copy(2, 256);
+    s.pass();
+    // A zone reset has no data.
+    s.deliver(3, desc(uapi::IO_OP_ZONE_RESET, 1 << 19, 0));
+    s.pass();
+    assert_eq!(s.commits(), [(1, 8192), (2, 256), (3, 0)]);
+    assert_eq!(s.kernel.borrow().append_sectors.len(), 1);
+}
+
+#[test]
+fn a_zone_append_without_its_sector_fails() {
+    let seen = Rc::new(RefCell::new(Seen::default()));
+    let mut s = Sim::with_target(IoProtocol::PerTag, Box::new(AppendTarget { at: 0, forget: true }), seen);
+    s.reactor.g.user_copy = true;
+    s.deliver(0, desc(uapi::IO_OP_ZONE_APPEND, 0, 4096));
+    s.pass();
+    s.complete_copy(0, 4096);
+    s.pass();
+    assert_eq!(s.commits(), [(0, -libc::EIO)]);
+    assert!(s.kernel.borrow().append_sectors.is_empty());
 }
