@@ -287,3 +287,31 @@ case_zoned() {
     grep -q '"zone_ops": [1-9]' <("$UBD" stats "$id" --json) || fail "stats --json counts no zone_ops"
     stop_dev
 }
+
+# More threads than queues (--threads, UBLK_F_PER_IO_DAEMON, 6.16+): one queue served by
+# two threads, each with its own ring and half the tags, in every buffer mode: fio
+# verify, both threads serving; kill -9 and recover with two threads under fio verify.
+# Without the feature: refused in one line.
+case_threads() {
+    if [[ $("$UBD" features --json) != *'"PER_IO_DAEMON"'* ]]; then
+        expect_error "--threads 2 needs the ublk feature PER_IO_DAEMON \(Linux 6.16\+\)" --threads 2 null --size 64M
+        return 0
+    fi
+    expect_error "3 threads per queue: from 1 to the queue depth \(2\)" --threads 3 --depth 2 null --size 64M
+    expect_error "several threads per queue are served with io protocol per-tag" --threads 2 --io-protocol batch null --size 64M
+    local mode comms
+    for mode in $(available_modes); do
+        start_dev --queues 1 --threads 2 --depth 32 --buffer-mode "$mode" loop /dev/ram0
+        grep -q "1 queues x 2 threads x depth 32" "$LOG" || { cat "$LOG" >&2; fail "no threads in the startup line"; }
+        comms=$(cat /proc/"$PID"/task/*/comm | grep -c '^ubd-q0\.[01]$')
+        ((comms == 2)) || fail "want threads ubd-q0.0 and ubd-q0.1, got: $(cat /proc/"$PID"/task/*/comm | tr '\n' ' ')"
+        fio_verify --rw=randwrite --bsrange=4k-128k --iodepth=32 --numjobs=2 --offset_increment=64M --size=24M
+        # Both threads served requests (the stats of the last second are published).
+        sleep 1.2
+        python3 -c 'import json,sys; q=json.load(sys.stdin)["stats"]["queues"]; sys.exit(not (len(q) == 2 and all(x["reads"] + x["writes"] > 0 for x in q)))' \
+            < <("$UBD" stats "${DEV#/dev/ublkb}" --json) || fail "not both threads served: $("$UBD" stats "${DEV#/dev/ublkb}")"
+        check_roundtrip /dev/ram0
+        log "buffer mode $mode, 1 queue x 2 threads: verified, both threads served"
+    done
+    recover_rounds 2 --threads 2
+}

@@ -36,14 +36,15 @@ start_dev() {
     log "started $DEV (pid $PID): ubd-engine $*"
 }
 
-# start_recover ID: runs `ubd-engine recover ID` in the background and waits for it
-# to print the device path. Sets PID and LOG (fresh files: a background job's
-# redirections may happen after this shell goes on).
+# start_recover ID [OPTIONS...]: runs `ubd-engine [OPTIONS] recover ID` in the background
+# and waits for it to print the device path. Sets PID and LOG (fresh files: a background
+# job's redirections may happen after this shell goes on).
 start_recover() {
     local id=$1 out
+    shift
     out=$(mktemp "$WORK/rout.XXXXXX")
     LOG=$(mktemp "$WORK/rlog.XXXXXX")
-    "$UBD" recover "$id" >"$out" 2>"$LOG" &
+    "$UBD" "$@" recover "$id" >"$out" 2>"$LOG" &
     PID=$!
     local deadline=$((SECONDS + START_TIMEOUT))
     until [[ -s $out ]]; do

@@ -469,7 +469,8 @@ case_recover() {
     recover_rounds "${UBD_RECOVER_ROUNDS:-10}"
 }
 
-# recover_rounds N [ENGINE ARGS...]: N kill -9 / recover rounds, cycling buffer modes.
+# recover_rounds N [ENGINE ARGS...]: N kill -9 / recover rounds, cycling buffer modes
+# (ARGS go to the recovering process too).
 recover_rounds() {
     local modes round=0 rounds=$1
     shift
@@ -489,7 +490,7 @@ recover_rounds() {
         wait "$PID" 2>/dev/null || true
         "$UBD" list | grep -E "^$id +(quiesced|live) .* dead " >/dev/null ||
             fail "device $id not left for recovery: $("$UBD" list)"
-        start_recover "$id"
+        start_recover "$id" "$@"
         local rc=0
         wait "$fio_pid" || rc=$?
         ((rc == 0)) || { cat "$WORK/fio-rec.out" >&2; fail "fio across the recovery exited $rc"; }
@@ -881,7 +882,7 @@ case_sockram() {
 
 cases=(features null null_nocopy loop_file loop_file_buffered loop_bdev mkfs_mount discard_flush discard_bdev
     list_del bad_input hugepages buffer_modes placement batch_io recover sigterm_under_load fault_errors fault_delay_stall abort
-    kill9_states cycles perf_smoke sockram read_only resize safe_stop unprivileged zoned svc_config svc_run svc_upgrade svc_systemd
+    kill9_states cycles perf_smoke sockram read_only resize safe_stop unprivileged zoned threads svc_config svc_run svc_upgrade svc_systemd
     nbd_nbdkit nbd_file nbd_qemu nbd_restart nbd_errors nbd_recover nbd_bad_input nbd_bad_server
     rbd_io rbd_ext4 rbd_snap rbd_recover rbd_stall rbd_bad_input)
 # The rbd cases start a Ceph cluster (minutes under TCG): run-all.sh runs them on the
@@ -897,7 +898,7 @@ fi
 # between kernels (the data path and its buffer modes, recovery, stop and abort, add/del,
 # upgrade, NBD IO, read-only, resize and the refusals of what 6.12 lacks); the newest
 # runs every case. --full runs every case on every kernel.
-CORE_CASES=" features null loop_file loop_bdev mkfs_mount buffer_modes batch_io recover kill9_states abort cycles svc_run svc_upgrade nbd_nbdkit nbd_recover read_only resize safe_stop unprivileged zoned "
+CORE_CASES=" features null loop_file loop_bdev mkfs_mount buffer_modes batch_io recover kill9_states abort cycles svc_run svc_upgrade nbd_nbdkit nbd_recover read_only resize safe_stop unprivileged zoned threads "
 if [[ ${UBD_E2E_SET:-all} == core ]]; then
     echo "--- the core cases only on this kernel (UBD_E2E_SET=core: the CI run has every case on the newest kernel; --full everywhere):$CORE_CASES"
     for i in "${!cases[@]}"; do

@@ -150,6 +150,12 @@ case_unprivileged() {
     id=${DEV#/dev/ublkb}
     kill -9 "$PID"
     wait "$PID" 2>/dev/null || true
+    # Without recovery the kernel stops the disk once the daemon is gone (asynchronously).
+    local deadline=$((SECONDS + 20))
+    while [[ -e $DEV ]]; do
+        ((SECONDS < deadline)) || fail "$DEV still exists 20 s after its daemon died"
+        sleep 0.1
+    done
     UBD=$ubd_a expect_error "device $id was created without recovery: it cannot be recovered" recover "$id"
     as_user "$UNPRIV_A" "$UBD" del "$id" >/dev/null || fail "A cannot delete its dead device"
     [[ ! -e /dev/ublkc$id ]] || fail "/dev/ublkc$id still exists after del"

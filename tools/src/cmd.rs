@@ -23,7 +23,9 @@ fn device_options(a: &DevArgs) -> Result<DeviceOptions> {
         Some("queue") => (None, true),
         Some(list) => (Some(ubd_engine::parse_cpulist(list)?), false),
     };
-    let queues = a.queues.unwrap_or_else(|| cpus.as_ref().map_or(1, |c| u16::try_from(c.len()).unwrap_or(u16::MAX)));
+    // By default one queue per CPU given, or per `--threads` CPUs.
+    let per_cpu = |c: &Vec<usize>| u16::try_from(c.len() / usize::from(a.threads.max(1))).unwrap_or(u16::MAX).max(1);
+    let queues = a.queues.unwrap_or_else(|| cpus.as_ref().map_or(1, per_cpu));
     let max_io = parse_size(&a.max_io_size).map_err(anyhow::Error::msg).context("--max-io-size")?;
     let max_io = u32::try_from(max_io).context("--max-io-size is too large")?;
     let unprivileged = a.unprivileged || !ubd_engine::privileged();
@@ -55,6 +57,7 @@ fn device_options(a: &DevArgs) -> Result<DeviceOptions> {
         partition_scan: true,
         read_only: a.read_only,
         unprivileged,
+        threads: a.threads,
     };
     opts.validate()?;
     Ok(opts)
@@ -327,7 +330,7 @@ fn serve(target: Arc<dyn Target>, spec: TargetSpec, opts: &DeviceOptions, a: &De
             target_info: describe.clone(),
             target_spec: spec.clone(),
             block_path: dev.block_path.clone(),
-            queues: dev.queues.len().try_into().unwrap_or(u16::MAX),
+            queues: dev.queues.iter().filter(|q| q.thread == 0).count().try_into().unwrap_or(u16::MAX),
             depth: dev.queue_depth,
             cpus: dev.queues.iter().map(|q| q.cpus.clone()).collect(),
             buffer_mode: dev.buffer_mode.to_string(),
@@ -595,13 +598,17 @@ fn report_started(
     let ring = q0.map_or_else(String::new, |q| {
         if q.ring_fd_registered { format!("{} (fd registered)", q.ring) } else { q.ring.to_string() }
     });
+    // Several threads per queue (PER_IO_DAEMON): one report each.
+    let nr_queues = dev.queues.iter().filter(|q| q.thread == 0).count().max(1);
+    let threads = dev.queues.len() / nr_queues;
+    let queues =
+        if threads > 1 { format!("{nr_queues} queues x {threads} threads") } else { format!("{nr_queues} queues") };
     tracing::info!(
-        "{} serving {name} {} ({}, {}-byte blocks): {} queues x depth {}, max IO {}, queue CPUs [{}], ring {ring}, io protocol {}",
+        "{} serving {name} {} ({}, {}-byte blocks): {queues} x depth {}, max IO {}, queue CPUs [{}], ring {ring}, io protocol {}",
         dev.block_path.display(),
         describe.get("path").and_then(|p| p.as_str()).unwrap_or(""),
         human(info.dev_size),
         info.logical_block_size,
-        dev.queues.len(),
         dev.queue_depth,
         human(u64::from(dev.max_io_buf_bytes)),
         cpus.join(" "),

@@ -64,6 +64,10 @@ pub struct DevArgs {
     /// Default: reissue; off for an unprivileged device (which the kernel never keeps).
     #[arg(long, global = true, value_enum)]
     recovery: Option<Recovery>,
+    /// Threads per queue (UBLK_F_PER_IO_DAEMON, 6.16+): each with its own ring, serving
+    /// every N-th tag of the queue, so one queue spreads over N CPUs.
+    #[arg(long, global = true, value_name = "N", default_value_t = 1)]
+    threads: u16,
     /// Create an unprivileged device (UBLK_F_UNPRIVILEGED_DEV, 6.5+), owned by this uid.
     /// Implied when this process lacks CAP_SYS_ADMIN (not root); for root in a container
     /// whose capabilities the host does not honour.

@@ -99,7 +99,7 @@ impl Live {
                 }
             }
         }
-        reports.sort_by_key(|r| r.q_id);
+        reports.sort_by_key(|r| (r.q_id, r.thread));
         Ok(reports)
     }
 

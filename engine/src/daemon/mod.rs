@@ -84,6 +84,10 @@ pub struct DeviceOptions {
     /// zero-copy nor USER_RECOVERY for it). For a caller with CAP_SYS_ADMIN the kernel
     /// ignores it and creates an ordinary device.
     pub unprivileged: bool,
+    /// Threads per queue (UBLK_F_PER_IO_DAEMON, Linux 6.16+): each has its own ring and
+    /// serves every `threads`-th tag of the queue, so one queue's requests spread over
+    /// several CPUs. 1: one thread per queue (any kernel).
+    pub threads: u16,
 }
 
 /// Whether this process has CAP_SYS_ADMIN in its effective set, as the ublk driver
@@ -178,6 +182,7 @@ impl Default for DeviceOptions {
             partition_scan: true,
             read_only: false,
             unprivileged: false,
+            threads: 1,
         }
     }
 }
@@ -203,6 +208,12 @@ impl DeviceOptions {
                 "max IO size {} exceeds ublk's {}",
                 self.max_io_buf_bytes,
                 uapi::MAX_IO_BUF_BYTES
+            )));
+        }
+        if self.threads == 0 || self.threads > self.depth {
+            return Err(Error::Config(format!(
+                "{} threads per queue: from 1 to the queue depth ({}), each serving some of its tags",
+                self.threads, self.depth
             )));
         }
         if let Some(id) = self.dev_id
@@ -294,6 +305,21 @@ pub fn serve(
             opts.recovery
         )));
     }
+    let per_io = if opts.threads > 1 { features::F_PER_IO_DAEMON } else { 0 };
+    if per_io != 0 {
+        if kernel_features & features::F_PER_IO_DAEMON == 0 {
+            return Err(Error::Config(format!(
+                "--threads {} needs the ublk feature PER_IO_DAEMON (Linux 6.16+), which this kernel does not offer",
+                opts.threads
+            )));
+        }
+        if opts.io_protocol == IoProtocol::Batch {
+            return Err(Error::Config(
+                "several threads per queue are served with io protocol per-tag (batch fetches are per queue here)"
+                    .into(),
+            ));
+        }
+    }
     let zoned = if target.info().zoned.is_some() { features::F_ZONED } else { 0 };
     if zoned != 0 {
         if kernel_features & features::F_ZONED == 0 {
@@ -360,7 +386,8 @@ pub fn serve(
             | no_scan
             | quiesce
             | unprivileged
-            | zoned,
+            | zoned
+            | per_io,
         ..Default::default()
     };
     ctrl.add_dev(&mut info).map_err(|e| match (e.raw_os_error(), opts.dev_id) {
@@ -369,7 +396,7 @@ pub fn serve(
     })?;
     let mut live = Live::new(ctrl, info.dev_id, OnExit::Delete);
     tracing::debug!(dev_id = info.dev_id, ?info, "device added");
-    let wanted = buffer_mode.dev_flag() | want_recovery | want_batch;
+    let wanted = buffer_mode.dev_flag() | want_recovery | want_batch | per_io;
     if info.flags & wanted != wanted {
         return Err(Error::Config(format!(
             "the kernel refused buffer mode {buffer_mode}, recovery {:?} or io protocol {} (device flags {:#x})",
@@ -423,6 +450,12 @@ pub fn recover(
     }
     // The mode comes from the device (USER_COPY: `none`), whatever --buffer-mode says.
     let buffer_mode = BufferMode::from_dev_flags(info.flags, target.moves_data());
+    if opts.threads > 1 && info.flags & features::F_PER_IO_DAEMON == 0 {
+        return Err(Error::Config(format!(
+            "device {dev_id} was created without PER_IO_DAEMON: it is served with one thread per queue (no --threads {})",
+            opts.threads
+        )));
+    }
     if buffer_mode.is_zero_copy() && !target.supports_zero_copy() {
         return Err(Error::Config(format!(
             "device {dev_id} was created in buffer mode {buffer_mode}, which the {} target cannot serve",
@@ -518,6 +551,8 @@ fn run(
 ) -> Result<ServeSummary> {
     let Setup { info, kernel_features, buffer_mode, buffer_reason, recovered, read_only } = setup;
     let io_protocol = if info.flags & features::F_BATCH_IO != 0 { IoProtocol::Batch } else { IoProtocol::PerTag };
+    // Several threads per queue only where the device has PER_IO_DAEMON (recover checks).
+    let threads = if info.flags & features::F_PER_IO_DAEMON != 0 { opts.threads } else { 1 };
     let dev_id = info.dev_id;
     let char_path = PathBuf::from(format!("/dev/ublkc{dev_id}"));
     wait_for_node(&char_path)?;
@@ -546,22 +581,33 @@ fn run(
                 }
             },
         };
-        let cfg = QueueConfig {
-            dev_id,
-            q_id,
-            depth: info.queue_depth,
-            buf_size: info.max_io_buf_bytes,
-            cpus,
-            huge_pages: opts.huge_pages,
-            dev_size: target.info().dev_size,
-            read_only,
-            buffer_mode,
-            ring: opts.ring,
-            protocol: io_protocol,
-            offload_min: opts.offload_min,
-        };
-        let handle = queue::spawn(cfg, Arc::clone(&target), Arc::clone(&cdev), tx.clone())?;
-        live.queues.push(handle);
+        for thread in 0..threads {
+            // --cpus: thread k of queue q takes the (q * threads + k)-th CPU of the list.
+            let cpus = match &opts.cpus {
+                Some(list) => {
+                    Some(vec![list[(usize::from(q_id) * usize::from(threads) + usize::from(thread)) % list.len()]])
+                }
+                None => cpus.clone(),
+            };
+            let cfg = QueueConfig {
+                dev_id,
+                q_id,
+                thread,
+                threads,
+                depth: info.queue_depth,
+                buf_size: info.max_io_buf_bytes,
+                cpus,
+                huge_pages: opts.huge_pages,
+                dev_size: target.info().dev_size,
+                read_only,
+                buffer_mode,
+                ring: opts.ring,
+                protocol: io_protocol,
+                offload_min: opts.offload_min,
+            };
+            let handle = queue::spawn(cfg, Arc::clone(&target), Arc::clone(&cdev), tx.clone())?;
+            live.queues.push(handle);
+        }
     }
     drop(tx);
     // Only `live` and the queue threads may keep the char device open: DEL_DEV waits for the last close.

@@ -10,6 +10,10 @@ use crate::sys::mmap::PageKind;
 pub(crate) struct QueueConfig {
     pub(crate) dev_id: u32,
     pub(crate) q_id: u16,
+    /// This thread's index among the queue's `threads` (UBLK_F_PER_IO_DAEMON): it
+    /// serves the tags `thread`, `thread + threads`, ...
+    pub(crate) thread: u16,
+    pub(crate) threads: u16,
     pub(crate) depth: u16,
     /// Bytes per tag buffer (`max_io_buf_bytes`).
     pub(crate) buf_size: u32,
@@ -72,6 +76,8 @@ impl clap::ValueEnum for IoProtocol {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct QueueReport {
     pub q_id: u16,
+    /// The thread's index among its queue's threads (0 with one thread per queue).
+    pub thread: u16,
     /// The queue thread's kernel thread id.
     pub tid: i32,
     /// CPUs it is bound to (None: not bound).

@@ -91,12 +91,13 @@ pub(crate) fn spawn(
     events: Sender<QueueEvent>,
 ) -> Result<QueueHandle> {
     let q_id = cfg.q_id;
+    let name = if cfg.threads > 1 { format!("ubd-q{q_id}.{}", cfg.thread) } else { format!("ubd-q{q_id}") };
     let wake = crate::sys::eventfd().map_err(|e| Error::io("creating eventfd", e))?;
     let wake_thread = wake.try_clone().map_err(|e| Error::io("dup eventfd", e))?;
     let stats = Arc::new(QueueStats::new(cfg.protocol == IoProtocol::Batch));
     let stats_thread = Arc::clone(&stats);
     let join = std::thread::Builder::new()
-        .name(format!("ubd-q{q_id}"))
+        .name(name)
         .spawn(move || {
             let run = std::panic::AssertUnwindSafe(|| run(cfg, &*target, &cdev, wake_thread, &stats_thread, &events));
             let result = match std::panic::catch_unwind(run) {
@@ -160,6 +161,7 @@ fn run(
         .map_err(|e| qerr(format!("setting up io_uring: {e}")))?;
     let report = QueueReport {
         q_id,
+        thread: cfg.thread,
         tid: crate::sys::gettid(),
         cpus: cfg.cpus.clone(),
         ring: ring.ring_mode(),
@@ -175,6 +177,8 @@ fn run(
         buf_size: cfg.buf_size,
         dev_size: cfg.dev_size,
         read_only: cfg.read_only,
+        first_tag: cfg.thread,
+        tag_step: cfg.threads.max(1),
         user_copy: cfg.buffer_mode == crate::buf::BufferMode::UserCopy,
         protocol: cfg.protocol,
         size_now: crate::sys::disk_bytes,

@@ -79,6 +79,10 @@ pub(crate) struct Geometry {
     pub(crate) dev_size: u64,
     /// Writes, discards and write-zeroes fail with EROFS, unseen by the target.
     pub(crate) read_only: bool,
+    /// The tags this reactor serves: `first_tag`, `first_tag + tag_step`, ... (several
+    /// threads per queue, UBLK_F_PER_IO_DAEMON; 0 and 1 for the whole queue).
+    pub(crate) first_tag: u16,
+    pub(crate) tag_step: u16,
     /// Buffer mode user-copy: the queue moves request data through the char device
     /// ([`Ring::push_user_copy`]) before and after the target.
     pub(crate) user_copy: bool,
@@ -199,7 +203,7 @@ impl<'a, R: Ring + BatchRing, D: Descs> Reactor<'a, R, D> {
                 self.fetch_armed = true;
             }
             IoProtocol::PerTag => {
-                for tag in 0..self.g.depth {
+                for tag in (self.g.first_tag..self.g.depth).step_by(usize::from(self.g.tag_step.max(1))) {
                     self.ring.push_ublk(tag, None)?;
                     self.slots[usize::from(tag)] = Slot::Fetching;
                     self.cmds_inflight += 1;
@@ -420,7 +424,7 @@ impl<'a, R: Ring + BatchRing, D: Descs> Reactor<'a, R, D> {
             Err(errno) => {
                 self.recorder.count_bad_request();
                 tracing::warn!(q_id = self.g.q_id, tag, ?desc, "rejecting malformed request");
-                self.send_commit(tag, errno);
+                self.send_commit(tag, errno, None);
             }
         }
     }
@@ -651,33 +655,20 @@ impl<'a, R: Ring + BatchRing, D: Descs> Reactor<'a, R, D> {
         if res < 0 {
             self.log_error(&req, res);
         }
-        match append_at {
-            Some(sector) if req.op == Op::ZoneAppend && res >= 0 => self.send_append_commit(tag, res, sector),
-            _ => self.send_commit(tag, res),
-        }
+        self.send_commit(tag, res, append_at.filter(|_| req.op == Op::ZoneAppend && res >= 0));
     }
 
-    /// Gives the zone append on `tag` back to the kernel with where it wrote.
-    fn send_append_commit(&mut self, tag: u16, res: i32, sector: u64) {
-        let sent = match self.g.protocol {
+    /// Gives `tag` back to the kernel with `res` (and asks for its next request); a zone
+    /// append also says the sector it wrote at.
+    fn send_commit(&mut self, tag: u16, res: i32, append_at: Option<u64>) {
+        let sent = match (self.g.protocol, append_at) {
             // Batch commit elements carry no zone LBA here: zoned devices use per-tag.
-            IoProtocol::Batch => self.ring.queue_commit(tag, -libc::EIO),
-            IoProtocol::PerTag => self.ring.push_zone_append_commit(tag, res, sector).map(|()| self.cmds_inflight += 1),
-        };
-        self.slots[usize::from(tag)] = match sent {
-            Ok(()) => Slot::Fetching,
-            Err(errno) => {
-                tracing::error!(q_id = self.g.q_id, tag, "cannot queue the commit: errno {}", -errno);
-                Slot::Dead
+            (IoProtocol::Batch, Some(_)) => self.ring.queue_commit(tag, -libc::EIO),
+            (IoProtocol::Batch, None) => self.ring.queue_commit(tag, res),
+            (IoProtocol::PerTag, Some(sector)) => {
+                self.ring.push_zone_append_commit(tag, res, sector).map(|()| self.cmds_inflight += 1)
             }
-        };
-    }
-
-    /// Gives `tag` back to the kernel with `res` (and asks for its next request).
-    fn send_commit(&mut self, tag: u16, res: i32) {
-        let sent = match self.g.protocol {
-            IoProtocol::Batch => self.ring.queue_commit(tag, res),
-            IoProtocol::PerTag => self.ring.push_ublk(tag, Some(res)).map(|()| self.cmds_inflight += 1),
+            (IoProtocol::PerTag, None) => self.ring.push_ublk(tag, Some(res)).map(|()| self.cmds_inflight += 1),
         };
         self.slots[usize::from(tag)] = match sent {
             Ok(()) => Slot::Fetching,

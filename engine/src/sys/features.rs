@@ -35,6 +35,7 @@ pub const F_USER_RECOVERY_FAIL_IO: u64 = 1 << 9;
 pub const F_UPDATE_SIZE: u64 = 1 << 10;
 pub const F_AUTO_BUF_REG: u64 = 1 << 11;
 pub const F_QUIESCE: u64 = 1 << 12;
+pub const F_PER_IO_DAEMON: u64 = 1 << 13;
 pub const F_BATCH_IO: u64 = 1 << 15;
 pub const F_SAFE_STOP_DEV: u64 = 1 << 17;
 pub const F_NO_AUTO_PART_SCAN: u64 = 1 << 18;

@@ -353,6 +353,8 @@ impl Sim {
             buf_size: BUF,
             dev_size: DEV,
             read_only,
+            first_tag: 0,
+            tag_step: 1,
             user_copy: false,
             protocol,
             size_now,
