@@ -102,8 +102,8 @@ pub use buf::{BufferChoice, BufferMode};
 pub use cpus::{format_cpulist, parse_cpulist};
 pub use ctrl::{CONTROL_PATH, Control, char_path};
 pub use daemon::{
-    DeviceOptions, DeviceStats, HANDOFF_SIGNAL, Holder, Recovery, ServeSummary, StartedDevice, block_stop_signals,
-    device_holders, privileged, recover, serve,
+    DeviceOptions, DeviceStats, HANDOFF_SIGNAL, Holder, Recovery, ServeSummary, ShmemOptions, ShmemRegistration,
+    ShmemReport, StartedDevice, block_stop_signals, device_holders, privileged, recover, serve,
 };
 pub use error::{Error, Result};
 pub use queue::config::{IoProtocol, QueueReport};
@@ -114,5 +114,6 @@ pub use sys::features::{self, feature_names};
 pub use sys::mmap::PageKind;
 /// Whether a process runs (exists and is no zombie): how the engine judges a device's daemon.
 pub use sys::pid_alive;
+pub use sys::shmem::ShmemKind;
 pub use sys::uapi::DevInfo;
 pub use target::{Disposition, IoCtx, QueueSetup, QueueTarget, Target, Waker};

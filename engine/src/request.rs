@@ -132,6 +132,11 @@ impl IoRequest {
     pub fn no_unmap(&self) -> bool {
         self.flags & uapi::IO_F_NOUNMAP != 0
     }
+    /// The data is in the device's shared memory (UBLK_F_SHMEM_ZC): the kernel copied
+    /// nothing, and the target's reads and writes use the client's own pages.
+    pub fn shared_memory(&self) -> bool {
+        self.flags & uapi::IO_F_SHMEM_ZC != 0
+    }
 }
 
 /// Index of a file in the queue ring's registered file table (see

@@ -167,7 +167,7 @@ fn measure(m: &MatrixArgs, cmd: &str) -> Result<(Results, PathBuf)> {
     if chosen.iter().any(System::needs_ublk) {
         runner::check_ublk()?;
     }
-    let eo = EngineOpts { queues: m.queues, depth: m.depth, cpus: m.cpus.clone() };
+    let eo = EngineOpts { queues: m.queues, depth: m.depth, cpus: m.cpus.clone(), threads: 1 };
     let total = s.rounds as usize * chosen.len() * s.workloads.len();
     let names: Vec<&str> = chosen.iter().map(|x| x.name.as_str()).collect();
     eprintln!(
@@ -294,11 +294,21 @@ struct Config {
 impl Config {
     fn label(&self) -> String {
         let cpus = self.eo.cpus.as_ref().map_or(String::new(), |c| format!(" cpus {c}"));
-        format!("{} q{} d{}{cpus}", self.mode.as_deref().unwrap_or("default"), self.eo.queues, self.eo.depth)
+        format!(
+            "{} q{}{} d{}{cpus}",
+            self.mode.as_deref().unwrap_or("default"),
+            self.eo.queues,
+            self.threads(),
+            self.eo.depth
+        )
     }
     fn series(&self) -> String {
         let cpus = self.eo.cpus.as_ref().map_or(String::new(), |c| format!(" cpus {c}"));
-        format!("{} q{}{cpus}", self.mode.as_deref().unwrap_or("default"), self.eo.queues)
+        format!("{} q{}{}{cpus}", self.mode.as_deref().unwrap_or("default"), self.eo.queues, self.threads())
+    }
+    /// `x2` after the queue count for two threads per queue (q1x2); nothing for one.
+    fn threads(&self) -> String {
+        if self.eo.threads > 1 { format!("x{}", self.eo.threads) } else { String::new() }
     }
 }
 
@@ -323,9 +333,12 @@ pub fn sweep(a: &SweepArgs) -> Result<ExitCode> {
     let mut grid = Vec::new();
     for m in &modes {
         for c in &cpus {
-            for &q in &a.queues {
-                for &d in &a.depth {
-                    grid.push(Config { mode: m.clone(), eo: EngineOpts { queues: q, depth: d, cpus: c.clone() } });
+            for &t in &a.threads {
+                for &q in &a.queues {
+                    for &d in &a.depth {
+                        let eo = EngineOpts { queues: q, depth: d, cpus: c.clone(), threads: t };
+                        grid.push(Config { mode: m.clone(), eo });
+                    }
                 }
             }
         }
@@ -362,7 +375,7 @@ pub fn sweep(a: &SweepArgs) -> Result<ExitCode> {
             for w in &s.workloads {
                 pb.set_message(format!("{} {}", sys.name, w.name));
                 runner::check_interrupted()?;
-                let metrics = runner::run_fio(w, &running.dev, s.timing);
+                let metrics = runner::run_fio(w, &running.dev, s.timing, running.iomem.as_deref());
                 runner::check_interrupted()?;
                 let metrics = metrics?;
                 let x = Sample { workload: w.name.clone(), system: sys.name.clone(), round, metrics };

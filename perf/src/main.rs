@@ -124,6 +124,9 @@ pub struct SweepArgs {
     /// Queue depths to try (comma-separated).
     #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "16,64,128")]
     depth: Vec<u32>,
+    /// Threads per queue to try (comma-separated; `--threads`, UBLK_F_PER_IO_DAEMON, 6.16+).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "1")]
+    threads: Vec<u32>,
     /// A CPU list to try (repeatable; `none` = no --cpus). Default: none.
     #[arg(long, value_name = "LIST")]
     cpus: Vec<String>,

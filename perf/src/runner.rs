@@ -82,11 +82,13 @@ pub struct Timing {
 }
 
 /// Runs one workload on `dev` and parses the result.
-pub fn run_fio(w: &Workload, dev: &Path, t: Timing) -> Result<Metrics> {
+/// `iomem`: where fio's buffers are (job files that read `${IOMEM}`; None: malloc).
+pub fn run_fio(w: &Workload, dev: &Path, t: Timing, iomem: Option<&str>) -> Result<Metrics> {
     let out = Command::new("fio")
         .arg("--output-format=json")
         .arg(&w.path)
         .env("DEV", dev)
+        .env("IOMEM", iomem.unwrap_or("malloc"))
         .env("RUNTIME", t.runtime.to_string())
         .env("RAMP", t.ramp.to_string())
         .output()
@@ -197,7 +199,7 @@ pub fn run_matrix(
                 check_interrupted()?;
                 let pid = running.server_pid();
                 let before = pid.and_then(cpu_ticks);
-                let metrics = run_fio(w, &running.dev, t);
+                let metrics = run_fio(w, &running.dev, t, running.iomem.as_deref());
                 let after = pid.and_then(cpu_ticks);
                 check_interrupted()?;
                 let mut metrics = metrics.with_context(|| format!("system {}", sys.name))?;
@@ -271,11 +273,11 @@ mod tests {
         let w = load_workloads(&dir, &["randrw-16k-70-30-qd32".into()]).unwrap();
         // O_DIRECT may be refused by the temp dir's filesystem: then fio fails
         // with a clear error, which is fine here too.
-        match run_fio(&w[0], f.path(), Timing { runtime: 1, ramp: 0 }) {
+        match run_fio(&w[0], f.path(), Timing { runtime: 1, ramp: 0 }, None) {
             Ok(m) => assert!(m.read.ios > 0 && m.write.ios > 0),
             Err(e) => assert!(e.to_string().contains("fio randrw-16k-70-30-qd32"), "{e:#}"),
         }
-        let e = run_fio(&w[0], Path::new("/nonexistent/dev"), Timing { runtime: 1, ramp: 0 }).unwrap_err();
+        let e = run_fio(&w[0], Path::new("/nonexistent/dev"), Timing { runtime: 1, ramp: 0 }, None).unwrap_err();
         assert!(e.to_string().contains("failed"), "{e:#}");
     }
 }

@@ -24,6 +24,9 @@ pub enum Kind {
     KLoop,
     /// `ubd-engine loop`, with `--buffer-mode` when given.
     EngineLoop { mode: Option<String> },
+    /// `ubd-engine --shmem FILE loop` (UBLK_F_SHMEM_ZC) with `--buffer-mode` when
+    /// given, FILE on hugetlbfs; fio's buffers are in FILE (`--iomem=mmaphuge:FILE`).
+    EngineShmem { mode: Option<String> },
     /// `ubd-engine null` of the backing's size.
     EngineNull,
     /// `rublk add loop`, `-z` (auto buffer registration) when set.
@@ -143,6 +146,8 @@ pub struct EngineOpts {
     pub queues: u32,
     pub depth: u32,
     pub cpus: Option<String>,
+    /// Threads per queue (`--threads`, UBLK_F_PER_IO_DAEMON); 1: not passed.
+    pub threads: u32,
 }
 
 /// What the systems run on.
@@ -164,6 +169,8 @@ pub struct Env {
 pub struct EngineCaps {
     pub buffer_modes: Vec<String>,
     pub features: Vec<String>,
+    /// `--shmem` (UBLK_F_SHMEM_ZC) is offered by the engine and the kernel.
+    pub shmem: bool,
 }
 
 impl EngineCaps {
@@ -184,7 +191,8 @@ impl EngineCaps {
                 buffer_modes.push("user-copy".to_string());
             }
         }
-        EngineCaps { buffer_modes, features }
+        let shmem = help.contains("--shmem") && features.iter().any(|f| f == "SHMEM_ZC");
+        EngineCaps { buffer_modes, features, shmem }
     }
 
     /// Asks the engine binary (`--help`, `features --json`).
@@ -224,6 +232,10 @@ pub fn default_systems(caps: &EngineCaps, rublk: bool, ublksrv: bool) -> Vec<Sys
     for m in &caps.buffer_modes {
         v.push(System::new(&format!("engine-loop-{m}"), Kind::EngineLoop { mode: Some(m.clone()) }));
     }
+    if caps.shmem {
+        // Requests outside the shared memory (none here) in copy, as `auto` picks.
+        v.push(System::new("engine-loop-shmem-zc", Kind::EngineShmem { mode: None }));
+    }
     v.push(System::new("engine-null", Kind::EngineNull));
     if rublk {
         v.push(System::new("rublk-loop", Kind::RublkLoop { autoreg: false }));
@@ -260,7 +272,7 @@ pub fn parse_variant(s: &str) -> Result<(String, Vec<String>)> {
 pub fn with_variants(all: Vec<System>, variants: &[(String, Vec<String>)]) -> Vec<System> {
     let mut v = Vec::with_capacity(all.len() * (1 + variants.len()));
     for s in all {
-        let engine = matches!(s.kind, Kind::EngineLoop { .. } | Kind::EngineNull);
+        let engine = matches!(s.kind, Kind::EngineLoop { .. } | Kind::EngineShmem { .. } | Kind::EngineNull);
         let copies: Vec<System> = if engine {
             variants
                 .iter()
@@ -333,6 +345,8 @@ pub fn run(cmd: &mut Command) -> Result<String> {
 pub struct Running {
     pub dev: PathBuf,
     guard: Guard,
+    /// fio's `iomem` for this system (the job files read `${IOMEM}`): None is malloc.
+    pub iomem: Option<String>,
 }
 
 #[derive(Debug)]
@@ -446,7 +460,7 @@ fn start_server(mut cmd: Command, log: &Path) -> Result<Running> {
         anyhow!("{cmd:?} {why}: {err}")
     };
     match rx.recv_timeout(START_TIMEOUT) {
-        Ok(Ok(p)) if !p.is_empty() => Ok(Running { dev: PathBuf::from(p), guard: Guard::Server(child) }),
+        Ok(Ok(p)) if !p.is_empty() => Ok(Running { dev: PathBuf::from(p), guard: Guard::Server(child), iomem: None }),
         Ok(_) => Err(fail(&mut child, "exited before starting".into())),
         Err(_) => Err(fail(&mut child, format!("printed no device within {} s", START_TIMEOUT.as_secs()))),
     }
@@ -463,6 +477,34 @@ fn wait_for_device(dev: &Path) -> Result<()> {
     bail!("{} did not appear within {} s", dev.display(), START_TIMEOUT.as_secs())
 }
 
+/// Bytes of the shared-memory file of the shmem systems: room for every job's buffers
+/// (each fio job maps the file from its start: iodepth x block size, in 2 MiB pages).
+const SHMEM_BYTES: u64 = 32 << 20;
+
+/// The shared-memory file of the shmem systems, on a hugetlbfs mounted for them, with
+/// enough huge pages reserved for it (the test VM reserves none).
+fn shmem_file() -> Result<PathBuf> {
+    let dir = PathBuf::from("/tmp/ubd-perf-huge");
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let mounted = mounts.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.get(1) == Some(&dir.to_str().unwrap_or("")) && f.get(2) == Some(&"hugetlbfs")
+    });
+    if !mounted {
+        let nr = "/proc/sys/vm/nr_hugepages";
+        let have: u64 = std::fs::read_to_string(nr).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+        let want = have + SHMEM_BYTES / (2 << 20);
+        std::fs::write(nr, want.to_string()).with_context(|| format!("cannot write {nr}"))?;
+        let got: u64 = std::fs::read_to_string(nr).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+        if got < want {
+            bail!("cannot reserve {} huge pages for the shared memory (got {got} of {want})", want - have);
+        }
+        std::fs::create_dir_all(&dir)?;
+        run(Command::new("mount").args(["-t", "hugetlbfs", "none"]).arg(&dir))?;
+    }
+    Ok(dir.join("buf"))
+}
+
 /// Starts `sys` over `env.backing` with the engine options `eo`.
 pub fn start(sys: &System, env: &Env, eo: &EngineOpts) -> Result<Running> {
     let log = env.log_dir.join(format!("{}.log", sys.name));
@@ -473,6 +515,9 @@ pub fn start(sys: &System, env: &Env, eo: &EngineOpts) -> Result<Running> {
             c.args(["--cpus", cpus]);
         }
         c.args(["--queues", &eo.queues.to_string(), "--depth", &eo.depth.to_string()]);
+        if eo.threads > 1 {
+            c.args(["--threads", &eo.threads.to_string()]);
+        }
         if let Some(m) = mode {
             c.args(["--buffer-mode", m]);
         }
@@ -483,13 +528,13 @@ pub fn start(sys: &System, env: &Env, eo: &EngineOpts) -> Result<Running> {
         c.args(["-n", &RUBLK_ID.to_string(), "-q", &eo.queues.to_string(), "-d", &eo.depth.to_string(), "--quiet"]);
     };
     match &sys.kind {
-        Kind::Raw => Ok(Running { dev: env.backing.clone(), guard: Guard::None }),
+        Kind::Raw => Ok(Running { dev: env.backing.clone(), guard: Guard::None, iomem: None }),
         Kind::KLoop => {
             // The loop driver may be a module that nothing loaded yet (fresh VM).
             let _ = Command::new("modprobe").arg("loop").output();
             let out = run(Command::new("losetup").args(["--find", "--show", "--direct-io=on"]).arg(&env.backing))?;
             let dev = PathBuf::from(out.trim());
-            let r = Running { dev: dev.clone(), guard: Guard::Loop(dev.clone()) };
+            let r = Running { dev: dev.clone(), guard: Guard::Loop(dev.clone()), iomem: None };
             // losetup falls back to buffered IO silently when the backing refuses O_DIRECT.
             let name = dev.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             if std::fs::read_to_string(format!("/sys/block/{name}/loop/dio")).is_ok_and(|d| d.trim() == "0") {
@@ -504,6 +549,15 @@ pub fn start(sys: &System, env: &Env, eo: &EngineOpts) -> Result<Running> {
             let mut c = engine_cmd(mode.as_deref());
             c.arg("loop").arg(&env.backing);
             start_server(c, &log)
+        }
+        Kind::EngineShmem { mode } => {
+            let file = shmem_file()?;
+            let mut c = engine_cmd(mode.as_deref());
+            c.arg("--shmem").arg(format!("{},size={SHMEM_BYTES}", file.display()));
+            c.arg("loop").arg(&env.backing);
+            let mut r = start_server(c, &log)?;
+            r.iomem = Some(format!("mmaphuge:{}", file.display()));
+            Ok(r)
         }
         Kind::EngineNull => {
             let mut c = engine_cmd(None);
@@ -542,7 +596,7 @@ pub fn start(sys: &System, env: &Env, eo: &EngineOpts) -> Result<Running> {
             c.arg(&dev).args(["-N", "", "-connections", &eo.queues.to_string(), "-block-size", "512"]);
             // Its guard owns the server from here: a failed start stops it too.
             let guard = Guard::WithServer(Box::new(Guard::None), server);
-            let mut r = Running { dev: dev.clone(), guard };
+            let mut r = Running { dev: dev.clone(), guard, iomem: None };
             run(&mut c)?;
             if let Guard::WithServer(client, _) = &mut r.guard {
                 **client = Guard::NbdClient(dev.clone());
@@ -684,7 +738,7 @@ fn free_nbd_device() -> Result<PathBuf> {
 fn rbd_map(mut c: Command, nbd: bool, conf: String) -> Result<Running> {
     let out = run(&mut c)?;
     let dev = PathBuf::from(out.trim());
-    let r = Running { dev: dev.clone(), guard: Guard::RbdUnmap { nbd, conf } };
+    let r = Running { dev: dev.clone(), guard: Guard::RbdUnmap { nbd, conf }, iomem: None };
     wait_for_device(&dev)?;
     Ok(r)
 }
@@ -695,7 +749,7 @@ fn start_rublk(mut c: Command, bin: PathBuf) -> Result<Running> {
     let _ = Command::new(&bin).args(["del", "-n", &RUBLK_ID.to_string()]).output();
     run(&mut c)?;
     let dev = PathBuf::from(format!("/dev/ublkb{RUBLK_ID}"));
-    let r = Running { dev: dev.clone(), guard: Guard::Daemon(bin, RUBLK_ID) };
+    let r = Running { dev: dev.clone(), guard: Guard::Daemon(bin, RUBLK_ID), iomem: None };
     wait_for_device(&dev)?;
     Ok(r)
 }

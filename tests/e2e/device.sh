@@ -315,3 +315,109 @@ case_threads() {
     done
     recover_rounds 2 --threads 2
 }
+
+# shmem_stats ID: "SHARED TOTAL" of device ID's reads and writes (the last second's stats).
+shmem_stats() {
+    sleep 1.2
+    "$UBD" stats "$1" --json | python3 -c 'import json,sys; c=json.load(sys.stdin)["stats"]["total"]; print(c["shmem_zc"], c["reads"] + c["writes"])'
+}
+
+# shmem_both_paths ID: device ID served some reads and writes from the shared memory and
+# some the buffer mode's way.
+shmem_both_paths() {
+    local shared total
+    read -r shared total < <(shmem_stats "$1")
+    ((shared > 0 && total > shared)) || fail "want both paths served: $shared of $total reads and writes from shared memory"
+    log "$shared of $total reads and writes served from shared memory, the rest in the buffer mode"
+}
+
+# Shared-memory zero copy (UBLK_F_SHMEM_ZC, 7.1+): fio with its buffers in the registered
+# file (hugetlbfs, tmpfs) and a second job with buffers of its own in the same run, both
+# verified, in every buffer mode; read-only registration; ext4 with fio from the shared
+# memory inside it, fsck clean; kill -9 + recover under fio verify from the shared memory.
+case_shmem() {
+    if [[ $("$UBD" features --json) != *'"SHMEM_ZC"'* ]]; then
+        expect_error "--shmem needs the ublk feature SHMEM_ZC \(Linux 7.1\+\)" --shmem "$WORK/shm.buf,size=4M" null --size 64M
+        return 0
+    fi
+    local huge=$WORK/huge shm=$WORK/shm
+    mkdir -p "$huge" "$shm"
+    # shellcheck disable=SC2064 # the paths now: the locals are gone when the subshell exits
+    trap "umount -l '$huge' '$shm' 2>/dev/null; echo 0 >/proc/sys/vm/nr_hugepages" EXIT
+    echo 48 >/proc/sys/vm/nr_hugepages
+    (($(cat /proc/sys/vm/nr_hugepages) >= 48)) || fail "cannot reserve 48 hugepages for the hugetlbfs file"
+    mount -t hugetlbfs none "$huge"
+    mount -t tmpfs -o size=64M none "$shm"
+    expect_error "shared memory $shm/missing: .*No such file" --shmem "$shm/missing" null --size 64M
+    expect_error "is not a multiple of 2097152 \(the huge page size there\)" --shmem "$huge/odd,size=3M" null --size 64M
+    expect_error "--shmem: unknown option \"rw\"" --shmem "$shm/b,rw" null --size 64M
+    local mode
+    for mode in $(available_modes); do
+        start_dev --queues 2 --depth 32 --buffer-mode "$mode" --shmem "$huge/buf,size=32M" loop /dev/ram0
+        grep -q "shared memory $huge/buf (32.0 MiB, hugetlbfs): registered as buffer 0" "$LOG" ||
+            { cat "$LOG" >&2; fail "no shared memory in the startup lines"; }
+        # One fio run, two jobs: one from the shared file, one from its own memory (the
+        # options before the first --name are global).
+        fio --filename="$DEV" --ioengine=io_uring --direct=1 --verify=crc32c --verify_fatal=1 --do_verify=1 \
+            --randrepeat=0 --rw=randwrite --bsrange=4k-128k --iodepth=16 --size=12M --output-format=terse \
+            --name=shared --iomem=mmaphuge:"$huge/buf" --offset=0 \
+            --name=private --iomem=malloc --offset=64M >"$WORK/fio.out" 2>&1 ||
+            { cat "$WORK/fio.out" >&2; fail "fio from shared and private memory"; }
+        shmem_both_paths "${DEV#/dev/ublkb}"
+        check_roundtrip /dev/ram0
+        grep -qE "shared memory: [1-9][0-9]* of [0-9]+ reads and writes served from it" "$LOG" ||
+            fail "no shared-memory count in the stop summary"
+        log "buffer mode $mode + hugetlbfs shared memory: both fio jobs verified"
+    done
+    # tmpfs, read-only registration (a write-sealed memfd's case): writes from it are
+    # served from it, reads (which the kernel never matches to it) are copied.
+    truncate -s 16M "$shm/buf"
+    start_dev --queues 1 --depth 32 --shmem "$shm/buf,ro" loop /dev/ram0
+    grep -q "tmpfs, read-only: writes only" "$LOG" || { cat "$LOG" >&2; fail "not read-only"; }
+    fio_verify --rw=randwrite --bs=64k --iodepth=8 --size=16M --iomem=mmapshared:"$shm/buf"
+    shmem_both_paths "${DEV#/dev/ublkb}"
+    stop_dev
+    expect_error "read-only shared memory cannot be" --shmem "$shm/buf,ro" sockram --size 16M
+    # The README's client examples, Python and C: O_DIRECT IO from the mapped file.
+    start_dev --queues 1 --depth 16 --shmem "$shm/ex,size=4M" loop /dev/ram0
+    python3 "$HERE/../../examples/shmem/shmem_io.py" "$shm/ex" "$DEV" 4194304 >"$WORK/ex.out" ||
+        { cat "$WORK/ex.out" >&2; fail "shmem_io.py"; }
+    gcc -O2 -o "$WORK/shmem_io" "$HERE/../../examples/shmem/shmem_io.c"
+    "$WORK/shmem_io" "$shm/ex" "$DEV" >>"$WORK/ex.out" || { cat "$WORK/ex.out" >&2; fail "shmem_io.c"; }
+    local shared total
+    read -r shared total < <(shmem_stats "${DEV#/dev/ublkb}")
+    # Two 1 MiB writes and two reads, in requests of at most 512 KiB, from shared memory
+    # (the others: the kernel's partition scan at start).
+    ((shared >= 8)) || fail "examples: $shared of $total requests from shared memory, want at least 8"
+    stop_dev
+    log "examples/shmem (Python, C): data read back equal, $shared of $total requests from shared memory"
+    # ext4 on the device, fio O_DIRECT from the shared memory on a file inside it.
+    rm -f "$FS/fs.img"
+    truncate -s 128M "$FS/fs.img"
+    start_dev --queues 2 --depth 32 --shmem "$huge/buf" loop "$FS/fs.img"
+    mkfs.ext4 -q -F "$DEV"
+    mkdir -p "$WORK/mnt"
+    mount "$DEV" "$WORK/mnt"
+    fio --name=fs --directory="$WORK/mnt" --ioengine=io_uring --direct=1 --rw=randwrite --bsrange=4k-64k \
+        --iodepth=16 --size=16M --verify=crc32c --verify_fatal=1 --iomem=mmaphuge:"$huge/buf" \
+        --output-format=terse >"$WORK/fio.out" 2>&1 || { cat "$WORK/fio.out" >&2; fail "fio on ext4"; }
+    umount "$WORK/mnt"
+    fsck.ext4 -fn "$DEV" >"$WORK/fsck.out" 2>&1 || { cat "$WORK/fsck.out" >&2; fail "fsck"; }
+    shmem_both_paths "${DEV#/dev/ublkb}"
+    stop_dev
+    fsck.ext4 -fn "$FS/fs.img" >"$WORK/fsck.out" 2>&1 || { cat "$WORK/fsck.out" >&2; fail "fsck of the backing"; }
+    log "ext4: fio verify from shared memory on a file inside it, fsck clean through the device and in the backing"
+    # kill -9 in the middle of fio from the shared memory, recover: the registration
+    # survives the daemon, and the new one serves from the same file.
+    REC_FIO_EXTRA=(--iomem=mmaphuge:"$huge/buf")
+    REC_CHECK=shmem_recovered
+    recover_rounds 2 --shmem "$huge/buf"
+}
+
+# After a recovery: the new daemon served requests from the shared memory.
+shmem_recovered() {
+    local shared total
+    read -r shared total < <(shmem_stats "$1")
+    ((shared > 0)) || fail "the recovered daemon served nothing from shared memory ($shared of $total)"
+    grep -q "shared memory $WORK/huge/buf .*registered as buffer 0" "$LOG" || { cat "$LOG" >&2; fail "recovered without its shared memory"; }
+}

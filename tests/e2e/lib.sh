@@ -2,6 +2,8 @@
 
 UBD=${UBD_BIN:?UBD_BIN must name the ubd-engine binary}
 WORK=${UBD_E2E_WORK:-/tmp/ubd-e2e}
+# recover_rounds: extra fio options (a case sets them in its subshell).
+REC_FIO_EXTRA=()
 START_TIMEOUT=${UBD_START_TIMEOUT:-90}
 PASSED=0 FAILED=0 SKIPPED=0 FAILED_NAMES=()
 

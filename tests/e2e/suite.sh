@@ -470,7 +470,8 @@ case_recover() {
 }
 
 # recover_rounds N [ENGINE ARGS...]: N kill -9 / recover rounds, cycling buffer modes
-# (ARGS go to the recovering process too).
+# (ARGS go to the recovering process too). REC_FIO_EXTRA: more fio options; REC_CHECK:
+# a function run with the device id once the recovered daemon has served the job.
 recover_rounds() {
     local modes round=0 rounds=$1
     shift
@@ -481,7 +482,7 @@ recover_rounds() {
         start_dev --queues 2 --depth 32 --buffer-mode "$mode" "$@" loop "$FS/rec.img"
         local id=${DEV#/dev/ublkb}
         local job=(--name=rec --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k
-            --iodepth=16 --size=32M --verify=crc32c --verify_fatal=1 --randseed=$round)
+            --iodepth=16 --size=32M --verify=crc32c --verify_fatal=1 --randseed=$round "${REC_FIO_EXTRA[@]}")
         fio "${job[@]}" --verify_backlog=128 >"$WORK/fio-rec.out" 2>&1 &
         local fio_pid=$!
         # Let it get going: the kill must land while IO is in flight.
@@ -496,6 +497,8 @@ recover_rounds() {
         ((rc == 0)) || { cat "$WORK/fio-rec.out" >&2; fail "fio across the recovery exited $rc"; }
         fio "${job[@]}" --verify_only >"$WORK/fio-ver.out" 2>&1 ||
             { cat "$WORK/fio-ver.out" >&2; fail "verify after recovery failed"; }
+        # A case's own check of the recovered daemon (REC_CHECK: a function name).
+        [[ -z ${REC_CHECK:-} ]] || "$REC_CHECK" "$id"
         stop_dev
         round=$((round + 1))
     done
@@ -882,7 +885,7 @@ case_sockram() {
 
 cases=(features null null_nocopy loop_file loop_file_buffered loop_bdev mkfs_mount discard_flush discard_bdev
     list_del bad_input hugepages buffer_modes placement batch_io recover sigterm_under_load fault_errors fault_delay_stall abort
-    kill9_states cycles perf_smoke sockram read_only resize safe_stop unprivileged zoned threads svc_config svc_run svc_upgrade svc_systemd
+    kill9_states cycles perf_smoke sockram read_only resize safe_stop unprivileged zoned threads shmem svc_config svc_run svc_upgrade svc_systemd
     nbd_nbdkit nbd_file nbd_qemu nbd_restart nbd_errors nbd_recover nbd_bad_input nbd_bad_server
     rbd_io rbd_ext4 rbd_snap rbd_recover rbd_stall rbd_bad_input)
 # The rbd cases start a Ceph cluster (minutes under TCG): run-all.sh runs them on the
@@ -898,7 +901,7 @@ fi
 # between kernels (the data path and its buffer modes, recovery, stop and abort, add/del,
 # upgrade, NBD IO, read-only, resize and the refusals of what 6.12 lacks); the newest
 # runs every case. --full runs every case on every kernel.
-CORE_CASES=" features null loop_file loop_bdev mkfs_mount buffer_modes batch_io recover kill9_states abort cycles svc_run svc_upgrade nbd_nbdkit nbd_recover read_only resize safe_stop unprivileged zoned threads "
+CORE_CASES=" features null loop_file loop_bdev mkfs_mount buffer_modes batch_io recover kill9_states abort cycles svc_run svc_upgrade nbd_nbdkit nbd_recover read_only resize safe_stop unprivileged zoned threads shmem "
 if [[ ${UBD_E2E_SET:-all} == core ]]; then
     echo "--- the core cases only on this kernel (UBD_E2E_SET=core: the CI run has every case on the newest kernel; --full everywhere):$CORE_CASES"
     for i in "${!cases[@]}"; do

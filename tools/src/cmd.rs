@@ -58,6 +58,11 @@ fn device_options(a: &DevArgs) -> Result<DeviceOptions> {
         read_only: a.read_only,
         unprivileged,
         threads: a.threads,
+        shmem: a
+            .shmem
+            .as_deref()
+            .map(|s| ubd_engine::ShmemOptions::parse(s, |v| parse_size(v).map_err(|e| e.to_string())))
+            .transpose()?,
     };
     opts.validate()?;
     Ok(opts)
@@ -286,10 +291,36 @@ pub fn recover(a: &DevArgs, id: u32) -> Result<()> {
     serve(with_faults(target, fault_spec(a)?), st.target_spec, &opts, a, true)
 }
 
+/// The shared memory of device `id` as its state file records it (what `recover` maps
+/// again, with the registration the kernel kept). A `--shmem` given must name that file.
+fn recorded_shmem(
+    id: u32,
+    st: &DeviceState,
+    given: Option<ubd_engine::ShmemOptions>,
+) -> Result<Option<ubd_engine::ShmemOptions>> {
+    let Some(r) = &st.shmem else { return Ok(given) };
+    if let Some(g) = &given
+        && g.path != r.path
+    {
+        bail!(
+            "device {id} serves shared memory {}, not {}: recover it with that file (or without --shmem)",
+            r.path.display(),
+            g.path.display()
+        );
+    }
+    Ok(Some(ubd_engine::ShmemOptions {
+        path: r.path.clone(),
+        size: Some(r.bytes),
+        read_only: r.read_only,
+        registered: Some(r.registration),
+    }))
+}
+
 /// Serves a new device, or takes over an existing one (`recover`: always; `run`: when
 /// the kernel still holds it; `--takeover`: from a daemon about to let go); `spec` (what
 /// re-opens `target`, without its faults) goes into the state file for `recover`.
 fn serve(target: Arc<dyn Target>, spec: TargetSpec, opts: &DeviceOptions, a: &DevArgs, recover: bool) -> Result<()> {
+    let mut owned_opts = opts.clone();
     // Signals are blocked before any thread (the metrics server's) is started, so that
     // SIGTERM reaches the engine's wait loop and not a thread that would die of it.
     ubd_engine::block_stop_signals()?;
@@ -315,6 +346,13 @@ fn serve(target: Arc<dyn Target>, spec: TargetSpec, opts: &DeviceOptions, a: &De
             Some(id)
         }
     };
+    // A device taken over serves the shared memory its state file records.
+    if let Some(id) = takeover
+        && let Some(st) = state::read(id)?
+    {
+        owned_opts.shmem = recorded_shmem(id, &st, owned_opts.shmem.take())?;
+    }
+    let opts = &owned_opts;
     let describe = target.describe();
     let info = target.info().clone();
     let name = target.name();
@@ -336,6 +374,7 @@ fn serve(target: Arc<dyn Target>, spec: TargetSpec, opts: &DeviceOptions, a: &De
             buffer_mode: dev.buffer_mode.to_string(),
             ring: q0.map(|q| q.ring),
             pages: q0.and_then(|q| q.pages).map(|p| p.to_string()),
+            shmem: dev.shmem.clone(),
             argv: own_args(dev.dev_id),
             version: format!("ubd-engine {}", env!("CARGO_PKG_VERSION")),
         };
@@ -404,6 +443,13 @@ fn serve(target: Arc<dyn Target>, spec: TargetSpec, opts: &DeviceOptions, a: &De
         n.cqes_per_pass(),
         n.sqes_per_submit(),
     );
+    if n.shmem_zc > 0 {
+        tracing::info!(
+            "shared memory: {} of {} reads and writes served from it with no copy",
+            n.shmem_zc,
+            n.reads + n.writes
+        );
+    }
     if let Some(b) = &n.batch {
         let (f, c) = (&b.requests_per_fetch, &b.elements_per_commit);
         tracing::info!(
@@ -555,6 +601,17 @@ pub fn stats(id: u32, json: bool) -> Result<()> {
             q.write_latency.p99_us,
         );
     }
+    if let Some(sh) = &st.shmem {
+        let c = &s.total.counters;
+        println!(
+            "shared memory {}: {} of {} reads and writes served from it (no copy), {} in buffer mode {}",
+            sh.path.display(),
+            c.shmem_zc,
+            c.reads + c.writes,
+            (c.reads + c.writes).saturating_sub(c.shmem_zc),
+            st.buffer_mode
+        );
+    }
     if s.total.counters.batch.is_some() {
         print_batch_stats(&s);
     }
@@ -620,6 +677,17 @@ fn report_started(
         None => "buffers: the requests' own pages (zero-copy)".into(),
     };
     tracing::info!("buffer mode {} ({}); {buffers}", dev.buffer_mode, dev.buffer_reason);
+    if let Some(sh) = &dev.shmem {
+        tracing::info!(
+            "shared memory {} ({}, {}{}): registered as buffer {}; O_DIRECT IO from it is served with no copy, other IO in buffer mode {}",
+            sh.path.display(),
+            human(sh.bytes),
+            serde_json::to_value(sh.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+            if sh.read_only { ", read-only: writes only" } else { "" },
+            sh.registration.index,
+            dev.buffer_mode
+        );
+    }
     if dev.recovered {
         tracing::info!("recovered device {}: took over from the dead daemon; in-flight IO re-issued", dev.dev_id);
     } else {

@@ -68,6 +68,11 @@ pub struct DevArgs {
     /// every N-th tag of the queue, so one queue spreads over N CPUs.
     #[arg(long, global = true, value_name = "N", default_value_t = 1)]
     threads: u16,
+    /// Shared memory for zero-copy IO (UBLK_F_SHMEM_ZC, 7.1+): a file (hugetlbfs, tmpfs,
+    /// a memfd's /proc/PID/fd/N) that clients map MAP_SHARED and do O_DIRECT IO from;
+    /// created (or grown) to SIZE if given; ro registers it read-only (writes only).
+    #[arg(long, global = true, value_name = "PATH[,size=SIZE][,ro]")]
+    shmem: Option<String>,
     /// Create an unprivileged device (UBLK_F_UNPRIVILEGED_DEV, 6.5+), owned by this uid.
     /// Implied when this process lacks CAP_SYS_ADMIN (not root); for root in a container
     /// whose capabilities the host does not honour.

@@ -245,6 +245,14 @@ impl Collector for Snapshot {
             )?;
             family(
                 &mut enc,
+                &format!("{prefix}_shmem_zc_requests"),
+                &format!(
+                    "Reads and writes{per} whose data was in the device's shared memory (UBLK_F_SHMEM_ZC): served with no copy"
+                ),
+                rows.iter().map(|(l, s)| (l.clone(), ConstCounter::new(s.counters.shmem_zc))),
+            )?;
+            family(
+                &mut enc,
                 &format!("{prefix}_bytes"),
                 &format!("Bytes read and written{per}"),
                 rows.iter().flat_map(|(l, s)| {

@@ -27,6 +27,9 @@ pub struct DeviceState {
     pub ring: Option<RingMode>,
     /// Pages behind the copy-mode buffers.
     pub pages: Option<String>,
+    /// The shared memory the device serves from (SHMEM_ZC), with its registration.
+    #[serde(default)]
+    pub shmem: Option<ubd_engine::ShmemReport>,
     /// The serving process's arguments, for `upgrade` to start its successor with.
     #[serde(default)]
     pub argv: Vec<String>,
@@ -183,6 +186,7 @@ mod tests {
             buffer_mode: "copy".into(),
             ring: Some(RingMode::CoopTaskrun),
             pages: Some("2 MiB hugepages".into()),
+            shmem: None,
             argv: vec!["--queues=2".into(), "loop".into(), "/tmp/disk.img".into()],
             version: "ubd-engine 0.1.0".into(),
         }

@@ -426,6 +426,31 @@ impl Control {
         Ok(())
     }
 
+    /// REG_BUF (UBLK_F_SHMEM_ZC, 7.1+): registers `len` bytes of shared memory mapped at
+    /// `addr` in this process with device `dev_id` (both page aligned, at most 4 GiB).
+    /// The kernel pins the pages; requests whose data lies in them arrive marked
+    /// UBLK_IO_F_SHMEM_ZC. Returns the buffer's index. `read_only`: pinned without write
+    /// access, matched by writes only.
+    pub fn reg_buf(&mut self, dev_id: u32, addr: *const u8, len: u64, read_only: bool) -> Result<u16> {
+        let reg = uapi::ShmemBufReg {
+            addr: addr as u64,
+            len,
+            flags: if read_only { uapi::SHMEM_BUF_READ_ONLY } else { 0 },
+            reserved: 0,
+        };
+        let mut buf = struct_bytes(&reg);
+        let cmd = CtrlCmd { dev_id, queue_id: u16::MAX, ..Default::default() };
+        let index = self.exec_dev(uapi::CMD_REG_BUF, "REG_BUF", cmd, Some(&mut buf))?;
+        u16::try_from(index).map_err(|_| Error::Config(format!("REG_BUF returned buffer index {index}")))
+    }
+
+    /// UNREG_BUF (7.1+): unpins shared-memory buffer `index` of device `dev_id`.
+    pub fn unreg_buf(&mut self, dev_id: u32, index: u16) -> Result<()> {
+        let cmd = CtrlCmd { dev_id, queue_id: u16::MAX, data: [u64::from(index)], ..Default::default() };
+        self.exec_dev(uapi::CMD_UNREG_BUF, "UNREG_BUF", cmd, None)?;
+        Ok(())
+    }
+
     /// TRY_STOP_DEV (UBLK_F_SAFE_STOP_DEV, 7.0+): STOP_DEV if nothing has the block device
     /// open, else EBUSY (the kernel refuses new opens while it decides, so nothing can
     /// slip in between the check and the stop).

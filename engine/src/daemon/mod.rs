@@ -23,6 +23,7 @@ use crate::queue::{
 };
 use crate::request::TargetInfo;
 use crate::ring::RingMode;
+use crate::sys::shmem::{SharedMap, ShmemBuf, ShmemKind};
 use crate::sys::{self, features, uapi};
 use crate::target::Target;
 pub use clock::DeviceStats;
@@ -88,6 +89,70 @@ pub struct DeviceOptions {
     /// serves every `threads`-th tag of the queue, so one queue's requests spread over
     /// several CPUs. 1: one thread per queue (any kernel).
     pub threads: u16,
+    /// Shared memory for zero-copy IO (UBLK_F_SHMEM_ZC, Linux 7.1+).
+    pub shmem: Option<ShmemOptions>,
+}
+
+/// Shared memory that the device's clients do their IO from (UBLK_F_SHMEM_ZC, Linux
+/// 7.1+): a file both sides map `MAP_SHARED` (hugetlbfs, tmpfs, or a memfd through
+/// `/proc/PID/fd/N`). The engine maps it and registers it with the device (REG_BUF);
+/// an O_DIRECT request whose pages all lie in it reaches the queue with its data in
+/// that mapping, which the target reads or writes directly: the kernel copies nothing
+/// and registers nothing. Other requests take the device's buffer mode.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ShmemOptions {
+    pub path: PathBuf,
+    /// Bytes to map (the file is created, or grown, to this size); None: the file's size.
+    pub size: Option<u64>,
+    /// Map and register it read-only (`UBLK_SHMEM_BUF_READ_ONLY`, a write-sealed memfd):
+    /// only writes are served from it.
+    pub read_only: bool,
+    /// For `recover`: the device already has this memory registered (by the daemon
+    /// that died). The file at `path` must be the one registered then.
+    pub registered: Option<ShmemRegistration>,
+}
+
+/// A device's shared-memory registration, as `recover` needs to know it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ShmemRegistration {
+    /// The buffer index REG_BUF returned.
+    pub index: u16,
+    /// The file's (device, inode).
+    pub file_id: (u64, u64),
+}
+
+/// The shared memory a device serves from, as started.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ShmemReport {
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub kind: ShmemKind,
+    pub read_only: bool,
+    pub registration: ShmemRegistration,
+}
+
+impl ShmemOptions {
+    /// Parses `PATH[,size=SIZE][,ro]`; `parse_size` reads SIZE (`64M`, `1G`...).
+    pub fn parse(spec: &str, parse_size: impl Fn(&str) -> std::result::Result<u64, String>) -> Result<Self> {
+        let mut parts = spec.split(',');
+        let path = parts
+            .next()
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| Error::Config(format!("--shmem {spec:?}: expected PATH[,size=SIZE][,ro]")))?;
+        let mut o = ShmemOptions { path: PathBuf::from(path), size: None, read_only: false, registered: None };
+        for part in parts {
+            match part.split_once('=') {
+                Some(("size", v)) => {
+                    o.size = Some(parse_size(v).map_err(|e| Error::Config(format!("--shmem size={v}: {e}")))?);
+                }
+                None if part == "ro" => o.read_only = true,
+                _ => {
+                    return Err(Error::Config(format!("--shmem: unknown option {part:?} (expected size=SIZE or ro)")));
+                }
+            }
+        }
+        Ok(o)
+    }
 }
 
 /// Whether this process has CAP_SYS_ADMIN in its effective set, as the ublk driver
@@ -183,6 +248,7 @@ impl Default for DeviceOptions {
             read_only: false,
             unprivileged: false,
             threads: 1,
+            shmem: None,
         }
     }
 }
@@ -254,6 +320,8 @@ pub struct StartedDevice {
     pub recovered: bool,
     /// Writes are refused ([`DeviceOptions::read_only`], or a read-only target).
     pub read_only: bool,
+    /// The shared memory requests may be served from ([`DeviceOptions::shmem`]).
+    pub shmem: Option<ShmemReport>,
 }
 
 /// Why serving ended, and the final counters.
@@ -339,13 +407,25 @@ pub fn serve(
             ));
         }
     }
-    let (buffer_mode, buffer_reason) = if unprivileged != 0 {
+    let (mut buffer_mode, mut buffer_reason) = if unprivileged != 0 {
         crate::buf::resolve_unprivileged(opts.buffer)?
     } else if zoned != 0 {
         crate::buf::resolve_zoned(opts.buffer, kernel_features)?
     } else {
         resolve(opts.buffer, kernel_features, target.moves_data(), target.supports_zero_copy(), target.name())?
     };
+    let shmem_map = match &opts.shmem {
+        None => None,
+        Some(o) => {
+            check_shmem(o, kernel_features, &*target)?;
+            if opts.buffer == BufferChoice::Auto && buffer_mode == BufferMode::AutoReg {
+                buffer_mode = BufferMode::Copy;
+                buffer_reason = "auto with shared memory: requests outside it are copied (auto-reg would register every request's pages, the shared ones too)".into();
+            }
+            Some(SharedMap::open(&o.path, o.size, o.read_only, uapi::SHMEM_BUF_MAX).map_err(Error::Config)?)
+        }
+    };
+    let shmem_flag = if shmem_map.is_some() { features::F_SHMEM_ZC } else { 0 };
     let want_recovery = opts.recovery.dev_flags();
     let want_batch = if opts.io_protocol == IoProtocol::Batch { features::F_BATCH_IO } else { 0 };
     if kernel_features & want_batch != want_batch {
@@ -387,7 +467,8 @@ pub fn serve(
             | quiesce
             | unprivileged
             | zoned
-            | per_io,
+            | per_io
+            | shmem_flag,
         ..Default::default()
     };
     ctrl.add_dev(&mut info).map_err(|e| match (e.raw_os_error(), opts.dev_id) {
@@ -396,7 +477,7 @@ pub fn serve(
     })?;
     let mut live = Live::new(ctrl, info.dev_id, OnExit::Delete);
     tracing::debug!(dev_id = info.dev_id, ?info, "device added");
-    let wanted = buffer_mode.dev_flag() | want_recovery | want_batch | per_io;
+    let wanted = buffer_mode.dev_flag() | want_recovery | want_batch | per_io | shmem_flag;
     if info.flags & wanted != wanted {
         return Err(Error::Config(format!(
             "the kernel refused buffer mode {buffer_mode}, recovery {:?} or io protocol {} (device flags {:#x})",
@@ -409,7 +490,16 @@ pub fn serve(
         tracing::info!(dev_id = info.dev_id, "the kernel made an ordinary device: this process has CAP_SYS_ADMIN");
     }
     live.ctrl.set_params(info.dev_id, &params)?;
-    let setup = Setup { info, kernel_features, buffer_mode, buffer_reason, recovered: false, read_only };
+    // Registered before the queues start: no request can be in flight yet.
+    let shmem = match shmem_map {
+        None => None,
+        Some(map) => {
+            let index = live.ctrl.reg_buf(info.dev_id, map.as_ptr(), map.size(), map.read_only())?;
+            tracing::debug!(dev_id = info.dev_id, index, ?map, "shared memory registered");
+            Some(Arc::new(ShmemBuf { map, index }))
+        }
+    };
+    let setup = Setup { info, kernel_features, buffer_mode, buffer_reason, recovered: false, read_only, shmem };
     run(live, setup, target, opts, on_started, on_tick)
 }
 
@@ -468,6 +558,7 @@ pub fn recover(
             target.name()
         )));
     }
+    let shmem = recover_shmem(dev_id, info.flags, opts.shmem.as_ref())?;
     // The dead daemon's rings are torn down asynchronously; until they let go of
     // /dev/ublkcN the kernel answers EBUSY.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -495,6 +586,7 @@ pub fn recover(
         buffer_reason: "as the device was created".into(),
         recovered: true,
         read_only,
+        shmem,
     };
     run(live, setup, target, &opts, on_started, on_tick)
 }
@@ -529,6 +621,58 @@ fn wait_recoverable(ctrl: &mut Control, dev_id: u32) -> Result<uapi::DevInfo> {
     }
 }
 
+/// Refuses shared memory where it cannot work: a kernel without SHMEM_ZC, read-only
+/// memory for a target that would have to write into a write's buffer.
+fn check_shmem(o: &ShmemOptions, kernel_features: u64, target: &dyn Target) -> Result<()> {
+    if kernel_features & features::F_SHMEM_ZC == 0 {
+        return Err(Error::Config(
+            "--shmem needs the ublk feature SHMEM_ZC (Linux 7.1+), which this kernel does not offer".into(),
+        ));
+    }
+    if o.read_only && (!target.supports_zero_copy() || target.info().zoned.is_some()) {
+        return Err(Error::Config(format!(
+            "--shmem {},ro: the {} target moves data through memory of its own, which read-only shared memory cannot be (use it without ro)",
+            o.path.display(),
+            target.name()
+        )));
+    }
+    Ok(())
+}
+
+/// The shared memory of a device being recovered: the file registered by the daemon
+/// that died (the kernel keeps the registration, and the pinned pages, while the
+/// device exists), mapped again. Its index comes from the options (the state file).
+fn recover_shmem(dev_id: u32, dev_flags: u64, o: Option<&ShmemOptions>) -> Result<Option<Arc<ShmemBuf>>> {
+    let o = match (dev_flags & features::F_SHMEM_ZC != 0, o) {
+        (false, None) => return Ok(None),
+        (false, Some(o)) => {
+            return Err(Error::Config(format!(
+                "device {dev_id} was created without shared memory (no SHMEM_ZC): it cannot serve {}",
+                o.path.display()
+            )));
+        }
+        (true, None) => {
+            return Err(Error::Config(format!(
+                "device {dev_id} was created with shared memory (SHMEM_ZC): recovering it needs that file (--shmem)"
+            )));
+        }
+        (true, Some(o)) => o,
+    };
+    let reg = o.registered.ok_or_else(|| {
+        Error::Config(format!(
+            "device {dev_id}: the index of its shared-memory registration is unknown (its state file names none)"
+        ))
+    })?;
+    let map = SharedMap::open(&o.path, o.size, o.read_only, uapi::SHMEM_BUF_MAX).map_err(Error::Config)?;
+    if map.dev_ino() != reg.file_id {
+        return Err(Error::Config(format!(
+            "shared memory {} is not the file device {dev_id} registered (another inode): the kernel still matches requests against that one's pages",
+            o.path.display()
+        )));
+    }
+    Ok(Some(Arc::new(ShmemBuf { map, index: reg.index })))
+}
+
 /// What `run` needs to know of the device it brings up.
 struct Setup {
     info: uapi::DevInfo,
@@ -537,6 +681,7 @@ struct Setup {
     buffer_reason: String,
     recovered: bool,
     read_only: bool,
+    shmem: Option<Arc<ShmemBuf>>,
 }
 
 /// The common path: open the char device, start the queues, START_DEV (or
@@ -549,7 +694,7 @@ fn run(
     on_started: impl FnOnce(&StartedDevice),
     mut on_tick: impl FnMut(&DeviceStats),
 ) -> Result<ServeSummary> {
-    let Setup { info, kernel_features, buffer_mode, buffer_reason, recovered, read_only } = setup;
+    let Setup { info, kernel_features, buffer_mode, buffer_reason, recovered, read_only, shmem } = setup;
     let io_protocol = if info.flags & features::F_BATCH_IO != 0 { IoProtocol::Batch } else { IoProtocol::PerTag };
     // Several threads per queue only where the device has PER_IO_DAEMON (recover checks).
     let threads = if info.flags & features::F_PER_IO_DAEMON != 0 { opts.threads } else { 1 };
@@ -604,6 +749,7 @@ fn run(
                 ring: opts.ring,
                 protocol: io_protocol,
                 offload_min: opts.offload_min,
+                shmem: shmem.clone(),
             };
             let handle = queue::spawn(cfg, Arc::clone(&target), Arc::clone(&cdev), tx.clone())?;
             live.queues.push(handle);
@@ -640,6 +786,13 @@ fn run(
         recovery: Recovery::from_dev_flags(info.flags),
         recovered,
         read_only,
+        shmem: shmem.as_ref().map(|sh| ShmemReport {
+            path: sh.map.path().to_path_buf(),
+            bytes: sh.map.size(),
+            kind: sh.map.kind(),
+            read_only: sh.map.read_only(),
+            registration: ShmemRegistration { index: sh.index, file_id: sh.map.dev_ino() },
+        }),
     };
     on_started(&started);
     let mut clock = StatsClock::new(dev_id);
@@ -699,4 +852,28 @@ fn wait_for_node(path: &Path) -> Result<()> {
         std::thread::sleep(Duration::from_millis(5));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn size(v: &str) -> std::result::Result<u64, String> {
+        match v {
+            "64M" => Ok(64 << 20),
+            _ => Err(format!("bad size {v:?}")),
+        }
+    }
+
+    #[test]
+    fn shmem_options_parse() {
+        let o = ShmemOptions::parse("/dev/hugepages/buf", size).unwrap();
+        assert_eq!((o.path, o.size, o.read_only), (PathBuf::from("/dev/hugepages/buf"), None, false));
+        let o = ShmemOptions::parse("/dev/shm/b,size=64M,ro", size).unwrap();
+        assert_eq!((o.size, o.read_only), (Some(64 << 20), true));
+        for (bad, says) in [("", "expected PATH"), ("/x,size=1Q", "size=1Q"), ("/x,rw", "unknown option \"rw\"")] {
+            let e = ShmemOptions::parse(bad, size).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
 }

@@ -31,6 +31,8 @@ pub(crate) struct QueueConfig {
     pub(crate) protocol: IoProtocol,
     /// Target IO of at least this many bytes is punted to io_uring's workers.
     pub(crate) offload_min: Option<u32>,
+    /// Shared memory registered with the device (UBLK_F_SHMEM_ZC).
+    pub(crate) shmem: Option<std::sync::Arc<crate::sys::shmem::ShmemBuf>>,
 }
 
 /// How a queue fetches and commits requests.

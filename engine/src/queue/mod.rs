@@ -156,6 +156,7 @@ fn run(
         offload_min: cfg.offload_min,
         owned: asked.mem,
         target_wake: asked.waker,
+        shmem: cfg.shmem.clone(),
     };
     let ring = QueueRing::new(q_id, cfg.depth, cfg.buf_size, setup, wake, cdev.as_raw_fd(), &asked.fds)
         .map_err(|e| qerr(format!("setting up io_uring: {e}")))?;

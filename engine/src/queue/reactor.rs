@@ -398,7 +398,21 @@ impl<'a, R: Ring + BatchRing, D: Descs> Reactor<'a, R, D> {
                 decoded = decode_request(tag, &desc, self.g.buf_size, self.g.dev_size);
             }
         }
+        // SHMEM_ZC: the data is in the shared memory (an address outside it fails the request).
+        let shared = match &decoded {
+            Ok(req) => {
+                let at = req.shared_memory().then(|| (desc.addr, u32::try_from(req.len).unwrap_or(u32::MAX)));
+                self.ring.set_shared(tag, at).map(|()| at.is_some())
+            }
+            Err(_) => self.ring.set_shared(tag, None).map(|()| false),
+        };
         match decoded {
+            Ok(req) if shared.is_err() => {
+                tracing::warn!(q_id = self.g.q_id, tag, ?desc, "shared-memory request outside the registered buffer");
+                self.slots[idx] = Slot::InTarget(req);
+                self.in_target += 1;
+                self.commit(tag, -libc::EIO);
+            }
             Ok(req) if self.g.read_only && !matches!(req.op, Op::Read | Op::Flush | Op::ReportZones) => {
                 // The kernel refuses writes to a read-only disk at open and in the write
                 // path, but a bio submitted directly only gets a warning: it stops here.
@@ -407,7 +421,7 @@ impl<'a, R: Ring + BatchRing, D: Descs> Reactor<'a, R, D> {
                 self.in_target += 1;
                 self.commit(tag, -libc::EROFS);
             }
-            Ok(req) if self.g.user_copy && req.op.carries_data_in() && req.len > 0 => {
+            Ok(req) if self.g.user_copy && shared == Ok(false) && req.op.carries_data_in() && req.len > 0 => {
                 // The data first: the target sees the request once it is in our buffer.
                 self.slots[idx] = Slot::CopyIn(req);
                 self.in_target += 1;
@@ -620,7 +634,7 @@ impl<'a, R: Ring + BatchRing, D: Descs> Reactor<'a, R, D> {
     fn commit(&mut self, tag: u16, res: i32) {
         let idx = usize::from(tag);
         match self.slots[idx] {
-            Slot::InTarget(req) if self.g.user_copy && req.op.carries_data_out() && res > 0 => {
+            Slot::InTarget(req) if self.g.user_copy && !req.shared_memory() && req.op.carries_data_out() && res > 0 => {
                 self.slots[idx] = Slot::CopyOut(req, res);
                 // res <= req.len <= buf_size: what the target read into the buffer.
                 match self.ring.push_user_copy(tag, true, res as u32) {
@@ -652,6 +666,9 @@ impl<'a, R: Ring + BatchRing, D: Descs> Reactor<'a, R, D> {
             _ => res,
         };
         self.recorder.record(req.op, res, self.started[idx]);
+        if res >= 0 && req.shared_memory() {
+            self.recorder.count_shared();
+        }
         if res < 0 {
             self.log_error(&req, res);
         }

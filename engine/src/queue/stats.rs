@@ -79,6 +79,11 @@ pub struct Counters {
     /// reset, report; a zone append counts as a write).
     #[serde(default)]
     pub zone_ops: u64,
+    /// Reads and writes (also in `reads`/`writes`) whose data was in the device's
+    /// shared memory (UBLK_F_SHMEM_ZC): nothing copied, nothing registered. The others
+    /// were served the buffer mode's way.
+    #[serde(default)]
+    pub shmem_zc: u64,
     /// Bytes the successful READs returned.
     pub bytes_read: u64,
     /// Bytes the successful WRITEs took.
@@ -161,6 +166,7 @@ impl Counters {
             discards,
             write_zeroes,
             zone_ops,
+            shmem_zc,
             bytes_read,
             bytes_written,
             errors,
@@ -180,6 +186,7 @@ impl Counters {
         self.discards += discards;
         self.write_zeroes += write_zeroes;
         self.zone_ops += zone_ops;
+        self.shmem_zc += shmem_zc;
         self.bytes_read += bytes_read;
         self.bytes_written += bytes_written;
         self.errors += errors;
@@ -373,6 +380,11 @@ impl Recorder {
         self.pending += 1;
     }
 
+    /// A request served from the shared memory completed (see [`Counters::shmem_zc`]).
+    pub fn count_shared(&mut self) {
+        self.c.shmem_zc += 1;
+    }
+
     pub fn count_bad_request(&mut self) {
         self.c.bad_requests += 1;
     }
@@ -513,7 +525,7 @@ impl QueueStats {
     }
 
     #[cfg(test)]
-    fn snapshot(&self) -> StatsSnapshot {
+    pub(crate) fn snapshot(&self) -> StatsSnapshot {
         let (c, lat) = self.published();
         StatsSnapshot::new(c, &lat)
     }
@@ -757,13 +769,14 @@ mod tests {
 
     #[test]
     fn json_field_names_unchanged() {
-        const COUNTERS: [&str; 16] = [
+        const COUNTERS: [&str; 17] = [
             "reads",
             "writes",
             "flushes",
             "discards",
             "write_zeroes",
             "zone_ops",
+            "shmem_zc",
             "bytes_read",
             "bytes_written",
             "errors",
@@ -840,6 +853,7 @@ mod tests {
         let m = back.as_object_mut().unwrap();
         assert_eq!(m.remove("errors_by_errno").unwrap(), serde_json::json!([0u64; ErrnoCounts::NAMES.len()].to_vec()));
         assert_eq!(m.remove("zone_ops").unwrap(), serde_json::json!(0));
+        assert_eq!(m.remove("shmem_zc").unwrap(), serde_json::json!(0));
         let mut old = old;
         for l in ["read_latency", "write_latency", "other_latency"] {
             for v in [&mut m[l], &mut old[l]] {

@@ -133,19 +133,54 @@ impl QueueRing {
 }
 
 impl QueueRing {
+    /// Where bytes `off..off + len` of request `tag`'s data are in memory of ours: in the
+    /// shared memory for a SHMEM_ZC request, else in the tag's buffer (copy and user-copy
+    /// modes; `-EOPNOTSUPP` in the others). `writing`: the caller will write there, which
+    /// read-only shared memory refuses (`-EROFS`).
+    fn request_addr(&self, tag: u16, off: u32, len: u32, writing: bool) -> Result<*mut u8, i32> {
+        if tag >= self.depth || u64::from(off) + u64::from(len) > u64::from(self.buf_size) {
+            return Err(-libc::EINVAL);
+        }
+        if let Some(at) = self.shared_at[usize::from(tag)] {
+            let sh = self.shmem.as_ref().ok_or(-libc::EIO)?;
+            if writing && sh.map.read_only() {
+                return Err(-libc::EROFS);
+            }
+            return sh.range(u64::from(at) + u64::from(off), u64::from(len)).ok_or(-libc::EIO);
+        }
+        if !self.mode.needs_buffers() {
+            return Err(-libc::EOPNOTSUPP);
+        }
+        Ok(self.buf_addr(tag).wrapping_add(off as usize))
+    }
+
+    /// A target read or write of a SHMEM_ZC request: on the shared memory, with the fixed
+    /// form where the range is inside one of its buffer-table pieces.
+    fn shared_rw(&self, tag: u16, at: u32, rw: Rw) -> Result<squeue::Entry, i32> {
+        let Rw { write, file, buf_off, len, offset, rw_flags } = rw;
+        let ptr = self.request_addr(tag, buf_off, len, !write)?;
+        let start = u64::from(at) + u64::from(buf_off);
+        let piece = start / super::SHMEM_CHUNK;
+        let fixed = self
+            .shmem_slot
+            .filter(|_| len == 0 || (start + u64::from(len) - 1) / super::SHMEM_CHUNK == piece)
+            .and_then(|slot| u16::try_from(u64::from(slot) + piece).ok());
+        let fd = types::Fixed(file.0);
+        Ok(match (write, fixed) {
+            (false, Some(i)) => opcode::ReadFixed::new(fd, ptr, len, i).offset(offset).rw_flags(rw_flags).build(),
+            (false, None) => opcode::Read::new(fd, ptr, len).offset(offset).rw_flags(rw_flags).build(),
+            (true, Some(i)) => opcode::WriteFixed::new(fd, ptr, len, i).offset(offset).rw_flags(rw_flags).build(),
+            (true, None) => opcode::Write::new(fd, ptr, len).offset(offset).rw_flags(rw_flags).build(),
+        })
+    }
+
     /// The address of `mem` for a CPU copy: request `tag`'s buffer (copy mode) or
     /// target memory that no SQE in flight names.
-    fn copy_addr(&self, tag: Option<u16>, mem: Mem) -> Result<(*mut u8, u32), i32> {
+    fn copy_addr(&self, tag: Option<u16>, mem: Mem, writing: bool) -> Result<(*mut u8, u32), i32> {
         match mem {
             Mem::Request { off, len } => {
                 let tag = tag.ok_or(-libc::EINVAL)?;
-                if !self.mode.needs_buffers() {
-                    return Err(-libc::EOPNOTSUPP);
-                }
-                if tag >= self.depth || u64::from(off) + u64::from(len) > u64::from(self.buf_size) {
-                    return Err(-libc::EINVAL);
-                }
-                Ok((self.buf_addr(tag).wrapping_add(off as usize), len))
+                Ok((self.request_addr(tag, off, len, writing)?, len))
             }
             Mem::Owned { id, off, len } => {
                 let m = self.owned.get(usize::from(id.0)).ok_or(-libc::EINVAL)?;
@@ -169,7 +204,10 @@ impl TargetSq for QueueRing {
             return Err(-libc::EINVAL);
         }
         let fd = types::Fixed(file.0);
-        let sqe = if self.mode.is_zero_copy() {
+        let sqe = if let Some(at) = self.shared_at[usize::from(tag)] {
+            // SHMEM_ZC: the data is in the shared memory, nothing registered per request.
+            self.shared_rw(tag, at, rw)?
+        } else if self.mode.is_zero_copy() {
             if self.mode == BufferMode::ZeroCopy {
                 // REGISTER_IO_BUF linked before the IO, both in one submission (with
                 // the SQE this one is linked to, if any).
@@ -197,7 +235,8 @@ impl TargetSq for QueueRing {
         // serially in the queue thread (a single submitter loads a single queue).
         let sqe = if len >= self.offload_min { sqe.flags(squeue::Flags::ASYNC) } else { sqe };
         // Copy mode: the range is inside this tag's buffer (checked above), which lives as
-        // long as the ring. Zero-copy modes: the kernel owns the registered request pages,
+        // long as the ring; shared memory: inside the mapping, which lives as long as the
+        // ring (leaked with it if IO is in flight). Zero-copy modes: the kernel owns the registered request pages,
         // and the request is not committed (so they stay registered) until this CQE is reaped.
         self.push_target(sqe, Owner::Request(tag), cookie, None)
     }
@@ -206,14 +245,9 @@ impl TargetSq for QueueRing {
         let (ptr, len, mem) = match io.mem {
             Mem::Request { off, len } => {
                 let Owner::Request(tag) = owner else { return Err(-libc::EINVAL) };
-                // Only copy and user-copy modes have request data in memory of ours.
-                if !self.mode.needs_buffers() {
-                    return Err(-libc::EOPNOTSUPP);
-                }
-                if tag >= self.depth || u64::from(off) + u64::from(len) > u64::from(self.buf_size) {
-                    return Err(-libc::EINVAL);
-                }
-                (self.buf_addr(tag).wrapping_add(off as usize), len, None)
+                // Copy and user-copy modes (and shared memory) have request data in memory
+                // of ours; a receive writes it.
+                (self.request_addr(tag, off, len, !io.send)?, len, None)
             }
             Mem::Owned { id, off, len } => {
                 let m = self.owned.get(usize::from(id.0)).ok_or(-libc::EINVAL)?;
@@ -279,10 +313,10 @@ impl TargetSq for QueueRing {
     }
 
     fn copy(&mut self, tag: Option<u16>, dst: Mem, src: Option<Mem>) -> Result<(), i32> {
-        let (to, len) = self.copy_addr(tag, dst)?;
+        let (to, len) = self.copy_addr(tag, dst, true)?;
         match src {
             Some(src) => {
-                let (from, n) = self.copy_addr(tag, src)?;
+                let (from, n) = self.copy_addr(tag, src, false)?;
                 if n != len {
                     return Err(-libc::EINVAL);
                 }
@@ -299,7 +333,8 @@ impl TargetSq for QueueRing {
     }
 
     fn request_buf(&mut self, tag: u16, len: u32) -> Result<&mut [u8], i32> {
-        let (ptr, len) = self.copy_addr(Some(tag), Mem::Request { off: 0, len })?;
+        // Writable: a read's data is written there (read-only shared memory refuses).
+        let (ptr, len) = self.copy_addr(Some(tag), Mem::Request { off: 0, len }, true)?;
         // SAFETY: `0..len` is inside request `tag`'s live buffer (copy_addr, mode copy); no SQE
         // of the request is in flight (the caller's check), so nothing else touches it, and
         // the &mut borrow of self keeps the slice unique until it ends.

@@ -9,12 +9,14 @@ pub(crate) mod tag;
 
 use std::io as stdio;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
 use std::time::Duration;
 
 use io_uring::{IoUring, opcode, squeue, types};
 
 use crate::buf::BufferMode;
 use crate::sys::mmap::{PageKind, Region};
+use crate::sys::shmem::ShmemBuf;
 use crate::sys::uapi::{self, IoCmd};
 use crate::sys::uring;
 use batch::Batch;
@@ -98,7 +100,18 @@ pub(crate) struct QueueRing {
     /// The ring's index among this thread's registered ring fds (None: not registered,
     /// `io_uring_enter` takes the fd).
     ring_index: Option<u32>,
+    /// Shared memory registered with the device (UBLK_F_SHMEM_ZC), and the buffer-table
+    /// slot of its first [`SHMEM_CHUNK`] (None: not in the table, plain reads and writes).
+    shmem: Option<Arc<ShmemBuf>>,
+    shmem_slot: Option<u16>,
+    /// Per tag: where its request's data starts in the shared memory (None: the request
+    /// is served the device's buffer mode's way).
+    shared_at: Vec<Option<u32>>,
 }
+
+/// io_uring takes fixed buffers of at most 1 GiB: shared memory goes in the buffer
+/// table in pieces of this size (an IO across two of them is a plain read or write).
+const SHMEM_CHUNK: u64 = 1 << 30;
 
 impl std::fmt::Debug for QueueRing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -171,6 +184,8 @@ pub(crate) struct RingSetup {
     pub(crate) owned: Vec<u32>,
     /// The target's waker eventfd (`QueueSetup::waker`), read by the ring.
     pub(crate) target_wake: Option<OwnedFd>,
+    /// Shared memory registered with the device (UBLK_F_SHMEM_ZC).
+    pub(crate) shmem: Option<Arc<ShmemBuf>>,
 }
 
 /// `-errno` of an io::Error (EIO when it has none).
@@ -205,10 +220,35 @@ impl QueueRing {
             ));
         }
         let mut fixed_bufs = false;
+        // Shared memory in the table after the tags' slots (not read-only memory: the
+        // table pins pages for writing).
+        let chunks: Vec<libc::iovec> = match &setup.shmem {
+            Some(sh) if !sh.map.read_only() && setup.mode.moves_data() => (0..sh.map.size().div_ceil(SHMEM_CHUNK))
+                .map(|i| libc::iovec {
+                    iov_base: sh.map.as_ptr().wrapping_add((i * SHMEM_CHUNK) as usize).cast(),
+                    iov_len: (sh.map.size() - i * SHMEM_CHUNK).min(SHMEM_CHUNK) as usize,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let mut shmem_slot = None;
         match &setup.region {
             // `none` (USER_COPY): the target moves no data, so no buffer table either.
             None if !setup.mode.moves_data() => {}
-            None => ring.submitter().register_buffers_sparse(u32::from(depth))?,
+            None => {
+                ring.submitter().register_buffers_sparse(u32::from(depth) + chunks.len() as u32)?;
+                if !chunks.is_empty() {
+                    // SAFETY: the iovecs name the shared mapping, which `setup.shmem` (kept
+                    // in this struct, dropped after the ring) holds mapped; the kernel pins it.
+                    match unsafe { ring.submitter().register_buffers_update(u32::from(depth), &chunks, None) } {
+                        Ok(()) => shmem_slot = Some(depth),
+                        Err(e) => tracing::warn!(
+                            q_id,
+                            "registering the shared memory as fixed buffers failed ({e}); its IO uses plain reads and writes"
+                        ),
+                    }
+                }
+            }
             Some(region) => {
                 if region.len() < usize::from(depth) * buf_size as usize {
                     return Err(stdio::Error::new(stdio::ErrorKind::InvalidInput, "buffer region too small"));
@@ -220,10 +260,33 @@ impl QueueRing {
                         iov_len: buf_size as usize,
                     })
                     .collect();
-                // SAFETY: the iovecs name memory owned by `setup.region`, which this struct
-                // keeps alive longer than the ring (field order); the kernel pins the pages.
-                match unsafe { ring.submitter().register_buffers(&iovecs) } {
-                    Ok(()) => fixed_bufs = true,
+                let mut all = iovecs.clone();
+                all.extend_from_slice(&chunks);
+                // SAFETY: the iovecs name memory owned by `setup.region` and the shared
+                // mapping `setup.shmem`, which this struct keeps alive longer than the ring
+                // (field order; both leaked if the ring goes with IO in flight); the kernel
+                // pins the pages.
+                match unsafe { ring.submitter().register_buffers(&all) } {
+                    Ok(()) => {
+                        fixed_bufs = true;
+                        shmem_slot = (!chunks.is_empty()).then_some(depth);
+                    }
+                    Err(e) if !chunks.is_empty() => {
+                        tracing::warn!(
+                            q_id,
+                            "registering the shared memory as fixed buffers failed ({e}); its IO uses plain reads and writes"
+                        );
+                        // SAFETY: as above, the per-tag buffers alone.
+                        match unsafe { ring.submitter().register_buffers(&iovecs) } {
+                            Ok(()) => fixed_bufs = true,
+                            Err(e) => {
+                                tracing::warn!(
+                                    q_id,
+                                    "registering fixed buffers failed ({e}); using plain reads/writes"
+                                );
+                            }
+                        }
+                    }
                     Err(e) => tracing::warn!(q_id, "registering fixed buffers failed ({e}); using plain reads/writes"),
                 }
             }
@@ -258,6 +321,9 @@ impl QueueRing {
             link_pending: false,
             target_wake: setup.target_wake.map(|fd| (fd, Box::leak(Box::new(0)))),
             ring_index,
+            shmem: setup.shmem,
+            shmem_slot,
+            shared_at: vec![None; usize::from(depth)],
         })
     }
 
@@ -407,6 +473,10 @@ pub(crate) trait Ring {
     /// before the target) or a write to it (`to_kernel` true: a read's data, before the
     /// commit). Completes as [`Kind::UserCopy`] with the bytes moved.
     fn push_user_copy(&mut self, tag: u16, to_kernel: bool, len: u32) -> Result<(), i32>;
+    /// Where request `tag`'s data is from now on: in the shared memory (UBLK_F_SHMEM_ZC)
+    /// at descriptor address `addr` for `len` bytes, or (None) where the buffer mode
+    /// puts it. `-EIO` for an address outside the registered buffer.
+    fn set_shared(&mut self, tag: u16, at: Option<(u64, u32)>) -> Result<(), i32>;
 }
 
 impl Ring for QueueRing {
@@ -424,6 +494,23 @@ impl Ring for QueueRing {
         if let Some(region) = self.bufs.take() {
             std::mem::forget(region);
         }
+        // The shared mapping too: one reference never dropped keeps it mapped.
+        if let Some(sh) = self.shmem.take() {
+            std::mem::forget(sh);
+        }
+    }
+
+    fn set_shared(&mut self, tag: u16, at: Option<(u64, u32)>) -> Result<(), i32> {
+        let slot = self.shared_at.get_mut(usize::from(tag)).ok_or(-libc::EINVAL)?;
+        *slot = None;
+        let Some((addr, len)) = at else { return Ok(()) };
+        let sh = self.shmem.as_ref().ok_or(-libc::EIO)?;
+        let off = uapi::shmem_zc_offset(addr);
+        if uapi::shmem_zc_index(addr) != sh.index || sh.range(u64::from(off), u64::from(len)).is_none() {
+            return Err(-libc::EIO);
+        }
+        *slot = Some(off);
+        Ok(())
     }
 
     /// Per-tag protocol: FETCH_REQ (`result` None) or COMMIT_AND_FETCH_REQ with
@@ -567,6 +654,7 @@ mod tests {
             offload_min: None,
             owned: Vec::new(),
             target_wake: None,
+            shmem: None,
         };
         QueueRing::new(0, 4, 4096, setup, wake, null.as_raw_fd(), &[])
             .expect("io_uring_setup (these tests need io_uring)")
@@ -593,6 +681,7 @@ mod tests {
             offload_min: None,
             owned: Vec::new(),
             target_wake: None,
+            shmem: None,
         };
         let null = std::fs::File::open("/dev/null").unwrap();
         let e = QueueRing::new(0, 4, 4096, setup, crate::sys::eventfd().unwrap(), null.as_raw_fd(), &[]).unwrap_err();
@@ -613,6 +702,7 @@ mod tests {
             offload_min: None,
             owned: vec![64],
             target_wake: None,
+            shmem: None,
         };
         let mut sq =
             QueueRing::new(0, 4, 4096, setup, crate::sys::eventfd().unwrap(), null.as_raw_fd(), &[null.as_raw_fd()])

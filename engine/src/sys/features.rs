@@ -39,6 +39,7 @@ pub const F_PER_IO_DAEMON: u64 = 1 << 13;
 pub const F_BATCH_IO: u64 = 1 << 15;
 pub const F_SAFE_STOP_DEV: u64 = 1 << 17;
 pub const F_NO_AUTO_PART_SCAN: u64 = 1 << 18;
+pub const F_SHMEM_ZC: u64 = 1 << 19;
 
 /// Names of the bits set in `mask`; unknown bits are shown as `BIT<n>`.
 pub fn feature_names(mask: u64) -> Vec<String> {

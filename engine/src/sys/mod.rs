@@ -12,6 +12,7 @@
 
 pub mod features;
 pub mod mmap;
+pub mod shmem;
 pub mod uapi;
 pub(crate) mod uring;
 

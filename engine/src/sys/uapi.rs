@@ -48,6 +48,42 @@ pub const CMD_UPDATE_SIZE: u32 = ctrl_iowr(0x15);
 pub const CMD_QUIESCE_DEV: u32 = ctrl_iowr(0x16);
 /// UBLK_U_CMD_TRY_STOP_DEV (7.0+, UBLK_F_SAFE_STOP_DEV): STOP_DEV unless the disk is open.
 pub const CMD_TRY_STOP_DEV: u32 = ctrl_iowr(0x17);
+/// UBLK_U_CMD_REG_BUF (7.1+, UBLK_F_SHMEM_ZC): `addr`/`len` point at a
+/// [`ShmemBufReg`]; the result is the buffer's index.
+pub const CMD_REG_BUF: u32 = ctrl_iowr(0x18);
+/// UBLK_U_CMD_UNREG_BUF (7.1+): `data[0]` is the index REG_BUF returned.
+pub const CMD_UNREG_BUF: u32 = ctrl_iowr(0x19);
+
+/// `struct ublk_shmem_buf_reg`: shared memory for UBLK_F_SHMEM_ZC, in the server's
+/// address space (page aligned, at most [`SHMEM_BUF_MAX`] bytes).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ShmemBufReg {
+    pub addr: u64,
+    pub len: u64,
+    pub flags: u32,
+    pub reserved: u32,
+}
+
+/// `ublk_shmem_buf_reg.flags`: pinned without write access (a write-sealed memfd); only
+/// WRITE requests can then match it.
+pub const SHMEM_BUF_READ_ONLY: u32 = 1 << 0;
+/// The largest buffer one REG_BUF takes.
+pub const SHMEM_BUF_MAX: u64 = 4 << 30;
+
+/// `op_flags` bit of a request whose pages all lie in one registered shared-memory
+/// buffer: its descriptor's `addr` is [`shmem_zc_index`] << 32 | [`shmem_zc_offset`].
+pub const IO_F_SHMEM_ZC: u32 = 1 << 19;
+
+/// The registered buffer a SHMEM_ZC request's data is in (bits 32-47 of `addr`).
+pub const fn shmem_zc_index(addr: u64) -> u16 {
+    (addr >> 32) as u16
+}
+
+/// Where in that buffer the data starts (bits 0-31 of `addr`).
+pub const fn shmem_zc_offset(addr: u64) -> u32 {
+    addr as u32
+}
 
 // Per-IO commands on /dev/ublkcN.
 pub const IO_FETCH_REQ: u32 = io_iowr(0x20);
@@ -450,6 +486,8 @@ const _: () = {
     assert!(offset_of!(Params, dma) == 108);
     assert!(offset_of!(Params, seg) == 120);
     assert!(size_of::<Params>() == 136);
+    assert!(size_of::<ShmemBufReg>() == 24);
+    assert!(offset_of!(ShmemBufReg, flags) == 16);
 };
 
 /// The bytes of a plain-data UAPI struct.
@@ -475,6 +513,7 @@ pub(crate) fn struct_from_bytes<T: Copy + Default + UapiStruct>(bytes: &[u8]) ->
 pub(crate) trait UapiStruct {}
 impl UapiStruct for DevInfo {}
 impl UapiStruct for Params {}
+impl UapiStruct for ShmemBufReg {}
 
 #[cfg(test)]
 mod tests {
@@ -508,6 +547,14 @@ mod tests {
         assert_eq!(CMD_UPDATE_SIZE, 0xc020_7515);
         assert_eq!(CMD_QUIESCE_DEV, 0xc020_7516);
         assert_eq!(CMD_TRY_STOP_DEV, 0xc020_7517);
+        assert_eq!(CMD_REG_BUF, 0xc020_7518);
+        assert_eq!(CMD_UNREG_BUF, 0xc020_7519);
+        assert_eq!(size_of::<ShmemBufReg>(), 24);
+        assert_eq!(std::mem::offset_of!(ShmemBufReg, len), 8);
+        assert_eq!(std::mem::offset_of!(ShmemBufReg, flags), 16);
+        assert_eq!(std::mem::offset_of!(ShmemBufReg, reserved), 20);
+        assert_eq!(shmem_zc_index(3 << 32 | 0x1000), 3);
+        assert_eq!(shmem_zc_offset(3 << 32 | 0x1000), 0x1000);
     }
 
     #[test]

@@ -58,6 +58,10 @@ struct Kernel {
     copies: Vec<(u16, bool, u32)>,
     /// Zone append commits: (tag, sector).
     append_sectors: Vec<(u16, u64)>,
+    /// Shared memory (SHMEM_ZC): per tag, where its request's data is (set_shared), and
+    /// the registered buffer's index and length (None: no shared memory).
+    shared: Vec<Option<(u64, u32)>>,
+    shmem: Option<(u16, u64)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -163,6 +167,20 @@ impl Ring for FakeRing {
     }
     fn push_user_copy(&mut self, tag: u16, to_kernel: bool, len: u32) -> Result<(), i32> {
         self.0.borrow_mut().copies.push((tag, to_kernel, len));
+        Ok(())
+    }
+    fn set_shared(&mut self, tag: u16, at: Option<(u64, u32)>) -> Result<(), i32> {
+        let mut k = self.0.borrow_mut();
+        k.shared.resize(usize::from(DEPTH), None);
+        k.shared[usize::from(tag)] = None;
+        if let Some((addr, len)) = at {
+            let (index, size) = k.shmem.ok_or(-libc::EIO)?;
+            let off = u64::from(uapi::shmem_zc_offset(addr));
+            if uapi::shmem_zc_index(addr) != index || off + u64::from(len) > size {
+                return Err(-libc::EIO);
+            }
+            k.shared[usize::from(tag)] = at;
+        }
         Ok(())
     }
 }
@@ -1129,6 +1147,67 @@ fn done_with_sqes_in_flight_commits_when_they_complete() {
     s.complete(0, 4096);
     s.pass();
     assert_eq!(s.commits(), [(0, 8192)]);
+}
+
+/// A request whose data the kernel found in shared memory buffer `index` at `off`.
+fn shared_desc(op: u8, offset: u64, len: u32, index: u16, off: u32) -> IoDesc {
+    IoDesc {
+        op_flags: u32::from(op) | uapi::IO_F_SHMEM_ZC,
+        addr: u64::from(index) << 32 | u64::from(off),
+        ..desc(op, offset, len)
+    }
+}
+
+#[test]
+fn shared_memory_requests_skip_the_user_copy_and_are_counted() {
+    for p in both() {
+        let mut s = Sim::user_copy(p);
+        s.kernel.borrow_mut().shmem = Some((0, 1 << 20));
+        // A write in the shared memory: no char device read, straight to the target.
+        s.deliver(1, shared_desc(uapi::IO_OP_WRITE, 4096, 8192, 0, 65536));
+        s.pass();
+        assert!(s.kernel.borrow().copies.is_empty(), "{p}");
+        assert_eq!(s.kernel.borrow().shared[1], Some((65536, 8192)), "{p}");
+        s.complete(1, 8192);
+        s.pass();
+        // A read too: committed without a char device write.
+        s.deliver(2, shared_desc(uapi::IO_OP_READ, 0, 4096, 0, 0));
+        s.pass();
+        s.complete(2, 4096);
+        s.pass();
+        assert!(s.kernel.borrow().copies.is_empty(), "{p}");
+        s.settle();
+        assert_eq!(s.commits(), [(1, 8192), (2, 4096)], "{p}");
+        // An ordinary request on the same tag after: its data is copied as usual, and
+        // the tag no longer points into the shared memory.
+        s.deliver(1, desc(uapi::IO_OP_WRITE, 0, 4096));
+        s.pass();
+        assert_eq!(s.kernel.borrow().copies, [(1, false, 4096)], "{p}");
+        assert_eq!(s.kernel.borrow().shared[1], None, "{p}");
+        s.complete_copy(1, 4096);
+        s.pass();
+        s.complete(1, 4096);
+        s.pass();
+        s.settle();
+        s.reactor.recorder.maybe_flush(s.reactor.stats, true);
+        let c = s.reactor.stats.snapshot().counters;
+        assert_eq!((c.writes, c.reads, c.shmem_zc), (2, 1, 2), "{p}");
+    }
+}
+
+#[test]
+fn shared_memory_outside_the_buffer_fails_unseen() {
+    for p in both() {
+        let mut s = Sim::new(p, None);
+        s.kernel.borrow_mut().shmem = Some((0, 1 << 20));
+        // Another buffer's index, then a range past the end: EIO, the target never sees them.
+        s.deliver(0, shared_desc(uapi::IO_OP_WRITE, 0, 4096, 1, 0));
+        s.deliver(1, shared_desc(uapi::IO_OP_READ, 0, 8192, 0, (1 << 20) - 4096));
+        s.pass();
+        s.settle();
+        assert_eq!(s.commits(), [(0, -libc::EIO), (1, -libc::EIO)], "{p}");
+        assert_eq!(s.seen.borrow().submits, 0, "{p}");
+    }
 }
 
 #[test]
