@@ -8,12 +8,17 @@
 # options:
 #   --systems LIST     comma list of: engine-auto-reg, engine-zero-copy, engine-copy,
 #                      engine-null, rublk-z, rublk, rublk-null, kloop, and over an
+#                      engine-shmem-zc (--shmem on a hugetlbfs file, fio's buffers in
+#                      it: UBLK_F_SHMEM_ZC, 7.1+), and over an
 #                      nbdkit file server on a tmpfs image: engine-nbd-unix,
 #                      engine-nbd-tcp, knbd-unix, knbd-tcp (nbd-client, 2 connections)
 #                      (default engine-auto-reg,rublk-z,kloop); NAME+fifo runs the
 #                      server's threads SCHED_FIFO 1
 #   --workloads LIST   job names from perf/jobs (default randread-4k-qd64-2j,randrw-16k-70-30-qd32)
 #   --runtime SEC      fio seconds per measurement (default 4)
+#   --queues N         queues of the ublk servers (default 2)
+#   --iomem SPEC       fio's buffers for every system (default malloc; engine-shmem-zc
+#                      always uses its hugetlbfs file), e.g. mmaphuge:/path
 #   --engine PATH      ubd-engine (default target/release/ubd-engine)
 #   --engine-b PATH    a second ubd-engine, run as systems named engineb-MODE (A/B tests)
 #   --engine-args STR  extra engine options before the target (e.g. "--recovery off")
@@ -32,7 +37,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PERF=${PERF:-/usr/bin/perf}
 systems=engine-auto-reg,rublk-z,kloop
 workloads=randread-4k-qd64-2j,randrw-16k-70-30-qd32
-runtime=4 record=1 engine_args=""
+runtime=4 record=1 engine_args="" queues=2 iomem=malloc
 engine=$ROOT/target/release/ubd-engine
 engine_b=""
 rublk=${UBD_RUBLK:-}
@@ -42,6 +47,8 @@ while (($#)); do
     --systems) systems=$2; shift 2 ;;
     --workloads) workloads=$2; shift 2 ;;
     --runtime) runtime=$2; shift 2 ;;
+    --queues) queues=$2; shift 2 ;;
+    --iomem) iomem=$2; shift 2 ;;
     --engine) engine=$2; shift 2 ;;
     --engine-b) engine_b=$2; shift 2 ;;
     --engine-args) engine_args=$2; shift 2 ;;
@@ -118,7 +125,18 @@ engine_started() {
     done
     server_pid=$eng_pid
 }
+# The hugetlbfs file engine-shmem-zc registers and fio's buffers live in (32 MiB).
+shmem_file() {
+    local dir=/tmp/profile-huge
+    if ! grep -q " $dir hugetlbfs " /proc/mounts; then
+        echo $(($(cat /proc/sys/vm/nr_hugepages) + 16)) >/proc/sys/vm/nr_hugepages
+        mkdir -p "$dir"
+        mount -t hugetlbfs none "$dir"
+    fi
+    echo "$dir/buf"
+}
 start() {
+    sys_iomem=$iomem
     local fifo=0
     if [[ $1 == *+fifo ]]; then
         fifo=1
@@ -152,13 +170,20 @@ start() {
         if [[ $1 == engineb-* ]]; then
             mode=${1#engineb-} bin=$engine_b
         fi
-        local tgt=(loop /dev/ram0)
+        local tgt=(loop /dev/ram0) shm=()
         if [[ $mode == null ]]; then
             tgt=(null --size 512M)
             mode=auto
         fi
+        if [[ $mode == shmem-zc ]]; then
+            local f
+            f=$(shmem_file)
+            shm=(--shmem "$f,size=32M")
+            sys_iomem=mmaphuge:$f
+            mode=copy
+        fi
         # shellcheck disable=SC2086
-        "$bin" --queues 2 --depth 64 --buffer-mode "$mode" $engine_args "${tgt[@]}" \
+        "$bin" --queues "$queues" --depth 64 --buffer-mode "$mode" "${shm[@]}" $engine_args "${tgt[@]}" \
             >"$out/engine.stdout" 2>"$out/$1.log" &
         engine_started $!
         ;;
@@ -216,6 +241,7 @@ for s in "${syss[@]}"; do
         job=$ROOT/perf/jobs/$w.fio
         [[ -f $job ]] || job=$ROOT/perf/jobs-nbd/$w.fio
         # Warm up a second, then count over one run.
+        export IOMEM=$sys_iomem
         DEV=$dev RUNTIME=1 RAMP=0 fio "$job" --output=/dev/null
         before=(0 0)
         [[ -n $server_pid ]] && read -ra before <<<"$(ctxsw "$server_pid")"

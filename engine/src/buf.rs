@@ -77,6 +77,16 @@ impl BufferMode {
         }
     }
 
+    /// The first Linux version with this mode's feature.
+    pub fn since(self) -> &'static str {
+        match self {
+            BufferMode::Copy => "6.0",
+            BufferMode::ZeroCopy => "6.15",
+            BufferMode::AutoReg => "6.16",
+            BufferMode::NoData | BufferMode::UserCopy => "6.5",
+        }
+    }
+
     /// The device flag this mode needs (0 for copy).
     pub fn dev_flag(self) -> u64 {
         match self {
@@ -185,8 +195,9 @@ pub(crate) fn resolve(
         ))),
         BufferChoice::Force(mode) if mode.supported(kernel_features) => Ok((mode, "forced".into())),
         BufferChoice::Force(mode) => Err(Error::Config(format!(
-            "buffer mode {mode} needs the ublk feature {}, which this kernel does not offer (it offers: {})",
+            "buffer mode {mode} needs the ublk feature {} (Linux {}+), which this kernel does not offer (it offers: {})",
             feature_names(mode.dev_flag()).join(" "),
+            mode.since(),
             feature_names(kernel_features).join(" ")
         ))),
         BufferChoice::Auto if !moves_data && BufferMode::NoData.supported(kernel_features) => Ok((

@@ -107,6 +107,7 @@ fn setup(c: &Common, cmd: &str, default_rounds: u32, needs_engine: bool) -> Resu
         backing,
         backing_size,
         log_dir,
+        fio_iomem: if c.fio_hugemem { Some(format!("mmaphuge:{}", systems::shmem_file()?.display())) } else { None },
     };
     Ok(Setup {
         env,
@@ -375,7 +376,8 @@ pub fn sweep(a: &SweepArgs) -> Result<ExitCode> {
             for w in &s.workloads {
                 pb.set_message(format!("{} {}", sys.name, w.name));
                 runner::check_interrupted()?;
-                let metrics = runner::run_fio(w, &running.dev, s.timing, running.iomem.as_deref());
+                let metrics =
+                    runner::run_fio(w, &running.dev, s.timing, running.iomem.as_deref().or(s.env.fio_iomem.as_deref()));
                 runner::check_interrupted()?;
                 let metrics = metrics?;
                 let x = Sample { workload: w.name.clone(), system: sys.name.clone(), round, metrics };

@@ -69,6 +69,10 @@ pub struct Common {
     /// Kernel for --vm: lts, newest or a version.
     #[arg(long, value_name = "K", default_value = "lts", requires = "vm")]
     kernel: String,
+    /// fio's buffers in a hugetlbfs file for every system (the file the shmem system
+    /// registers), not malloc: the systems then differ only in what the server does.
+    #[arg(long)]
+    fio_hugemem: bool,
 }
 
 #[derive(Debug, Args)]

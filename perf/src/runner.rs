@@ -199,7 +199,7 @@ pub fn run_matrix(
                 check_interrupted()?;
                 let pid = running.server_pid();
                 let before = pid.and_then(cpu_ticks);
-                let metrics = run_fio(w, &running.dev, t, running.iomem.as_deref());
+                let metrics = run_fio(w, &running.dev, t, running.iomem.as_deref().or(env.fio_iomem.as_deref()));
                 let after = pid.and_then(cpu_ticks);
                 check_interrupted()?;
                 let mut metrics = metrics.with_context(|| format!("system {}", sys.name))?;

@@ -161,6 +161,8 @@ pub struct Env {
     pub backing_size: u64,
     /// Where the servers' stderr goes.
     pub log_dir: PathBuf,
+    /// fio's `iomem` for the systems that set none (None: malloc).
+    pub fio_iomem: Option<String>,
 }
 
 /// What the engine binary offers: its buffer modes (empty when it has no
@@ -482,8 +484,8 @@ fn wait_for_device(dev: &Path) -> Result<()> {
 const SHMEM_BYTES: u64 = 32 << 20;
 
 /// The shared-memory file of the shmem systems, on a hugetlbfs mounted for them, with
-/// enough huge pages reserved for it (the test VM reserves none).
-fn shmem_file() -> Result<PathBuf> {
+/// enough huge pages reserved for it (the test VM reserves none), 32 MiB long.
+pub fn shmem_file() -> Result<PathBuf> {
     let dir = PathBuf::from("/tmp/ubd-perf-huge");
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
     let mounted = mounts.lines().any(|l| {
@@ -502,7 +504,12 @@ fn shmem_file() -> Result<PathBuf> {
         std::fs::create_dir_all(&dir)?;
         run(Command::new("mount").args(["-t", "hugetlbfs", "none"]).arg(&dir))?;
     }
-    Ok(dir.join("buf"))
+    let file = dir.join("buf");
+    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&file)?;
+    if f.metadata()?.len() < SHMEM_BYTES {
+        f.set_len(SHMEM_BYTES).with_context(|| format!("cannot size {}", file.display()))?;
+    }
+    Ok(file)
 }
 
 /// Starts `sys` over `env.backing` with the engine options `eo`.

@@ -364,7 +364,8 @@ case_shmem() {
             --name=private --iomem=malloc --offset=64M >"$WORK/fio.out" 2>&1 ||
             { cat "$WORK/fio.out" >&2; fail "fio from shared and private memory"; }
         shmem_both_paths "${DEV#/dev/ublkb}"
-        check_roundtrip /dev/ram0
+        # The data is in the backing too (once: the other modes are checked by fio).
+        if [[ $mode == copy ]]; then check_roundtrip /dev/ram0; else stop_dev; fi
         grep -qE "shared memory: [1-9][0-9]* of [0-9]+ reads and writes served from it" "$LOG" ||
             fail "no shared-memory count in the stop summary"
         log "buffer mode $mode + hugetlbfs shared memory: both fio jobs verified"
@@ -374,7 +375,7 @@ case_shmem() {
     truncate -s 16M "$shm/buf"
     start_dev --queues 1 --depth 32 --shmem "$shm/buf,ro" loop /dev/ram0
     grep -q "tmpfs, read-only: writes only" "$LOG" || { cat "$LOG" >&2; fail "not read-only"; }
-    fio_verify --rw=randwrite --bs=64k --iodepth=8 --size=16M --iomem=mmapshared:"$shm/buf"
+    fio_verify --rw=randwrite --bs=64k --iodepth=8 --size=8M --iomem=mmapshared:"$shm/buf"
     shmem_both_paths "${DEV#/dev/ublkb}"
     stop_dev
     expect_error "read-only shared memory cannot be" --shmem "$shm/buf,ro" sockram --size 16M

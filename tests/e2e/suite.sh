@@ -343,14 +343,14 @@ case_buffer_modes() {
     local feats mode
     feats=$("$UBD" features --json)
     for mode in copy zero-copy auto-reg user-copy; do
-        local need=
+        local need= since=
         case $mode in
-        zero-copy) need=SUPPORT_ZERO_COPY ;;
-        auto-reg) need=AUTO_BUF_REG ;;
-        user-copy) need=USER_COPY ;;
+        zero-copy) need=SUPPORT_ZERO_COPY since=6.15 ;;
+        auto-reg) need=AUTO_BUF_REG since=6.16 ;;
+        user-copy) need=USER_COPY since=6.5 ;;
         esac
         if [[ -n $need && $feats != *\"$need\"* ]]; then
-            expect_error "buffer mode $mode needs the ublk feature $need" --buffer-mode "$mode" null --size 64M
+            expect_error "buffer mode $mode needs the ublk feature $need \(Linux $since\+\)" --buffer-mode "$mode" null --size 64M
             continue
         fi
         start_dev --cpus 0,1 --depth 32 --buffer-mode "$mode" loop /dev/ram0

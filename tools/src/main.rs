@@ -65,7 +65,7 @@ pub struct DevArgs {
     #[arg(long, global = true, value_enum)]
     recovery: Option<Recovery>,
     /// Threads per queue (UBLK_F_PER_IO_DAEMON, 6.16+): each with its own ring, serving
-    /// every N-th tag of the queue, so one queue spreads over N CPUs.
+    /// a block of 1/N of the queue's tags, so one queue spreads over N CPUs.
     #[arg(long, global = true, value_name = "N", default_value_t = 1)]
     threads: u16,
     /// Shared memory for zero-copy IO (UBLK_F_SHMEM_ZC, 7.1+): a file (hugetlbfs, tmpfs,

@@ -46,6 +46,15 @@ pub fn char_path(dev_id: u32) -> String {
     format!("/dev/ublkc{dev_id}")
 }
 
+/// The buffer of a command to an unprivileged device: its char device path, then
+/// `rest`, with `cmd.dev_path_len` set to the path's length (how the kernel finds it).
+fn with_path_prefix(cmd: &mut CtrlCmd, rest: &[u8]) -> Vec<u8> {
+    let mut buf = char_path(cmd.dev_id).into_bytes();
+    cmd.dev_path_len = buf.len() as u16; // "/dev/ublkcN": at most 20 bytes
+    buf.extend_from_slice(rest);
+    buf
+}
+
 impl std::fmt::Debug for Control {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Control").field("fd", &self.file.as_raw_fd()).field("pending", &self.pending.len()).finish()
@@ -206,14 +215,10 @@ impl Control {
                 _ => e,
             });
         }
-        let path = char_path(cmd.dev_id);
-        let mut full = self.path_prefix(&mut cmd).unwrap_or_default();
-        let n = full.len();
-        if let Some(b) = buf.as_deref() {
-            full.extend_from_slice(b);
-        }
+        let mut full = with_path_prefix(&mut cmd, buf.as_deref().unwrap_or_default());
+        let n = usize::from(cmd.dev_path_len);
         let res = self.exec(cmd_op, name, cmd, Some(&mut full)).map_err(|e| match e.raw_os_error() {
-            Some(libc::EACCES) => not_yours(cmd.dev_id, name, &path),
+            Some(libc::EACCES) => not_yours(cmd.dev_id, name, &char_path(cmd.dev_id)),
             // The char device is gone while the device is still being deleted.
             Some(libc::ENOENT) => Error::NoDevice { dev_id: cmd.dev_id },
             _ => e,
@@ -227,12 +232,7 @@ impl Control {
     /// For a command to an unprivileged device: the bytes of its char device path, which
     /// must start the command's buffer, with `cmd.dev_path_len` set. None for others.
     fn path_prefix(&mut self, cmd: &mut CtrlCmd) -> Option<Vec<u8>> {
-        if !self.is_unprivileged(cmd.dev_id) {
-            return None;
-        }
-        let path = char_path(cmd.dev_id).into_bytes();
-        cmd.dev_path_len = path.len() as u16; // "/dev/ublkcN": at most 20 bytes
-        Some(path)
+        self.is_unprivileged(cmd.dev_id).then(|| with_path_prefix(cmd, &[]))
     }
 
     /// Whether `dev_id` is an unprivileged device (asked once with GET_DEV_INFO2, which
@@ -246,11 +246,9 @@ impl Control {
         if let Some(&u) = self.unprivileged.get(&dev_id) {
             return u;
         }
-        let path = char_path(dev_id);
-        let mut buf = path.clone().into_bytes();
-        let n = buf.len();
-        buf.resize(n + size_of::<DevInfo>(), 0);
-        let cmd = CtrlCmd { dev_id, queue_id: u16::MAX, dev_path_len: n as u16, ..Default::default() };
+        let mut cmd = CtrlCmd { dev_id, queue_id: u16::MAX, ..Default::default() };
+        let mut buf = with_path_prefix(&mut cmd, &[0; size_of::<DevInfo>()]);
+        let n = usize::from(cmd.dev_path_len);
         let answer = match self.exec(uapi::CMD_GET_DEV_INFO2, "GET_DEV_INFO2", cmd, Some(&mut buf)) {
             Ok(_) => {
                 Some(struct_from_bytes::<DevInfo>(&buf[n..]).flags & crate::sys::features::F_UNPRIVILEGED_DEV != 0)

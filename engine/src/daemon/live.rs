@@ -52,6 +52,9 @@ pub(crate) struct Live {
     pub(crate) handed_over: bool,
     /// The kernel has UBLK_F_SAFE_STOP_DEV: a stop signal tries TRY_STOP_DEV first.
     pub(crate) safe_stop: bool,
+    /// TRY_STOP_DEV stopped the device with nothing holding it open (nothing can open
+    /// it since): teardown need not look for holders again.
+    stopped_unheld: bool,
     /// Counters of the queues joined so far, and the first failure joining them.
     joined: Vec<Arc<QueueStats>>,
     join_err: Option<Error>,
@@ -74,6 +77,7 @@ impl Live {
             can_quiesce: false,
             handed_over: false,
             safe_stop: false,
+            stopped_unheld: false,
             joined: Vec::new(),
             join_err: None,
             done: false,
@@ -193,7 +197,7 @@ impl Live {
         }
         if self.safe_stop {
             match self.ctrl.try_stop_dev(self.dev_id) {
-                Ok(()) => {}
+                Ok(()) => self.stopped_unheld = true,
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                     return Some("opened by something this process cannot see: TRY_STOP_DEV says EBUSY".into());
                 }
@@ -257,7 +261,8 @@ impl Live {
         }
         // Stopped while something has the block device open (a yank): DEL_DEV would wait
         // for it to close the dead device, so the delete does not wait.
-        let held = delete && self.started && !super::holders::device_holders(self.dev_id).is_empty();
+        let held =
+            delete && self.started && !self.stopped_unheld && !super::holders::device_holders(self.dev_id).is_empty();
         if delete && self.started {
             match self.stop_dev() {
                 Ok(()) => {}

@@ -86,7 +86,7 @@ pub struct DeviceOptions {
     /// ignores it and creates an ordinary device.
     pub unprivileged: bool,
     /// Threads per queue (UBLK_F_PER_IO_DAEMON, Linux 6.16+): each has its own ring and
-    /// serves every `threads`-th tag of the queue, so one queue's requests spread over
+    /// serves a contiguous block of the queue's tags, so one queue's requests spread over
     /// several CPUs. 1: one thread per queue (any kernel).
     pub threads: u16,
     /// Shared memory for zero-copy IO (UBLK_F_SHMEM_ZC, Linux 7.1+).
@@ -714,10 +714,9 @@ fn run(
     let (tx, rx) = mpsc::channel();
     live.events = Some(rx);
     for q_id in 0..info.nr_hw_queues {
-        let cpus = match &opts.cpus {
-            Some(list) => Some(vec![list[usize::from(q_id) % list.len()]]),
-            None if !opts.queue_affinity => None,
-            None => match live.ctrl.queue_affinity(dev_id, q_id) {
+        // Without --cpus: the queue's CPUs as the kernel maps them (queue affinity), or none.
+        let queue_cpus = match &opts.cpus {
+            None if opts.queue_affinity => match live.ctrl.queue_affinity(dev_id, q_id) {
                 Ok(set) if !set.is_empty() => Some(set),
                 Ok(_) => None,
                 Err(e) => {
@@ -725,6 +724,7 @@ fn run(
                     None
                 }
             },
+            _ => None,
         };
         for thread in 0..threads {
             // --cpus: thread k of queue q takes the (q * threads + k)-th CPU of the list.
@@ -732,7 +732,7 @@ fn run(
                 Some(list) => {
                     Some(vec![list[(usize::from(q_id) * usize::from(threads) + usize::from(thread)) % list.len()]])
                 }
-                None => cpus.clone(),
+                None => queue_cpus.clone(),
             };
             let cfg = QueueConfig {
                 dev_id,

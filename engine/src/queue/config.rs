@@ -11,7 +11,7 @@ pub(crate) struct QueueConfig {
     pub(crate) dev_id: u32,
     pub(crate) q_id: u16,
     /// This thread's index among the queue's `threads` (UBLK_F_PER_IO_DAEMON): it
-    /// serves the tags `thread`, `thread + threads`, ...
+    /// serves the k-th contiguous block of depth / threads tags.
     pub(crate) thread: u16,
     pub(crate) threads: u16,
     pub(crate) depth: u16,

@@ -79,10 +79,12 @@ pub(crate) struct Geometry {
     pub(crate) dev_size: u64,
     /// Writes, discards and write-zeroes fail with EROFS, unseen by the target.
     pub(crate) read_only: bool,
-    /// The tags this reactor serves: `first_tag`, `first_tag + tag_step`, ... (several
-    /// threads per queue, UBLK_F_PER_IO_DAEMON; 0 and 1 for the whole queue).
+    /// The tags this reactor serves: `first_tag`, `first_tag + tag_step`, ... below
+    /// `tag_end` (several threads per queue, UBLK_F_PER_IO_DAEMON; 0, 1, depth for the
+    /// whole queue).
     pub(crate) first_tag: u16,
     pub(crate) tag_step: u16,
+    pub(crate) tag_end: u16,
     /// Buffer mode user-copy: the queue moves request data through the char device
     /// ([`Ring::push_user_copy`]) before and after the target.
     pub(crate) user_copy: bool,
@@ -203,7 +205,9 @@ impl<'a, R: Ring + BatchRing, D: Descs> Reactor<'a, R, D> {
                 self.fetch_armed = true;
             }
             IoProtocol::PerTag => {
-                for tag in (self.g.first_tag..self.g.depth).step_by(usize::from(self.g.tag_step.max(1))) {
+                for tag in
+                    (self.g.first_tag..self.g.tag_end.min(self.g.depth)).step_by(usize::from(self.g.tag_step.max(1)))
+                {
                     self.ring.push_ublk(tag, None)?;
                     self.slots[usize::from(tag)] = Slot::Fetching;
                     self.cmds_inflight += 1;
@@ -465,40 +469,32 @@ impl<'a, R: Ring + BatchRing, D: Descs> Reactor<'a, R, D> {
     /// of `tag` completed with `res` bytes moved.
     fn on_user_copy(&mut self, tag: u16, res: i32) {
         self.copies_inflight -= 1;
-        let moved = |want: u32| match res {
+        // None: all `want` bytes moved; else the errno (a short copy: the kernel has
+        // less of the request than it said, EIO).
+        let failed = |want: u32, what: &str, q_id: u16| match res {
             r if r >= 0 && r as u32 == want => None,
-            r if r < 0 => Some(r),
-            // A short copy: the kernel has less of the request than it said.
-            _ => Some(-libc::EIO),
+            r => {
+                tracing::warn!(q_id, tag, "{what} the char device failed: {r}");
+                Some(if r < 0 { r } else { -libc::EIO })
+            }
         };
+        let q_id = self.g.q_id;
         match self.slots.get(usize::from(tag)).copied() {
-            Some(Slot::CopyIn(req)) => match moved(u32::try_from(req.len).unwrap_or(u32::MAX)) {
-                None if self.poisoned || self.aborting => self.commit(tag, -libc::EIO),
-                None => {
-                    self.slots[usize::from(tag)] = Slot::InTarget(req);
-                    self.run_target(tag, |t, io| t.submit(&req, io));
+            Some(Slot::CopyIn(req)) => {
+                match failed(u32::try_from(req.len).unwrap_or(u32::MAX), "reading the request's data from", q_id) {
+                    None if self.poisoned || self.aborting => self.commit(tag, -libc::EIO),
+                    None => {
+                        self.slots[usize::from(tag)] = Slot::InTarget(req);
+                        self.run_target(tag, |t, io| t.submit(&req, io));
+                    }
+                    Some(errno) => self.commit(tag, errno),
                 }
-                Some(errno) => {
-                    tracing::warn!(
-                        q_id = self.g.q_id,
-                        tag,
-                        "reading the request's data from the char device failed: {res}"
-                    );
-                    self.commit(tag, errno);
-                }
-            },
-            Some(Slot::CopyOut(_, done)) => match moved(done as u32) {
-                None => self.finish_commit(tag, done),
-                Some(errno) => {
-                    tracing::warn!(
-                        q_id = self.g.q_id,
-                        tag,
-                        "writing the request's data to the char device failed: {res}"
-                    );
-                    self.finish_commit(tag, errno);
-                }
-            },
-            other => tracing::error!(q_id = self.g.q_id, tag, ?other, "user-copy completion for a tag not copying"),
+            }
+            Some(Slot::CopyOut(_, done)) => {
+                let res = failed(done as u32, "writing the request's data to", q_id).unwrap_or(done);
+                self.finish_commit(tag, res);
+            }
+            other => tracing::error!(q_id, tag, ?other, "user-copy completion for a tag not copying"),
         }
     }
 

@@ -373,6 +373,7 @@ impl Sim {
             read_only,
             first_tag: 0,
             tag_step: 1,
+            tag_end: DEPTH,
             user_copy: false,
             protocol,
             size_now,
