@@ -72,7 +72,7 @@ vm_suite() {
     local k=$1 set=core log=/tmp/ubd-e2e-$1.log attempt rc
     ((full)) || [[ $k == "$newest_k" ]] && set=all
     for attempt in 1 2; do
-        tests/vm/run.sh --kernel "$k" --quiet --timeout "${UBD_E2E_TIMEOUT:-1200}" --memory 6G --env UBD_E2E_SET=$set \
+        tests/vm/run.sh --kernel "$k" --quiet --timeout "${UBD_E2E_TIMEOUT:-1800}" --memory 6G --env UBD_E2E_SET=$set \
             --env UBD_BIN="$ROOT/target/e2e/release/ubd-engine" --env UBD_PERF="$ROOT/target/release/ubd-perf" -- "$ROOT/tests/e2e/suite.sh" 2>&1 | tee "$log"
         rc=${PIPESTATUS[0]}
         # A VM that never started the suite (its boot hung or crashed: seen once under TCG)
