@@ -442,13 +442,6 @@ impl Control {
         u16::try_from(index).map_err(|_| Error::Config(format!("REG_BUF returned buffer index {index}")))
     }
 
-    /// UNREG_BUF (7.1+): unpins shared-memory buffer `index` of device `dev_id`.
-    pub fn unreg_buf(&mut self, dev_id: u32, index: u16) -> Result<()> {
-        let cmd = CtrlCmd { dev_id, queue_id: u16::MAX, data: [u64::from(index)], ..Default::default() };
-        self.exec_dev(uapi::CMD_UNREG_BUF, "UNREG_BUF", cmd, None)?;
-        Ok(())
-    }
-
     /// TRY_STOP_DEV (UBLK_F_SAFE_STOP_DEV, 7.0+): STOP_DEV if nothing has the block device
     /// open, else EBUSY (the kernel refuses new opens while it decides, so nothing can
     /// slip in between the check and the stop).

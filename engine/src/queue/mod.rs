@@ -110,16 +110,16 @@ pub(crate) fn spawn(
     Ok(QueueHandle { q_id, join, wake, stats })
 }
 
-/// The tags thread `thread` of a queue's `threads` serves, as (first, step, end): a
-/// contiguous block of the queue's tags each. Measured against every N-th tag (7.2,
+/// The tags thread `thread` of a queue's `threads` serves, `first..end`: a contiguous
+/// block of the queue's tags each. Measured against every N-th tag (7.2,
 /// TCG, 4k randread qd64 x2, one queue x 2 threads, 2 rounds twice): auto-reg 0.99x of
 /// one thread with blocks, 0.84x interleaved; two queues x 2 threads 0.97-1.04x of two
 /// queues with blocks, 0.61-0.66x interleaved (blk-mq hands a submitter neighbouring
 /// tags, so a block keeps one submitter's requests on one thread).
-fn tag_share(depth: u16, thread: u16, threads: u16) -> (u16, u16, u16) {
+fn tag_share(depth: u16, thread: u16, threads: u16) -> (u16, u16) {
     let n = u32::from(threads.max(1));
     let at = |k: u32| (u32::from(depth) * k / n) as u16;
-    (at(u32::from(thread)), 1, at(u32::from(thread) + 1))
+    (at(u32::from(thread)), at(u32::from(thread) + 1))
 }
 
 /// The queue thread: set up, report Ready, serve.
@@ -184,7 +184,7 @@ fn run(
         fixed_buffers: ring.fixed_buffers(),
         io_flusher,
     };
-    let (first_tag, tag_step, tag_end) = tag_share(cfg.depth, cfg.thread, cfg.threads);
+    let (first_tag, tag_end) = tag_share(cfg.depth, cfg.thread, cfg.threads);
     let g = Geometry {
         q_id,
         depth: cfg.depth,
@@ -192,7 +192,6 @@ fn run(
         dev_size: cfg.dev_size,
         read_only: cfg.read_only,
         first_tag,
-        tag_step,
         tag_end,
         user_copy: cfg.buffer_mode == crate::buf::BufferMode::UserCopy,
         protocol: cfg.protocol,

@@ -79,11 +79,9 @@ pub(crate) struct Geometry {
     pub(crate) dev_size: u64,
     /// Writes, discards and write-zeroes fail with EROFS, unseen by the target.
     pub(crate) read_only: bool,
-    /// The tags this reactor serves: `first_tag`, `first_tag + tag_step`, ... below
-    /// `tag_end` (several threads per queue, UBLK_F_PER_IO_DAEMON; 0, 1, depth for the
-    /// whole queue).
+    /// The tags this reactor serves: `first_tag..tag_end` (a block of the queue's tags
+    /// with several threads per queue, UBLK_F_PER_IO_DAEMON; 0..depth for the whole queue).
     pub(crate) first_tag: u16,
-    pub(crate) tag_step: u16,
     pub(crate) tag_end: u16,
     /// Buffer mode user-copy: the queue moves request data through the char device
     /// ([`Ring::push_user_copy`]) before and after the target.
@@ -205,9 +203,7 @@ impl<'a, R: Ring + BatchRing, D: Descs> Reactor<'a, R, D> {
                 self.fetch_armed = true;
             }
             IoProtocol::PerTag => {
-                for tag in
-                    (self.g.first_tag..self.g.tag_end.min(self.g.depth)).step_by(usize::from(self.g.tag_step.max(1)))
-                {
+                for tag in self.g.first_tag..self.g.tag_end.min(self.g.depth) {
                     self.ring.push_ublk(tag, None)?;
                     self.slots[usize::from(tag)] = Slot::Fetching;
                     self.cmds_inflight += 1;

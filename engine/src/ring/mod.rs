@@ -188,6 +188,15 @@ pub(crate) struct RingSetup {
     pub(crate) shmem: Option<Arc<ShmemBuf>>,
 }
 
+/// The shared memory stays out of the buffer table (a memlock limit, say): its IO then
+/// uses plain reads and writes.
+fn warn_shmem_not_fixed(q_id: u16, e: &stdio::Error) {
+    tracing::warn!(
+        q_id,
+        "registering the shared memory as fixed buffers failed ({e}); its IO uses plain reads and writes"
+    );
+}
+
 /// `-errno` of an io::Error (EIO when it has none).
 pub(crate) fn errno_of(e: &stdio::Error) -> i32 {
     -e.raw_os_error().unwrap_or(libc::EIO)
@@ -242,10 +251,7 @@ impl QueueRing {
                     // in this struct, dropped after the ring) holds mapped; the kernel pins it.
                     match unsafe { ring.submitter().register_buffers_update(u32::from(depth), &chunks, None) } {
                         Ok(()) => shmem_slot = Some(depth),
-                        Err(e) => tracing::warn!(
-                            q_id,
-                            "registering the shared memory as fixed buffers failed ({e}); its IO uses plain reads and writes"
-                        ),
+                        Err(e) => warn_shmem_not_fixed(q_id, &e),
                     }
                 }
             }
@@ -262,30 +268,21 @@ impl QueueRing {
                     .collect();
                 let mut all = iovecs.clone();
                 all.extend_from_slice(&chunks);
-                // SAFETY: the iovecs name memory owned by `setup.region` and the shared
-                // mapping `setup.shmem`, which this struct keeps alive longer than the ring
-                // (field order; both leaked if the ring goes with IO in flight); the kernel
-                // pins the pages.
-                match unsafe { ring.submitter().register_buffers(&all) } {
-                    Ok(()) => {
+                // The iovecs name `setup.region` and `setup.shmem`, kept by this struct past
+                // the ring (field order; leaked with IO in flight); the kernel pins them.
+                // SAFETY: as just said.
+                let mut with_shmem = unsafe { ring.submitter().register_buffers(&all) }.map(|()| !chunks.is_empty());
+                if let Err(e) = &with_shmem
+                    && !chunks.is_empty()
+                {
+                    warn_shmem_not_fixed(q_id, e);
+                    // SAFETY: as above, the per-tag buffers alone.
+                    with_shmem = unsafe { ring.submitter().register_buffers(&iovecs) }.map(|()| false);
+                }
+                match with_shmem {
+                    Ok(shmem) => {
                         fixed_bufs = true;
-                        shmem_slot = (!chunks.is_empty()).then_some(depth);
-                    }
-                    Err(e) if !chunks.is_empty() => {
-                        tracing::warn!(
-                            q_id,
-                            "registering the shared memory as fixed buffers failed ({e}); its IO uses plain reads and writes"
-                        );
-                        // SAFETY: as above, the per-tag buffers alone.
-                        match unsafe { ring.submitter().register_buffers(&iovecs) } {
-                            Ok(()) => fixed_bufs = true,
-                            Err(e) => {
-                                tracing::warn!(
-                                    q_id,
-                                    "registering fixed buffers failed ({e}); using plain reads/writes"
-                                );
-                            }
-                        }
+                        shmem_slot = shmem.then_some(depth);
                     }
                     Err(e) => tracing::warn!(q_id, "registering fixed buffers failed ({e}); using plain reads/writes"),
                 }

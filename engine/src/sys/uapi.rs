@@ -51,7 +51,9 @@ pub const CMD_TRY_STOP_DEV: u32 = ctrl_iowr(0x17);
 /// UBLK_U_CMD_REG_BUF (7.1+, UBLK_F_SHMEM_ZC): `addr`/`len` point at a
 /// [`ShmemBufReg`]; the result is the buffer's index.
 pub const CMD_REG_BUF: u32 = ctrl_iowr(0x18);
-/// UBLK_U_CMD_UNREG_BUF (7.1+): `data[0]` is the index REG_BUF returned.
+/// UBLK_U_CMD_UNREG_BUF (7.1+): `data[0]` is the index REG_BUF returned. Unused: the
+/// kernel frees a device's registrations with the device (and keeps them for recovery).
+#[cfg(test)]
 pub const CMD_UNREG_BUF: u32 = ctrl_iowr(0x19);
 
 /// `struct ublk_shmem_buf_reg`: shared memory for UBLK_F_SHMEM_ZC, in the server's

@@ -372,7 +372,6 @@ impl Sim {
             dev_size: DEV,
             read_only,
             first_tag: 0,
-            tag_step: 1,
             tag_end: DEPTH,
             user_copy: false,
             protocol,
