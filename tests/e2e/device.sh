@@ -299,8 +299,12 @@ case_threads() {
     fi
     expect_error "3 threads per queue: from 1 to the queue depth \(2\)" --threads 3 --depth 2 null --size 64M
     expect_error "several threads per queue are served with io protocol per-tag" --threads 2 --io-protocol batch null --size 64M
-    local mode comms
-    for mode in $(available_modes); do
+    local mode modes comms
+    # The CI run: auto-reg (or copy) here, copy in the recovery round; --full: every
+    # mode and two rounds.
+    modes=$(available_modes)
+    [[ -n ${UBD_E2E_FULL:-} ]] || modes=$(grep -x auto-reg <<<"$modes" || echo copy)
+    for mode in $modes; do
         start_dev --queues 1 --threads 2 --depth 32 --buffer-mode "$mode" loop /dev/ram0
         grep -q "1 queues x 2 threads x depth 32" "$LOG" || { cat "$LOG" >&2; fail "no threads in the startup line"; }
         comms=$(cat /proc/"$PID"/task/*/comm | grep -c '^ubd-q0\.[01]$')
@@ -313,7 +317,7 @@ case_threads() {
         check_roundtrip /dev/ram0
         log "buffer mode $mode, 1 queue x 2 threads: verified, both threads served"
     done
-    recover_rounds 2 --threads 2
+    recover_rounds "$([[ -n ${UBD_E2E_FULL:-} ]] && echo 2 || echo 1)" --threads 2
 }
 
 # shmem_stats ID: "SHARED TOTAL" of device ID's reads and writes (the last second's stats).
@@ -352,9 +356,10 @@ case_shmem() {
     expect_error "is not a multiple of 2097152 \(the huge page size there\)" --shmem "$huge/odd,size=3M" null --size 64M
     expect_error "--shmem: unknown option \"rw\"" --shmem "$shm/b,rw" null --size 64M
     local mode modes
-    # The CI run: copy and auto-reg (one mode that copies, one that does not); --full: all.
+    # The CI run: auto-reg here (the mode that skips the most for shared requests) and
+    # copy in the recovery round; --full: every mode, ext4 and 4 rounds.
     modes=$(available_modes)
-    [[ -n ${UBD_E2E_FULL:-} ]] || modes=$(grep -xE "copy|auto-reg" <<<"$modes")
+    [[ -n ${UBD_E2E_FULL:-} ]] || modes=$(grep -x auto-reg <<<"$modes" || echo copy)
     for mode in $modes; do
         start_dev --queues 2 --depth 32 --buffer-mode "$mode" --shmem "$huge/buf,size=32M" loop /dev/ram0
         grep -q "shared memory $huge/buf (32.0 MiB, hugetlbfs): registered as buffer 0" "$LOG" ||
@@ -368,7 +373,7 @@ case_shmem() {
             { cat "$WORK/fio.out" >&2; fail "fio from shared and private memory"; }
         shmem_both_paths "${DEV#/dev/ublkb}"
         # The data is in the backing too (once: the other modes are checked by fio).
-        if [[ $mode == copy ]]; then check_roundtrip /dev/ram0; else stop_dev; fi
+        if [[ $mode == "${modes%%$'\n'*}" ]]; then check_roundtrip /dev/ram0; else stop_dev; fi
         grep -qE "shared memory: [1-9][0-9]* of [0-9]+ reads and writes served from it" "$LOG" ||
             fail "no shared-memory count in the stop summary"
         log "buffer mode $mode + hugetlbfs shared memory: both fio jobs verified"
@@ -395,7 +400,19 @@ case_shmem() {
     ((shared >= 8)) || fail "examples: $shared of $total requests from shared memory, want at least 8"
     stop_dev
     log "examples/shmem (Python, C): data read back equal, $shared of $total requests from shared memory"
-    # ext4 on the device, fio O_DIRECT from the shared memory on a file inside it.
+    # ext4 on the device, fio O_DIRECT from the shared memory on a file inside it (--full).
+    [[ -n ${UBD_E2E_FULL:-} ]] && shmem_ext4
+    # kill -9 in the middle of fio from the shared memory, recover: the registration
+    # survives the daemon, and the new one serves from the same file.
+    REC_FIO_EXTRA=(--iomem=mmaphuge:"$huge/buf")
+    REC_CHECK=shmem_recovered
+    recover_rounds "$([[ -n ${UBD_E2E_FULL:-} ]] && echo 4 || echo 1)" --shmem "$huge/buf"
+}
+
+# shmem_ext4 (in case_shmem: $huge is its hugetlbfs mount): ext4 on a device with the
+# shared memory, fio O_DIRECT from it on a file inside, fsck clean through the device
+# and in the backing.
+shmem_ext4() {
     rm -f "$FS/fs.img"
     truncate -s 128M "$FS/fs.img"
     start_dev --queues 2 --depth 32 --shmem "$huge/buf" loop "$FS/fs.img"
@@ -411,11 +428,6 @@ case_shmem() {
     stop_dev
     fsck.ext4 -fn "$FS/fs.img" >"$WORK/fsck.out" 2>&1 || { cat "$WORK/fsck.out" >&2; fail "fsck of the backing"; }
     log "ext4: fio verify from shared memory on a file inside it, fsck clean through the device and in the backing"
-    # kill -9 in the middle of fio from the shared memory, recover: the registration
-    # survives the daemon, and the new one serves from the same file.
-    REC_FIO_EXTRA=(--iomem=mmaphuge:"$huge/buf")
-    REC_CHECK=shmem_recovered
-    recover_rounds "$([[ -n ${UBD_E2E_FULL:-} ]] && echo 4 || echo 1)" --shmem "$huge/buf"
 }
 
 # After a recovery: the new daemon served requests from the shared memory.
