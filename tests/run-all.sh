@@ -5,7 +5,7 @@
 #
 # usage: tests/run-all.sh [--kernels "lts newest"] [--no-lint] [--full]
 #   --full  the heavier matrix: 100 add/del cycles (20 with fio) instead of 8 (2),
-#           10 kill -9 / recover rounds instead of 2 (3 instead of 2 with batch io),
+#           10 kill -9 / recover rounds instead of 2 (3 instead of 1 with batch io),
 #           batch io, --threads and --shmem in every buffer mode (not just one), every
 #           case on every kernel (not just the newest), then tests/stress.sh
 # Needs root (packages, kernels in /lib/modules). Ends with "N passed, N failed".
@@ -31,7 +31,7 @@ if ((full)); then
         UBD_BATCH_RECOVER_ROUNDS=${UBD_BATCH_RECOVER_ROUNDS:-3} UBD_RBD_RECOVER_ROUNDS=${UBD_RBD_RECOVER_ROUNDS:-3} UBD_E2E_FULL=1
 else
     export UBD_CYCLES=${UBD_CYCLES:-8} UBD_FIO_CYCLES=${UBD_FIO_CYCLES:-2} UBD_RECOVER_ROUNDS=${UBD_RECOVER_ROUNDS:-2} \
-        UBD_BATCH_RECOVER_ROUNDS=${UBD_BATCH_RECOVER_ROUNDS:-2} UBD_RBD_RECOVER_ROUNDS=${UBD_RBD_RECOVER_ROUNDS:-1}
+        UBD_BATCH_RECOVER_ROUNDS=${UBD_BATCH_RECOVER_ROUNDS:-1} UBD_RBD_RECOVER_ROUNDS=${UBD_RBD_RECOVER_ROUNDS:-1}
 fi
 start=$SECONDS
 step() { printf '\n##### %s (%ds)\n' "$*" $((SECONDS - start)); }

@@ -391,8 +391,13 @@ case_shmem() {
     start_dev --queues 1 --depth 16 --shmem "$shm/ex,size=4M" loop /dev/ram0
     python3 "$HERE/../../examples/shmem/shmem_io.py" "$shm/ex" "$DEV" 4194304 >"$WORK/ex.out" ||
         { cat "$WORK/ex.out" >&2; fail "shmem_io.py"; }
-    gcc -O2 -o "$WORK/shmem_io" "$HERE/../../examples/shmem/shmem_io.c"
-    "$WORK/shmem_io" "$shm/ex" "$DEV" >>"$WORK/ex.out" || { cat "$WORK/ex.out" >&2; fail "shmem_io.c"; }
+    # Built with the binaries by tests/build-e2e.sh (next to UBD_BIN); else built here.
+    local example=${UBD%/*}/shmem_io
+    if [[ ! -x $example ]]; then
+        example=$WORK/shmem_io
+        gcc -O2 -o "$example" "$HERE/../../examples/shmem/shmem_io.c"
+    fi
+    "$example" "$shm/ex" "$DEV" >>"$WORK/ex.out" || { cat "$WORK/ex.out" >&2; fail "shmem_io.c"; }
     local shared total
     read -r shared total < <(shmem_stats "${DEV#/dev/ublkb}")
     # Two 1 MiB writes and two reads, in requests of at most 512 KiB, from shared memory
@@ -402,6 +407,7 @@ case_shmem() {
     log "examples/shmem (Python, C): data read back equal, $shared of $total requests from shared memory"
     # ext4 on the device, fio O_DIRECT from the shared memory on a file inside it (--full).
     [[ -n ${UBD_E2E_FULL:-} ]] && shmem_ext4
+    shmem_run_config
     # kill -9 in the middle of fio from the shared memory, recover: the registration
     # survives the daemon, and the new one serves from the same file.
     REC_FIO_EXTRA=(--iomem=mmaphuge:"$huge/buf")
@@ -428,6 +434,28 @@ shmem_ext4() {
     stop_dev
     fsck.ext4 -fn "$FS/fs.img" >"$WORK/fsck.out" 2>&1 || { cat "$WORK/fsck.out" >&2; fail "fsck of the backing"; }
     log "ext4: fio verify from shared memory on a file inside it, fsck clean through the device and in the backing"
+}
+
+# shmem_run_config (in case_shmem): `run` of a configuration with the key `shmem`: served
+# from the shared memory; kill -9 under fio verify from it, and the next `run` (systemd's
+# restart) recovers the device with the same file: 0 verify errors.
+shmem_run_config() {
+    local c=$WORK/shm-run id=45 rc=0
+    svc_config "$c" $id /dev/ram0 'queues = 2' 'depth = 32' "shmem = \"$huge/buf,size=32M\""
+    start_dev run --config "$c" --id $id
+    grep -q "shared memory $huge/buf (32.0 MiB, hugetlbfs): registered as buffer 0" "$LOG" ||
+        { cat "$LOG" >&2; fail "run: no shared memory in the startup lines"; }
+    local job=(--name=shrun --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k
+        --iodepth=16 --size=32M --verify=crc32c --verify_fatal=1 --randseed=45 --iomem=mmaphuge:"$huge/buf")
+    kill9_under_fio "$WORK/fio-shrun.out" "${job[@]}"
+    start_dev run --config "$c" --id $id
+    grep -q "recovered device $id" "$LOG" || { cat "$LOG" >&2; fail "the next run did not recover device $id"; }
+    wait "$FIO_PID" || rc=$?
+    ((rc == 0)) || { cat "$WORK/fio-shrun.out" >&2; fail "fio across kill -9 and run exited $rc"; }
+    fio "${job[@]}" --verify_only >"$WORK/fio-ver.out" 2>&1 || { cat "$WORK/fio-ver.out" >&2; fail "verify after the run's recovery"; }
+    shmem_recovered $id
+    stop_dev
+    log "run --config with shmem = \"$huge/buf,size=32M\": kill -9 under fio verify from it, the next run recovered with the same file, 0 errors"
 }
 
 # After a recovery: the new daemon served requests from the shared memory.

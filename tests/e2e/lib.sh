@@ -7,7 +7,8 @@ REC_FIO_EXTRA=()
 START_TIMEOUT=${UBD_START_TIMEOUT:-90}
 PASSED=0 FAILED=0 SKIPPED=0 FAILED_NAMES=()
 
-log() { printf '    %s\n' "$*"; }
+# Each line shows the seconds since its case began (where a case spends CI's time).
+log() { printf '    [%3ds] %s\n' $((SECONDS - ${CASE_T0:-0})) "$*"; }
 # Fails the current case (cases run in a subshell, so this ends just the case).
 fail() { echo "    FAIL: $*" >&2; exit 1; }
 
@@ -134,6 +135,7 @@ expect_error() {
 # ublk device may remain (any left is deleted and the case fails).
 run_case() {
     local name=$1 fn=$2 rc=0 t0=$SECONDS
+    CASE_T0=$SECONDS
     echo "--- case $name"
     # Not `( ... ) || rc=$?`: errexit is ignored inside a subshell on the left of ||.
     (set -eE -o pipefail; trap 'echo "    line $LINENO: $BASH_COMMAND failed" >&2' ERR; "$fn")

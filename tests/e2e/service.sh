@@ -38,6 +38,19 @@ fio_running() {
     kill -0 "$1" 2>/dev/null || fail "the fio job had ended before $2: make it longer"
 }
 
+# kill9_under_fio OUT FIO-ARGS...: starts the verified fio job (output in OUT) in the
+# background, and once it is under way kills the daemon $PID with -9. Sets FIO_PID.
+kill9_under_fio() {
+    local out=$1
+    shift
+    fio "$@" --verify_backlog=128 >"$out" 2>&1 &
+    FIO_PID=$!
+    sleep 1.5
+    fio_running "$FIO_PID" "the kill -9"
+    kill -KILL "$PID"
+    wait "$PID" 2>/dev/null || true
+}
+
 # fio_max_ms JSON: the longest IO (completion latency, reads or writes) of fio's first
 # job in its JSON output, in ms: the stall an event under the job caused at most.
 fio_max_ms() {
@@ -124,12 +137,8 @@ case_svc_run() {
     # Kill -9 under fio verify; the next `run` recovers.
     local job=(--name=svc --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k
         --iodepth=16 --size=32M --verify=crc32c --verify_fatal=1 --randseed=41)
-    fio "${job[@]}" --verify_backlog=128 >"$WORK/fio-svc.out" 2>&1 &
-    local fio_pid=$!
-    sleep 1.5
-    fio_running "$fio_pid" "the kill -9"
-    kill -KILL "$PID"
-    wait "$PID" 2>/dev/null || true
+    kill9_under_fio "$WORK/fio-svc.out" "${job[@]}"
+    local fio_pid=$FIO_PID
     # A configuration that names another backing must not take the device over.
     truncate -s 64M "$FS/other.img"
     svc_config "$c-other" $id "$FS/other.img" 'queues = 2' 'depth = 32'

@@ -363,6 +363,7 @@ target = "rbd"
 image = "rbd/img"
 ceph-option = ["rbd_cache=false", "debug_rbd=0/0"]
 connect-timeout = 0x1e
+shmem = "/mnt/huge/buf,size=64M"
 "#;
         let devs = parse_one(text).unwrap();
         assert_eq!(devs.len(), 2);
@@ -394,6 +395,7 @@ connect-timeout = 0x1e
         let crate::Command::Rbd { image, ceph_option, connect_timeout, .. } = cli.command else { panic!() };
         assert_eq!((image.as_str(), connect_timeout), ("rbd/img", 30));
         assert_eq!(ceph_option, ["rbd_cache=false", "debug_rbd=0/0"]);
+        assert_eq!(cli.dev.shmem.as_deref(), Some("/mnt/huge/buf,size=64M"));
     }
 
     #[test]
